@@ -1,0 +1,21 @@
+"""saefast: Triton kernels and a trainer for sparse autoencoders.
+
+``import saefast`` never touches a GPU driver: the Triton backend is imported on first use.
+"""
+from .ops import (
+    SparseActs,
+    auxk_encode,
+    normalize_decoder_,
+    normalize_decoder_and_project_grad_,
+    project_decoder_grad_,
+    sparse_decode,
+    threshold_encode,
+    topk_encode,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SparseActs", "topk_encode", "threshold_encode", "auxk_encode", "sparse_decode",
+    "normalize_decoder_", "project_decoder_grad_", "normalize_decoder_and_project_grad_",
+]

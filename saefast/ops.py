@@ -1,0 +1,349 @@
+"""saefast ops: autograd Functions over the kernels, and the one dispatch rule.
+
+Public ops (all take fp32, bf16 or fp16 tensors, accumulate in fp32; fp64 on the torch path):
+
+* ``topk_encode(x, W_enc, b_dec, k, b_enc=None, mode="batch")`` -> :class:`SparseActs`
+  ``pre = relu((x - b_dec) @ W_enc + b_enc)``; ``mode="batch"`` keeps the B*k largest positive
+  entries of the whole batch (BatchTopK), ``mode="row"`` the k largest positives of each row (TopK).
+* ``threshold_encode(x, W_enc, b_dec, threshold, b_enc=None)``: keep ``pre > threshold`` (a scalar
+  or one threshold per latent); used for BatchTopK inference and JumpReLU.
+* ``auxk_encode(x, W_enc, b_dec, dead_mask, k_aux, b_enc=None)``: each row's top ``k_aux``
+  positive entries among the dead latents (the aux-K loss), without any dense [B, d_sae] tensor.
+* ``sparse_decode(acts, W_dec, b_dec=None)`` -> ``x_hat [B, d_in]``.
+* ``normalize_decoder_(W_dec)``, ``project_decoder_grad_(W_dec, grad)`` and
+  ``normalize_decoder_and_project_grad_(W_dec, grad)``: in-place decoder-norm maintenance.
+
+Gradients flow to x, W_enc, b_enc, b_dec (encode) and to the values, W_dec, b_dec (decode);
+every backward touches only the active (row, latent) pairs.
+
+Dispatch (the only place it happens): ``SAEFAST_BACKEND=torch`` forces the PyTorch reference,
+``SAEFAST_BACKEND=triton`` forces the Triton kernels (on a CPU this needs ``TRITON_INTERPRET=1``
+set before triton is imported), and the default ``auto`` uses Triton for CUDA tensors and the
+reference for everything else.
+"""
+from __future__ import annotations
+
+import os
+from types import ModuleType
+from typing import NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+__all__ = [
+    "SparseActs", "backend_name", "topk_encode", "threshold_encode", "auxk_encode", "sparse_decode",
+    "normalize_decoder_", "project_decoder_grad_", "normalize_decoder_and_project_grad_",
+]
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MODES = ("batch", "row")
+
+
+class SparseActs(NamedTuple):
+    """Sparse latent activations of B rows, sorted by (row, latent), in CSR form.
+
+    values [nnz] (differentiable), indices [nnz] int32 latent ids, row_ids [nnz] int32,
+    offsets [B + 1] int64 (row r owns ``values[offsets[r]:offsets[r + 1]]``), kept_min: fp32
+    scalar, the smallest kept value (0 when nothing is kept; BatchTopK's threshold estimate).
+    """
+
+    values: Tensor
+    indices: Tensor
+    row_ids: Tensor
+    offsets: Tensor
+    kept_min: Tensor
+    d_sae: int
+
+    @property
+    def n_rows(self) -> int:
+        return self.offsets.numel() - 1
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    def to_dense(self) -> Tensor:
+        """The [B, d_sae] matrix (differentiable w.r.t. values). Only for callers that need it."""
+        dense = self.values.new_zeros((self.n_rows, self.d_sae))
+        return dense.index_put((self.row_ids.long(), self.indices.long()), self.values)
+
+    def fired(self) -> Tensor:
+        """Bool [d_sae]: which latents are active in at least one row."""
+        mask = torch.zeros(self.d_sae, dtype=torch.bool, device=self.values.device)
+        mask[self.indices.long()] = True
+        return mask
+
+    def counts(self) -> Tensor:
+        """Int64 [d_sae]: in how many rows each latent is active."""
+        return torch.bincount(self.indices.long(), minlength=self.d_sae)
+
+    def l0(self) -> Tensor:
+        """Mean number of active latents per row (fp32 scalar)."""
+        return torch.tensor(self.nnz / max(self.n_rows, 1), dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch
+# ----------------------------------------------------------------------------------------------
+
+def backend_name(device: torch.device) -> str:
+    """"triton" or "torch": which implementation runs for tensors on ``device``."""
+    choice = os.environ.get("SAEFAST_BACKEND", "auto").strip().lower()
+    if choice not in ("auto", "torch", "triton"):
+        raise ValueError(f"SAEFAST_BACKEND={choice!r} is not one of 'auto', 'torch', 'triton'")
+    if choice == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            f"SAEFAST_BACKEND=triton was asked for tensors on {device}, but Triton kernels only run on "
+            "CUDA devices. Set TRITON_INTERPRET=1 before importing triton to run them (slowly) on the "
+            "CPU, or unset SAEFAST_BACKEND to use the PyTorch reference.")
+    return choice
+
+
+def _backend(device: torch.device) -> ModuleType:
+    if backend_name(device) == "torch":
+        return reference
+    from . import triton_backend  # imported lazily: importing saefast never touches a GPU driver
+    return triton_backend
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks (public boundary; kernels trust them)
+# ----------------------------------------------------------------------------------------------
+
+def _check_tensor(name: str, t: Tensor, ndim: int, dtype: Optional[torch.dtype] = None,
+                  device: Optional[torch.device] = None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(t.shape)}")
+    if dtype is None:
+        if t.dtype not in _FLOAT_DTYPES + (torch.float64,):
+            raise TypeError(f"{name} has dtype {t.dtype}; use float32, bfloat16 or float16")
+    elif t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but must match the weights' {dtype}; "
+                        f"cast it with .to({dtype})")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the weights are on {device}; move it with .to('{device}')")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous; pass {name}.contiguous()")
+
+
+def _check_fp64(device: torch.device, dtype: torch.dtype) -> None:
+    if dtype == torch.float64 and backend_name(device) == "triton":
+        raise TypeError("float64 runs only on the PyTorch reference (SAEFAST_BACKEND=torch); "
+                        "the Triton kernels take float32, bfloat16 or float16")
+
+
+def _check_encode_args(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_enc: Optional[Tensor]) -> None:
+    _check_tensor("W_enc", W_enc, 2)
+    d_in, d_sae = W_enc.shape
+    dt, dev = W_enc.dtype, W_enc.device
+    _check_tensor("x", x, 2, dt, dev)
+    if x.shape[1] != d_in:
+        raise ValueError(f"x has {x.shape[1]} features per row but W_enc expects d_in={d_in}; "
+                         f"x must be [batch, {d_in}]")
+    _check_tensor("b_dec", b_dec, 1, dt, dev)
+    if b_dec.shape[0] != d_in:
+        raise ValueError(f"b_dec has shape {tuple(b_dec.shape)}, expected [{d_in}] (d_in)")
+    if b_enc is not None:
+        _check_tensor("b_enc", b_enc, 1, dt, dev)
+        if b_enc.shape[0] != d_sae:
+            raise ValueError(f"b_enc has shape {tuple(b_enc.shape)}, expected [{d_sae}] (d_sae)")
+    _check_fp64(dev, dt)
+
+
+def _check_k(name: str, k: int, d_sae: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        if isinstance(k, Tensor) and k.numel() == 1:
+            k = int(k)
+        else:
+            raise TypeError(f"{name} must be an int, got {type(k).__name__}")
+    if not 1 <= k <= d_sae:
+        raise ValueError(f"{name}={k} must be between 1 and d_sae={d_sae}")
+    return k
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd Functions (no maths of their own: they call the backend)
+# ----------------------------------------------------------------------------------------------
+
+class _Encode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xc, W_enc, b_enc, mode, k, threshold):
+        impl = _backend(xc.device)
+        values, indices, row_ids, offsets, kept_min = impl.encode_forward(
+            xc, W_enc, b_enc, mode=mode, k=k, threshold=threshold)
+        ctx.save_for_backward(xc, W_enc, indices, row_ids)
+        ctx.has_b_enc = b_enc is not None
+        ctx.mark_non_differentiable(indices, row_ids, offsets, kept_min)
+        return values, indices, row_ids, offsets, kept_min
+
+    @staticmethod
+    def backward(ctx, grad_values, *_):
+        xc, W_enc, indices, row_ids = ctx.saved_tensors
+        impl = _backend(xc.device)
+        need_xc, need_W, need_b = ctx.needs_input_grad[:3]
+        grad_xc, grad_W, grad_b = impl.encode_backward(
+            grad_values.contiguous(), xc, W_enc, indices, row_ids, need_xc, need_W)
+        grad_b = grad_b.to(W_enc.dtype) if (need_b and ctx.has_b_enc) else None
+        return grad_xc, grad_W, grad_b, None, None, None
+
+
+class _Decode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values, indices, row_ids, offsets, W_dec, b_dec):
+        impl = _backend(W_dec.device)
+        ctx.save_for_backward(values, indices, row_ids, W_dec)
+        ctx.has_b_dec = b_dec is not None
+        return impl.decode_forward(values, indices, offsets, row_ids, W_dec, b_dec)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, indices, row_ids, W_dec = ctx.saved_tensors
+        impl = _backend(W_dec.device)
+        grad_out = grad_out.contiguous()
+        grad_values, grad_W = impl.decode_backward(
+            grad_out, values, indices, row_ids, W_dec, ctx.needs_input_grad[0], ctx.needs_input_grad[4])
+        grad_b = None
+        if ctx.has_b_dec and ctx.needs_input_grad[5]:
+            grad_b = grad_out.sum(0, dtype=reference.acc_dtype(grad_out.dtype)).to(W_dec.dtype)
+        return grad_values, None, None, None, grad_W, grad_b
+
+
+def _encode(x, W_enc, b_dec, b_enc, mode, k, threshold) -> SparseActs:
+    xc = x - b_dec  # autograd gives x and b_dec their gradients from grad_xc
+    values, indices, row_ids, offsets, kept_min = _Encode.apply(xc, W_enc, b_enc, mode, k, threshold)
+    return SparseActs(values, indices, row_ids, offsets, kept_min, W_enc.shape[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Public ops
+# ----------------------------------------------------------------------------------------------
+
+def topk_encode(x: Tensor, W_enc: Tensor, b_dec: Tensor, k: int, *, b_enc: Optional[Tensor] = None,
+                mode: str = "batch") -> SparseActs:
+    """Sparse ``relu((x - b_dec) @ W_enc + b_enc)`` keeping the top entries chosen by ``mode``.
+
+    x: [B, d_in]; W_enc: [d_in, d_sae]; b_dec: [d_in]; b_enc: [d_sae] or None; k in 1..d_sae.
+    ``mode="batch"``: the B*k largest positive values of the whole batch (fewer if fewer are
+    positive). ``mode="row"``: each row's k largest positive values. Ties go to the lower
+    (row, latent) index (see ``saefast.selection``); zeros after the ReLU are never kept.
+    """
+    _check_encode_args(x, W_enc, b_dec, b_enc)
+    if mode not in _MODES:
+        raise ValueError(f"mode={mode!r} must be one of {_MODES}")
+    k = _check_k("k", k, W_enc.shape[1])
+    return _encode(x, W_enc, b_dec, b_enc, mode, k, None)
+
+
+def threshold_encode(x: Tensor, W_enc: Tensor, b_dec: Tensor, threshold: Union[float, Tensor], *,
+                     b_enc: Optional[Tensor] = None) -> SparseActs:
+    """Sparse ``pre * (pre > threshold)`` with ``pre = relu((x - b_dec) @ W_enc + b_enc)``.
+
+    threshold: a float, a 0-d tensor, or a [d_sae] tensor of per-latent thresholds (JumpReLU).
+    Values are compared in the weights' dtype; entries <= 0 are never kept.
+    """
+    _check_encode_args(x, W_enc, b_dec, b_enc)
+    d_sae = W_enc.shape[1]
+    if not isinstance(threshold, Tensor):
+        threshold = torch.tensor(float(threshold))
+    if threshold.dim() == 0:
+        threshold = threshold.reshape(1).expand(d_sae)
+    if threshold.shape != (d_sae,):
+        raise ValueError(f"threshold has shape {tuple(threshold.shape)}; use a scalar or a [{d_sae}] tensor")
+    if not torch.isfinite(threshold).all():
+        raise ValueError("threshold contains NaN or inf")
+    threshold = threshold.detach().to(device=W_enc.device, dtype=torch.float32).contiguous()
+    return _encode(x, W_enc, b_dec, b_enc, "threshold", 0, threshold)
+
+
+def auxk_encode(x: Tensor, W_enc: Tensor, b_dec: Tensor, dead_mask: Tensor, k_aux: int, *,
+                b_enc: Optional[Tensor] = None) -> SparseActs:
+    """Each row's top ``min(k_aux, n_dead)`` positive pre-activations among the latents where
+    ``dead_mask`` [d_sae] (bool) is True; indices refer to the full dictionary.
+
+    Only the dead columns of W_enc are multiplied, so the cost scales with the number of dead
+    latents and no [B, d_sae] tensor is formed. With no dead latent the result is empty.
+    """
+    _check_encode_args(x, W_enc, b_dec, b_enc)
+    d_sae = W_enc.shape[1]
+    if not isinstance(dead_mask, Tensor) or dead_mask.dtype != torch.bool or dead_mask.shape != (d_sae,):
+        raise ValueError(f"dead_mask must be a bool tensor of shape [{d_sae}] (d_sae)")
+    k_aux = _check_k("k_aux", k_aux, d_sae)
+    dead = dead_mask.to(W_enc.device).nonzero().flatten()
+    n_rows = x.shape[0]
+    if dead.numel() == 0:
+        dev = W_enc.device
+        # Zero-size values that still hang off the graph keep callers' loss.backward() valid.
+        values = (x.sum() * 0).reshape(1)[:0].to(W_enc.dtype)
+        return SparseActs(values, torch.empty(0, dtype=torch.int32, device=dev),
+                          torch.empty(0, dtype=torch.int32, device=dev),
+                          torch.zeros(n_rows + 1, dtype=torch.long, device=dev),
+                          torch.zeros((), device=dev), d_sae)
+    W_dead = W_enc.index_select(1, dead)
+    b_dead = b_enc.index_select(0, dead) if b_enc is not None else None
+    acts = _encode(x, W_dead, b_dec, b_dead, "row", min(k_aux, dead.numel()), None)
+    # dead is increasing, so mapping indices keeps the (row, latent) order.
+    return acts._replace(indices=dead[acts.indices.long()].to(torch.int32), d_sae=d_sae)
+
+
+def sparse_decode(acts: SparseActs, W_dec: Tensor, b_dec: Optional[Tensor] = None) -> Tensor:
+    """``x_hat [B, d_in] = sum_j values[j] * W_dec[indices[j]] (+ b_dec)`` over each row's entries.
+
+    W_dec: [d_sae, d_in]; b_dec: [d_in] or None. Gradients reach acts.values, W_dec and b_dec.
+    """
+    if not isinstance(acts, SparseActs):
+        raise TypeError(f"acts must be the SparseActs returned by an encode op, got {type(acts).__name__}")
+    _check_tensor("W_dec", W_dec, 2)
+    if W_dec.shape[0] != acts.d_sae:
+        raise ValueError(f"W_dec has {W_dec.shape[0]} rows but the activations have d_sae={acts.d_sae}; "
+                         "W_dec must be [d_sae, d_in]")
+    _check_tensor("acts.values", acts.values, 1, W_dec.dtype, W_dec.device)
+    if b_dec is not None:
+        _check_tensor("b_dec", b_dec, 1, W_dec.dtype, W_dec.device)
+        if b_dec.shape[0] != W_dec.shape[1]:
+            raise ValueError(f"b_dec has shape {tuple(b_dec.shape)}, expected [{W_dec.shape[1]}] (d_in)")
+    _check_fp64(W_dec.device, W_dec.dtype)
+    return _Decode.apply(acts.values, acts.indices, acts.row_ids, acts.offsets, W_dec, b_dec)
+
+
+def _check_decoder(W_dec: Tensor, grad: Optional[Tensor], need_grad: bool) -> None:
+    _check_tensor("W_dec", W_dec, 2)
+    _check_fp64(W_dec.device, W_dec.dtype)
+    if need_grad:
+        if not isinstance(grad, Tensor):
+            raise ValueError("grad is None: W_dec has no gradient yet; call loss.backward() first")
+        _check_tensor("W_dec.grad", grad, 2, W_dec.dtype, W_dec.device)
+        if grad.shape != W_dec.shape:
+            raise ValueError(f"grad has shape {tuple(grad.shape)} but W_dec has {tuple(W_dec.shape)}")
+
+
+@torch.no_grad()
+def normalize_decoder_(W_dec: Tensor) -> Tensor:
+    """Scale each row of W_dec [d_sae, d_in] to unit L2 norm in place; returns W_dec."""
+    W = W_dec.data if isinstance(W_dec, torch.nn.Parameter) else W_dec
+    _check_decoder(W, None, False)
+    _backend(W.device).normalize_decoder_(W)
+    return W_dec
+
+
+@torch.no_grad()
+def project_decoder_grad_(W_dec: Tensor, grad: Tensor) -> Tensor:
+    """Remove in place from each row of ``grad`` its component along that row of W_dec."""
+    W = W_dec.data if isinstance(W_dec, torch.nn.Parameter) else W_dec
+    _check_decoder(W, grad, True)
+    _backend(W.device).project_decoder_grad_(W, grad)
+    return grad
+
+
+@torch.no_grad()
+def normalize_decoder_and_project_grad_(W_dec: Tensor, grad: Tensor) -> None:
+    """Rows of W_dec to unit norm, then ``grad`` made orthogonal to them: one pass over both
+    (the BatchTopK reference code's ``make_decoder_weights_and_grad_unit_norm``)."""
+    W = W_dec.data if isinstance(W_dec, torch.nn.Parameter) else W_dec
+    _check_decoder(W, grad, True)
+    _backend(W.device).normalize_decoder_and_project_grad_(W, grad)
