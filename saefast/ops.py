@@ -173,8 +173,9 @@ def _check_k(name: str, k: int, d_sae: int) -> int:
 
 class _Encode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xc, W_enc, b_enc, mode, k, threshold):
-        impl = _backend(xc.device)
+    def forward(ctx, x, W_enc, b_dec, b_enc, mode, k, threshold):
+        impl = _backend(x.device)
+        xc = x - b_dec
         values, indices, row_ids, offsets, kept_min = impl.encode_forward(
             xc, W_enc, b_enc, mode=mode, k=k, threshold=threshold)
         ctx.save_for_backward(xc, W_enc, indices, row_ids)
@@ -186,11 +187,18 @@ class _Encode(torch.autograd.Function):
     def backward(ctx, grad_values, *_):
         xc, W_enc, indices, row_ids = ctx.saved_tensors
         impl = _backend(xc.device)
-        need_xc, need_W, need_b = ctx.needs_input_grad[:3]
-        grad_xc, grad_W, grad_b = impl.encode_backward(
-            grad_values.contiguous(), xc, W_enc, indices, row_ids, need_xc, need_W)
-        grad_b = grad_b.to(W_enc.dtype) if (need_b and ctx.has_b_enc) else None
-        return grad_xc, grad_W, grad_b, None, None, None
+        need_x, need_W, need_b_dec, need_b_enc = ctx.needs_input_grad[:4]
+        grad_xc, grad_W, lat_sum = impl.encode_backward(
+            grad_values.contiguous(), xc, W_enc, indices, row_ids, need_x, need_W)
+        acc = reference.acc_dtype(xc.dtype)
+        grad_b_dec = None
+        if need_b_dec:
+            # d/db_dec = -sum_r d/dxc[r]; without grad_xc, -W_enc @ (per-latent sums) is one
+            # pass over W_enc instead of a gather of nnz columns.
+            grad_b_dec = (-(grad_xc.sum(0, dtype=acc)) if grad_xc is not None
+                          else -reference.matvec_acc(W_enc, lat_sum)).to(xc.dtype)
+        grad_b_enc = lat_sum.to(W_enc.dtype) if (need_b_enc and ctx.has_b_enc) else None
+        return grad_xc, grad_W, grad_b_dec, grad_b_enc, None, None, None
 
 
 class _Decode(torch.autograd.Function):
@@ -215,8 +223,7 @@ class _Decode(torch.autograd.Function):
 
 
 def _encode(x, W_enc, b_dec, b_enc, mode, k, threshold) -> SparseActs:
-    xc = x - b_dec  # autograd gives x and b_dec their gradients from grad_xc
-    values, indices, row_ids, offsets, kept_min = _Encode.apply(xc, W_enc, b_enc, mode, k, threshold)
+    values, indices, row_ids, offsets, kept_min = _Encode.apply(x, W_enc, b_dec, b_enc, mode, k, threshold)
     return SparseActs(values, indices, row_ids, offsets, kept_min, W_enc.shape[1])
 
 

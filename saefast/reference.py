@@ -133,6 +133,17 @@ def encode_forward(xc: Tensor, W_enc: Tensor, b_enc: Optional[Tensor], *, mode: 
     return _encode_masked(xc, W_enc, b_enc, lambda pre: (pre > thr) & (pre > 0))
 
 
+def matvec_acc(W: Tensor, v: Tensor) -> Tensor:
+    """``W @ v`` for W [n, m] accumulated in fp32 (fp64 for fp64), in column chunks so that no
+    full-precision copy of W is made."""
+    acc = acc_dtype(W.dtype)
+    out = torch.zeros(W.shape[0], dtype=acc, device=W.device)
+    v = v.to(acc)
+    for s, e in _chunks(W.shape[1], W.shape[0]):
+        out += W[:, s:e].to(acc) @ v[s:e]
+    return out
+
+
 def _nnz_chunks(nnz: int, width: int) -> Iterator[slice]:
     for s, e in _chunks(nnz, width):
         yield slice(s, e)

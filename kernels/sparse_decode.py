@@ -1,0 +1,166 @@
+"""Sparse products over active (row, latent) pairs: decode, its backward, the encoder backward.
+
+Active pairs j = 0..nnz-1 carry (row_j, latent_j, coef_j). Three kernels cover every case:
+
+* ``csr_gather_sum``   out[r, d] = sum_{j in row r} coef_j * W[latent_j, d] (+ bias[d])
+      decode forward (W = W_dec [d_sae, d_in]) and the encoder's grad_xc (W = W_enc viewed as
+      [d_sae, d_in] through its strides). Entries of a row are contiguous (CSR offsets).
+* ``pair_dot``         out[j] = sum_d A[row_j, d] * W[latent_j, d]
+      the gradient of the decoded values: grad_out . W_dec[latent].
+* ``segment_outer``    out[l, d] = sum_{j: latent_j = l} coef_j * X[row_j, d]; wsum[l] = sum coef_j
+      the scatter-add into active rows of W_dec (X = grad_out, coef = values) and into columns of
+      W_enc (X = xc, coef = grad of values; wsum is then the b_enc gradient). Pairs are sorted
+      by latent; each program owns BLOCK_L latents x BLOCK_D features, folds its pairs in with a
+      one-hot matrix product and writes every element it owns (zeros included), so no output
+      needs zero-filling and the result is deterministic (fixed summation order, no atomics).
+
+Shapes: rows/latents int32, offsets/segments int64. W, A, X in fp32/bf16/fp16; accumulation in
+fp32; outputs in the dtype of the given output tensor. All work is O(nnz * d_in).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _csr_gather_sum_kernel(
+    offsets_ptr, latent_ptr, coef_ptr, w_ptr, bias_ptr, out_ptr,
+    D, stride_wl, stride_wd, stride_out,
+    HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    r = tl.program_id(0)
+    ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = ds < D
+    start = tl.load(offsets_ptr + r)
+    end = tl.load(offsets_ptr + r + 1)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for e0 in range(start, end, BLOCK_E):
+        es = e0 + tl.arange(0, BLOCK_E)
+        e_mask = es < end
+        lat = tl.load(latent_ptr + es, mask=e_mask, other=0).to(tl.int64)
+        c = tl.load(coef_ptr + es, mask=e_mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + lat[:, None] * stride_wl + ds[None, :].to(tl.int64) * stride_wd,
+                    mask=e_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(w * c[:, None], axis=0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + ds, mask=d_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + r.to(tl.int64) * stride_out + ds, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+@triton.jit
+def _pair_dot_kernel(
+    rows_ptr, latent_ptr, a_ptr, w_ptr, out_ptr,
+    N, D, stride_a, stride_w,
+    BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    es = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_mask = es < N
+    row = tl.load(rows_ptr + es, mask=e_mask, other=0).to(tl.int64)
+    lat = tl.load(latent_ptr + es, mask=e_mask, other=0).to(tl.int64)
+    acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        m = e_mask[:, None] & (ds < D)[None, :]
+        a = tl.load(a_ptr + row[:, None] * stride_a + ds[None, :], mask=m, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + lat[:, None] * stride_w + ds[None, :], mask=m, other=0.0).to(tl.float32)
+        acc += tl.sum(a * w, axis=1)
+    tl.store(out_ptr + es, acc.to(out_ptr.dtype.element_ty), mask=e_mask)
+
+
+@triton.jit
+def _segment_outer_kernel(
+    seg_ptr, latent_ptr, rows_ptr, coef_ptr, x_ptr, out_ptr, wsum_ptr,
+    L, D, stride_x, stride_ol, stride_od,
+    HAS_OUT: tl.constexpr, HAS_WSUM: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_l = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    ls = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    l_mask = ls < L
+    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = ds < D
+    seg_start = tl.load(seg_ptr + pid_l * BLOCK_L)
+    seg_end = tl.load(seg_ptr + tl.minimum(pid_l * BLOCK_L + BLOCK_L, L))
+    acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+    wsum = tl.zeros((BLOCK_L,), dtype=tl.float32)
+    for e0 in range(seg_start, seg_end, BLOCK_E):
+        es = e0 + tl.arange(0, BLOCK_E)
+        e_mask = es < seg_end
+        lat = tl.load(latent_ptr + es, mask=e_mask, other=-1)
+        c = tl.load(coef_ptr + es, mask=e_mask, other=0.0).to(tl.float32)
+        weights = tl.where(lat[None, :] == ls[:, None], c[None, :], 0.0)  # [BLOCK_L, BLOCK_E]
+        if HAS_OUT:
+            row = tl.load(rows_ptr + es, mask=e_mask, other=0).to(tl.int64)
+            xv = tl.load(x_ptr + row[:, None] * stride_x + ds[None, :],
+                         mask=e_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+            acc = tl.dot(weights, xv, acc, input_precision="ieee")
+        if HAS_WSUM:
+            wsum += tl.sum(weights, axis=1)
+    if HAS_OUT:
+        tl.store(out_ptr + ls.to(tl.int64)[:, None] * stride_ol + ds.to(tl.int64)[None, :] * stride_od,
+                 acc.to(out_ptr.dtype.element_ty), mask=l_mask[:, None] & d_mask[None, :])
+    if HAS_WSUM:
+        if pid_d == 0:
+            tl.store(wsum_ptr + ls, wsum, mask=l_mask)
+
+
+def _block_d(D: int) -> int:
+    return min(256, max(16, triton.next_power_of_2(D)))
+
+
+def csr_gather_sum(offsets: torch.Tensor, latents: torch.Tensor, coef: torch.Tensor, W: torch.Tensor,
+                   stride_wl: int, stride_wd: int, D: int, out: torch.Tensor,
+                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """out [B, D] (row stride D) <- per-row sums of coef * W[latent] (W addressed by strides)."""
+    n_rows = offsets.numel() - 1
+    if n_rows == 0 or D == 0:
+        return out
+    BLOCK_D = _block_d(D)
+    grid = (n_rows, triton.cdiv(D, BLOCK_D))
+    _csr_gather_sum_kernel[grid](
+        offsets, latents, coef, W, bias if bias is not None else coef, out,
+        D, stride_wl, stride_wd, out.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_E=16, BLOCK_D=BLOCK_D, num_warps=4,
+    )
+    return out
+
+
+def pair_dot(rows: torch.Tensor, latents: torch.Tensor, A: torch.Tensor, W: torch.Tensor,
+             out: torch.Tensor) -> torch.Tensor:
+    """out [nnz] <- A[rows] . W[latents] row by row (A: [B, D], W: [d_sae, D], both contiguous)."""
+    N, D = rows.numel(), A.shape[1]
+    if N == 0:
+        return out
+    BLOCK_E, BLOCK_D = 32, min(128, _block_d(D))
+    _pair_dot_kernel[(triton.cdiv(N, BLOCK_E),)](
+        rows, latents, A, W, out, N, D, A.stride(0), W.stride(0),
+        BLOCK_E=BLOCK_E, BLOCK_D=BLOCK_D, num_warps=4,
+    )
+    return out
+
+
+def segment_outer(seg: torch.Tensor, latents: torch.Tensor, rows: torch.Tensor, coef: torch.Tensor,
+                  X: Optional[torch.Tensor], out: Optional[torch.Tensor], stride_ol: int, stride_od: int,
+                  wsum: Optional[torch.Tensor] = None) -> None:
+    """out[l, d] (addressed by strides) <- sum over pairs of latent l of coef * X[row, d], and
+    wsum [L] (fp32) <- sum of coef per latent. Pairs must be sorted by latent; seg [L + 1] int64
+    holds each latent's first pair. Every element of out and wsum is written."""
+    L = seg.numel() - 1
+    D = X.shape[1] if X is not None else 1
+    if L == 0:
+        return
+    BLOCK_L, BLOCK_E = 16, 32
+    BLOCK_D = min(128, _block_d(D)) if X is not None else 16
+    grid = (triton.cdiv(L, BLOCK_L), triton.cdiv(D, BLOCK_D) if X is not None else 1)
+    _segment_outer_kernel[grid](
+        seg, latents, rows, coef, X if X is not None else coef, out if out is not None else coef,
+        wsum if wsum is not None else coef,
+        L, D, X.stride(0) if X is not None else 0, stride_ol, stride_od,
+        HAS_OUT=out is not None, HAS_WSUM=wsum is not None,
+        BLOCK_L=BLOCK_L, BLOCK_E=BLOCK_E, BLOCK_D=BLOCK_D, num_warps=4,
+    )
