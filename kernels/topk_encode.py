@@ -84,11 +84,12 @@ def _encode_candidates_kernel(
         tl.store(out_row_ptr + slot64, tl.reshape(row_grid, (BLOCK_M * BLOCK_N,)), mask=write)
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    """fp32 GEMMs follow torch's own setting, so the values match a dense ``torch.mm``."""
-    if dtype != torch.float32 or torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
+def _input_precision(dtype: torch.dtype):
+    """fp32 GEMMs follow torch's own setting, so the values match a dense ``torch.mm``; 16-bit
+    operands always multiply exactly on the tensor cores (no setting applies)."""
+    if dtype != torch.float32:
+        return None
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def encode_candidates(
@@ -119,6 +120,7 @@ def encode_candidates(
     row_count = torch.zeros(B, dtype=torch.int32, device=dev)
     row_pos = torch.zeros(B, dtype=torch.int32, device=dev)
     BLOCK_M, BLOCK_N, BLOCK_K = 64, 128, 32
+    upcast = xc.dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") == "1"
     grid = (triton.cdiv(B, BLOCK_M), triton.cdiv(d_sae, BLOCK_N))
     _encode_candidates_kernel[grid](
         xc, W_enc, b_enc if b_enc is not None else W_enc, row_thr if row_thr is not None else xc,
@@ -126,10 +128,10 @@ def encode_candidates(
         values, latents, rows, counter, row_count, row_pos,
         B, d_in, d_sae, capacity,
         HAS_B_ENC=b_enc is not None, HAS_ROW_THR=row_thr is not None, HAS_COL_THR=col_thr is not None,
-        INPUT_PRECISION=_input_precision(xc.dtype),
+        INPUT_PRECISION=_input_precision(xc.dtype) if not upcast else "ieee",
         # The Triton interpreter mis-multiplies 16-bit dot operands; fp32 operands give the same
         # exact products (16-bit x 16-bit fits in fp32) with the same fp32 accumulation.
-        UPCAST=xc.dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") == "1",
+        UPCAST=upcast,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=3,
     )
     return values, latents, rows, int(counter.item()), row_count, row_pos
