@@ -1,0 +1,334 @@
+"""Activation caching: write activations to safetensors shards once, train from them many times.
+
+Layout of a cache folder::
+
+    manifest.json              format, d_in, dtype, n_tokens, shard list, columns, source position
+    shard_00000.safetensors    "activations" [rows, d_in] (+ "token_ids", "window_ids", "positions"
+    shard_00001.safetensors     when the source yields ActivationBatch)
+    source_state.pt            only when the source's state is not JSON (e.g. holds RNG tensors)
+
+:func:`cache_activations` holds one shard in memory at a time, writes into a temporary folder and
+renames it into place at the end, so an interrupted run never leaves a half cache behind, and it
+refuses to overwrite an existing folder unless asked. The manifest records the source's
+``state_dict()`` after the last batch drawn (the dataset position), so a later run can continue
+the data stream where the cache ends (rows of that last batch beyond ``n_tokens`` are skipped).
+
+:class:`CachedActivationSource` streams the shards back with bounded memory (``read_tokens`` rows
+per read plus one shuffle block): shard order is permuted per epoch from the seed, rows are
+shuffled within blocks of ``buffer_tokens`` by a :class:`~saefast.data.buffer.ShuffleBuffer`, and
+``state_dict()`` gives exact resume.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .buffer import ShuffleBuffer
+from .source import ActivationBatch
+
+__all__ = ["cache_activations", "CachedActivationSource", "read_manifest"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "saefast.activations"
+_MANIFEST = "manifest.json"
+_STATE_FILE = "source_state.pt"
+_SEED_STRIDE = 1_000_003
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_META_COLUMNS = ("token_ids", "window_ids", "positions")
+
+
+def _columns_of(batch: Any) -> Dict[str, Tensor]:
+    if isinstance(batch, ActivationBatch):
+        return {"activations": batch.acts, "token_ids": batch.token_ids, "window_ids": batch.window_ids,
+                "positions": batch.positions}
+    if isinstance(batch, Tensor):
+        return {"activations": batch}
+    raise TypeError(f"the source yielded {type(batch).__name__}; expected a [batch, d_in] tensor or an "
+                    "ActivationBatch")
+
+
+def cache_activations(source: Any, out_dir: Union[str, os.PathLike], n_tokens: int, shard_tokens: int, *,
+                      dtype: Union[str, torch.dtype] = "float32", overwrite: bool = False,
+                      metadata: Optional[Dict[str, Any]] = None, progress: bool = True) -> Path:
+    """Write the first ``n_tokens`` activation rows of ``source`` to ``out_dir`` as shards.
+
+    Args:
+        source: an activation source (iterator of [batch, d_in] tensors or ActivationBatch, with
+            ``.d_in`` and optionally ``state_dict()``).
+        out_dir: the cache folder (created; must not exist unless ``overwrite``).
+        n_tokens: rows to cache (fewer if the source ends first, with a warning).
+        shard_tokens: rows per shard file.
+        dtype: storage dtype: "float32", "bfloat16" or "float16".
+        overwrite: replace an existing ``out_dir``.
+        metadata: JSON-safe extra information for the manifest (model, hook, dataset, ...).
+        progress: show a tqdm progress bar.
+
+    Returns the cache folder.
+    """
+    for name, value in (("n_tokens", n_tokens), ("shard_tokens", shard_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+    store_dtype = _DTYPES.get(dtype if isinstance(dtype, str) else str(dtype).replace("torch.", ""))
+    if store_dtype is None:
+        raise ValueError(f"dtype={dtype!r} must be one of {list(_DTYPES)}")
+    d_in = getattr(source, "d_in", None)
+    if not isinstance(d_in, int):
+        raise TypeError(f"source must have an integer .d_in (an activation source), got {type(source).__name__}")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"{out} already exists and is not empty; pass overwrite=True to replace it or "
+                         "choose another folder")
+    if metadata is not None:
+        json.dumps(metadata)  # fails early, with the offending value, before any work
+
+    from safetensors.torch import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    shards: List[Dict[str, Any]] = []
+    pending: Dict[str, List[Tensor]] = {}
+    pending_rows = 0
+    written = 0
+    column_names: Optional[List[str]] = None
+
+    def flush(rows: int) -> None:
+        nonlocal pending_rows
+        joined = {k: torch.cat(v) for k, v in pending.items()}
+        part = {k: v[:rows].contiguous() for k, v in joined.items()}
+        name = f"shard_{len(shards):05d}.safetensors"
+        save_file(part, str(tmp / name))
+        shards.append({"file": name, "n_tokens": rows})
+        for k, v in joined.items():
+            pending[k] = [v[rows:]] if v.shape[0] > rows else []
+        pending_rows -= rows
+
+    try:
+        bar = tqdm(total=n_tokens, desc="caching activations", unit="tok", disable=not progress)
+        iterator = iter(source)
+        while written + pending_rows < n_tokens:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                break
+            columns = _columns_of(batch)
+            acts = columns["activations"]
+            if acts.dim() != 2 or acts.shape[1] != d_in:
+                raise ValueError(f"the source yielded shape {tuple(acts.shape)}, expected [batch, {d_in}]")
+            if not bool(torch.isfinite(acts).all()):
+                raise ValueError(f"the source yielded non-finite activations after {written + pending_rows} "
+                                 "cached rows; check the model and its dtype")
+            if column_names is None:
+                column_names = list(columns)
+            take = min(acts.shape[0], n_tokens - written - pending_rows)
+            for k, v in columns.items():
+                v = v[:take].detach().to("cpu")
+                pending.setdefault(k, []).append(v.to(store_dtype) if k == "activations" else v.long())
+            pending_rows += take
+            bar.update(take)
+            while pending_rows >= shard_tokens:
+                flush(shard_tokens)
+                written += shard_tokens
+        if pending_rows:
+            rows = pending_rows
+            flush(rows)
+            written += rows
+        bar.close()
+        if written == 0:
+            raise ValueError("the source yielded no activations; nothing to cache")
+        if written < n_tokens:
+            logger.warning("the source ended after %d of the %d tokens asked for; the cache holds %d",
+                           written, n_tokens, written)
+        manifest: Dict[str, Any] = {
+            "format": FORMAT, "version": 1, "d_in": d_in, "dtype": str(store_dtype).replace("torch.", ""),
+            "n_tokens": written, "shard_tokens": shard_tokens, "columns": column_names, "shards": shards,
+            "source_state": None, "metadata": metadata or {},
+        }
+        state = source.state_dict() if hasattr(source, "state_dict") else None
+        if state is not None:
+            try:
+                manifest["source_state"] = json.loads(json.dumps(state))
+            except TypeError:
+                torch.save(state, tmp / _STATE_FILE)
+                manifest["source_state_file"] = _STATE_FILE
+        (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            out.rename(trash)
+            tmp.rename(out)
+            shutil.rmtree(trash)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_manifest(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """The manifest of a cache folder, checked; ``source_state`` is filled from ``source_state.pt``
+    when the state was not JSON."""
+    folder = Path(path)
+    file = folder / _MANIFEST
+    if not file.is_file():
+        raise ValueError(f"{folder} is not an activation cache: it has no {_MANIFEST}; write one with "
+                         "saefast.data.cache.cache_activations")
+    manifest = json.loads(file.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{file} is not a saefast activation cache manifest (format={manifest.get('format')!r})")
+    missing = [s["file"] for s in manifest["shards"] if not (folder / s["file"]).is_file()]
+    if missing:
+        raise ValueError(f"the cache {folder} is incomplete: shard files {missing} are missing")
+    if manifest.get("source_state_file"):
+        manifest["source_state"] = torch.load(folder / manifest["source_state_file"], weights_only=True)
+    return manifest
+
+
+class _ShardChunks:
+    """Chunk stream over the shards: ``read_tokens`` rows per read, shard order permuted per epoch."""
+
+    def __init__(self, folder: Path, manifest: Dict[str, Any], columns: List[str], shuffle: bool, seed: int,
+                 repeat: bool, read_tokens: int, rank: int, world_size: int) -> None:
+        self.folder, self.columns = folder, columns
+        self.shards = manifest["shards"]
+        self.shuffle, self.seed, self.repeat = shuffle, seed, repeat
+        self.read_tokens, self.rank, self.world_size = read_tokens, rank, world_size
+        self._pos = {"epoch": 0, "shard": 0, "row": 0}
+        self._order = self._order_for(0)
+        self._handle: Optional[Tuple[str, Any]] = None
+
+    def _order_for(self, epoch: int) -> List[int]:
+        if not self.shuffle:
+            return list(range(len(self.shards)))
+        g = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + epoch)
+        return torch.randperm(len(self.shards), generator=g).tolist()
+
+    def position(self) -> Dict[str, int]:
+        return dict(self._pos)
+
+    def seek(self, position: Dict[str, int]) -> None:
+        self._pos = {k: int(position[k]) for k in ("epoch", "shard", "row")}
+        self._order = self._order_for(self._pos["epoch"])
+
+    def _open(self, name: str) -> Any:
+        from safetensors import safe_open
+
+        if self._handle is None or self._handle[0] != name:
+            self._handle = (name, safe_open(str(self.folder / name), framework="pt", device="cpu"))
+        return self._handle[1]
+
+    def next_chunk(self) -> Optional[Tuple[Tensor, ...]]:
+        pos = self._pos
+        if pos["shard"] >= len(self.shards):
+            if not self.repeat:
+                return None
+            self.seek({"epoch": pos["epoch"] + 1, "shard": 0, "row": 0})
+            pos = self._pos
+        shard = self.shards[self._order[pos["shard"]]]
+        lo = pos["row"]
+        hi = min(lo + self.read_tokens, shard["n_tokens"])
+        if hi >= shard["n_tokens"]:
+            self._pos = {"epoch": pos["epoch"], "shard": pos["shard"] + 1, "row": 0}
+        else:
+            self._pos = {"epoch": pos["epoch"], "shard": pos["shard"], "row": hi}
+        # Data parallel: each rank reads its own contiguous part of every chunk.
+        a = lo + (hi - lo) * self.rank // self.world_size
+        b = lo + (hi - lo) * (self.rank + 1) // self.world_size
+        handle = self._open(shard["file"])
+        return tuple(handle.get_slice(c)[a:b] for c in self.columns)
+
+
+class CachedActivationSource:
+    """Shuffled fp32 batches ``[batch_size, d_in]`` streamed from a cache folder.
+
+    Args:
+        path: folder written by :func:`cache_activations`.
+        batch_size: rows per batch.
+        seed: seed of the shard order and the row shuffling.
+        shuffle: False serves rows in the cached order (shard 0 first).
+        buffer_tokens: rows per shuffle block (default ``min(n_tokens, 65536)``).
+        device: where batches are returned.
+        repeat: loop over the cache forever (a new shard order each epoch) instead of stopping.
+        read_tokens: rows per read from a shard (bounds memory with the buffer).
+        rank, world_size: each rank reads its own part of every read (data parallel).
+        with_tokens: yield :class:`~saefast.data.source.ActivationBatch` (needs a cache written from
+            a source with ``with_tokens=True``).
+        background: read the next block in a background thread.
+    """
+
+    def __init__(self, path: Union[str, os.PathLike], batch_size: int, seed: int = 0, shuffle: bool = True, *,
+                 buffer_tokens: Optional[int] = None, device: Union[str, torch.device] = "cpu",
+                 repeat: bool = False, read_tokens: int = 8192, rank: int = 0, world_size: int = 1,
+                 with_tokens: bool = False, background: bool = True) -> None:
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        self.d_in: int = int(self.manifest["d_in"])
+        self.n_tokens: int = int(self.manifest["n_tokens"])
+        self.batch_size = batch_size
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+        if not (isinstance(world_size, int) and world_size >= 1 and 0 <= rank < world_size):
+            raise ValueError(f"rank={rank!r} must be in [0, world_size={world_size!r})")
+        if read_tokens < 1:
+            raise ValueError(f"read_tokens={read_tokens} must be >= 1")
+        columns = ["activations"]
+        if with_tokens:
+            absent = [c for c in _META_COLUMNS if c not in self.manifest["columns"]]
+            if absent:
+                raise ValueError(f"with_tokens=True but the cache {self.path} has no {absent} columns; "
+                                 "cache from a source built with with_tokens=True")
+            columns += list(_META_COLUMNS)
+        self.with_tokens = with_tokens
+        if buffer_tokens is None:
+            buffer_tokens = max(batch_size, min(self.n_tokens // world_size, 2 ** 16))
+        self._chunks = _ShardChunks(self.path, self.manifest, columns, shuffle, seed, repeat, read_tokens,
+                                    rank, world_size)
+        self.buffer = ShuffleBuffer(self._chunks, buffer_tokens, batch_size, seed, shuffle=shuffle,
+                                    device=device, background=background)
+
+    @property
+    def source_state(self) -> Any:
+        """The state of the source the cache was written from, after its last cached batch."""
+        return self.manifest["source_state"]
+
+    def __iter__(self) -> "CachedActivationSource":
+        return self
+
+    def __next__(self) -> Union[Tensor, ActivationBatch]:
+        batch = next(self.buffer)
+        return ActivationBatch(*batch) if self.with_tokens else batch[0]
+
+    def state_dict(self) -> Dict[str, Any]:
+        """JSON-safe position (epoch, shard, row of the current block, batches served)."""
+        return {"kind": "cache", "d_in": self.d_in, "n_tokens": self.n_tokens, "buffer": self.buffer.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`; refuses a state saved on another cache."""
+        if state.get("kind") != "cache":
+            raise ValueError(f"cannot resume a CachedActivationSource from a {state.get('kind')!r} source state")
+        for key, mine in (("d_in", self.d_in), ("n_tokens", self.n_tokens)):
+            if state.get(key) != mine:
+                raise ValueError(f"cannot resume: the saved source read a cache with {key}={state.get(key)!r} "
+                                 f"but {self.path} has {key}={mine!r}")
+        self.buffer.load_state_dict(state["buffer"])
+
+    def close(self) -> None:
+        """Stop the background reader thread."""
+        self.buffer.close()
+
+    def iter_shards(self) -> Iterator[Tensor]:
+        """Every cached activation row, shard by shard in stored order ([rows, d_in] each)."""
+        from safetensors.torch import load_file
+
+        for shard in self.manifest["shards"]:
+            yield load_file(str(self.path / shard["file"]))["activations"]
