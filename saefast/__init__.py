@@ -2,6 +2,8 @@
 
 ``import saefast`` never touches a GPU driver: the Triton backend is imported on first use.
 """
+from .config import SAEConfig
+from .io import load_sae
 from .ops import (
     SparseActs,
     auxk_encode,
@@ -12,10 +14,12 @@ from .ops import (
     threshold_encode,
     topk_encode,
 )
+from .sae import BatchTopKSAE, JumpReLUSAE, TopKSAE, VanillaSAE, create_sae
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SparseActs", "topk_encode", "threshold_encode", "auxk_encode", "sparse_decode",
     "normalize_decoder_", "project_decoder_grad_", "normalize_decoder_and_project_grad_",
+    "SAEConfig", "BatchTopKSAE", "TopKSAE", "VanillaSAE", "JumpReLUSAE", "load_sae", "create_sae",
 ]
