@@ -138,6 +138,18 @@ def _check_fp64(device: torch.device, dtype: torch.dtype) -> None:
                         "the Triton kernels take float32, bfloat16 or float16")
 
 
+def _autocast(*tensors):
+    """Under ``torch.autocast`` the ops run in the autocast dtype, like a matmul would: float
+    tensors are cast to it (differentiably, so fp32 master weights get fp32 gradients)."""
+    first = next(t for t in tensors if isinstance(t, Tensor))
+    device_type = first.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != dtype else t
+                 for t in tensors)
+
+
 def _check_encode_args(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_enc: Optional[Tensor]) -> None:
     _check_tensor("W_enc", W_enc, 2)
     d_in, d_sae = W_enc.shape
@@ -240,6 +252,7 @@ def topk_encode(x: Tensor, W_enc: Tensor, b_dec: Tensor, k: int, *, b_enc: Optio
     positive). ``mode="row"``: each row's k largest positive values. Ties go to the lower
     (row, latent) index (see ``saefast.selection``); zeros after the ReLU are never kept.
     """
+    x, W_enc, b_dec, b_enc = _autocast(x, W_enc, b_dec, b_enc)
     _check_encode_args(x, W_enc, b_dec, b_enc)
     if mode not in _MODES:
         raise ValueError(f"mode={mode!r} must be one of {_MODES}")
@@ -254,6 +267,7 @@ def threshold_encode(x: Tensor, W_enc: Tensor, b_dec: Tensor, threshold: Union[f
     threshold: a float, a 0-d tensor, or a [d_sae] tensor of per-latent thresholds (JumpReLU).
     Values are compared in the weights' dtype; entries <= 0 are never kept.
     """
+    x, W_enc, b_dec, b_enc = _autocast(x, W_enc, b_dec, b_enc)
     _check_encode_args(x, W_enc, b_dec, b_enc)
     d_sae = W_enc.shape[1]
     if not isinstance(threshold, Tensor):
@@ -276,6 +290,7 @@ def auxk_encode(x: Tensor, W_enc: Tensor, b_dec: Tensor, dead_mask: Tensor, k_au
     Only the dead columns of W_enc are multiplied, so the cost scales with the number of dead
     latents and no [B, d_sae] tensor is formed. With no dead latent the result is empty.
     """
+    x, W_enc, b_dec, b_enc = _autocast(x, W_enc, b_dec, b_enc)
     _check_encode_args(x, W_enc, b_dec, b_enc)
     d_sae = W_enc.shape[1]
     if not isinstance(dead_mask, Tensor) or dead_mask.dtype != torch.bool or dead_mask.shape != (d_sae,):
@@ -305,6 +320,8 @@ def sparse_decode(acts: SparseActs, W_dec: Tensor, b_dec: Optional[Tensor] = Non
     """
     if not isinstance(acts, SparseActs):
         raise TypeError(f"acts must be the SparseActs returned by an encode op, got {type(acts).__name__}")
+    values, W_dec, b_dec = _autocast(acts.values, W_dec, b_dec)
+    acts = acts._replace(values=values)
     _check_tensor("W_dec", W_dec, 2)
     if W_dec.shape[0] != acts.d_sae:
         raise ValueError(f"W_dec has {W_dec.shape[0]} rows but the activations have d_sae={acts.d_sae}; "

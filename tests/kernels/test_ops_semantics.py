@@ -304,3 +304,28 @@ def test_backend_choice(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="Set TRITON_INTERPRET=1"):
         backend_name(torch.device("cpu"))
+
+
+def test_ops_run_in_the_autocast_dtype(backend):
+    """Under torch.autocast with fp32 master weights the ops compute in bf16 and the weights get
+    fp32 gradients equal to those of an explicit bf16 run."""
+    B, d_in, d_sae, k = 19, 24, 70, 4
+    x, W, bd, _ = _problem(B, d_in, d_sae, torch.float32, seed=41)
+    W_dec = W.t().contiguous()
+    grads = []
+    for use_autocast in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (W, bd, W_dec)]
+        W_, bd_, Wd_ = leaves
+        if use_autocast:
+            with torch.autocast(DEVICE, dtype=torch.bfloat16):
+                acts = saefast.topk_encode(x, W_, bd_, k)
+                recon = saefast.sparse_decode(acts, Wd_, bd_)
+        else:
+            acts = saefast.topk_encode(x.bfloat16(), W_.bfloat16(), bd_.bfloat16(), k)
+            recon = saefast.sparse_decode(acts, Wd_.bfloat16(), bd_.bfloat16())
+        assert recon.dtype == torch.bfloat16
+        (recon.float() - x).square().sum().backward()
+        assert all(t.grad.dtype == torch.float32 for t in leaves)
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
