@@ -143,7 +143,7 @@ def _autocast(*tensors):
     tensors are cast to it (differentiably, so fp32 master weights get fp32 gradients)."""
     first = next(t for t in tensors if isinstance(t, Tensor))
     device_type = first.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != dtype else t
