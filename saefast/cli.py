@@ -1,0 +1,228 @@
+"""The ``saefast`` command: ``train``, ``eval`` and ``cache``.
+
+``saefast train`` with no model, dataset or cache trains on the embedded synthetic default (a
+planted dictionary; no network) and reports how well the planted features were recovered.
+Every option of :class:`saefast.training.TrainConfig` is a flag (``--lr-warmup-steps 500``) and
+can also come from ``--config run.yaml`` (flags win). Under ``torchrun`` the run is data-parallel.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+from .training.config import SYNTHETIC_DEFAULTS, TrainConfig, load_config_file
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("saefast")
+
+_GROUP_TITLES = {
+    "sae": "SAE", "optim": "optimisation", "run": "run folder, checkpoints and logging",
+    "data": "activation source (model + dataset, or cache)", "synthetic": "embedded synthetic default",
+    "evals": "model evals", "e2e": "end-to-end losses",
+}
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if typing.get_origin(tp) is typing.Union and len(args) == 1 else tp
+
+
+def _add_config_options(parser: argparse.ArgumentParser, only_groups: Optional[Sequence[str]] = None) -> None:
+    """One flag per TrainConfig field, help from the field's metadata; absent flags stay absent."""
+    hints = typing.get_type_hints(TrainConfig)
+    groups: Dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(TrainConfig):
+        group_key = f.metadata["group"]
+        if only_groups is not None and group_key not in only_groups:
+            continue
+        if group_key not in groups:
+            groups[group_key] = parser.add_argument_group(_GROUP_TITLES[group_key])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{f.metadata['help']} (default: {default})"
+        flag = "--" + f.name.replace("_", "-")
+        tp = _unwrap_optional(hints[f.name])
+        kwargs: Dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) in (list, List):
+            kwargs.update(nargs="*", type=typing.get_args(tp)[0], metavar="X")
+        else:
+            kwargs.update(type=tp, metavar=tp.__name__.upper())
+        groups[group_key].add_argument(flag, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saefast", description="Train and evaluate sparse autoencoders.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser(
+        "train", help="train an SAE",
+        description="Train an SAE. With no --model/--dataset/--cache-dir it trains on the embedded synthetic "
+                    "default (planted dictionary, no network, well under two minutes on a laptop CPU), whose "
+                    f"own defaults are {SYNTHETIC_DEFAULTS} unless given. Options may also "
+                    "come from --config FILE (YAML or JSON); flags override the file. Launch under torchrun for "
+                    "data-parallel training.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train.add_argument("--config", metavar="FILE", help="YAML or JSON file of options (same names as the flags, "
+                                                        "with underscores).")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint "
+                                                           "(its config.json is used; other flags must agree).")
+    _add_config_options(train)
+
+    ev = sub.add_parser("eval", help="evaluate a trained run and save eval.json",
+                        description="Evaluate RUN_DIR/sae on the run's held-out activations (MSE, explained "
+                                    "variance, cosine similarity, L0, dead/dense latents; CE loss, CE recovered and "
+                                    "KL with the SAE spliced in for model runs; planted-feature recovery for "
+                                    "synthetic runs). Prints the metrics and writes RUN_DIR/eval.json.")
+    ev.add_argument("run_dir", metavar="RUN_DIR")
+    ev.add_argument("--batches", type=int, default=None, help="held-out batches to use (default: the run's eval_batches)")
+    ev.add_argument("--device", default=None, help="device (default: cuda if available)")
+    ev.add_argument("--output", default=None, help="where to write the metrics (default: RUN_DIR/eval.json)")
+
+    cache = sub.add_parser("cache", help="cache model activations to safetensors shards",
+                           description="Run a model over a dataset once and write its activations at --hook to "
+                                       "safetensors shards in --out; train from them with --cache-dir.")
+    cache.add_argument("--out", required=True, metavar="DIR", help="output folder for the shards and manifest")
+    cache.add_argument("--n-tokens", type=int, required=True, help="activations (tokens) to write")
+    cache.add_argument("--shard-tokens", type=int, default=262144, help="activations per shard")
+    cache.add_argument("--config", metavar="FILE", help="YAML or JSON file of options")
+    _add_config_options(cache, only_groups=("data",))
+    cache.add_argument("--batch-size", dest="batch_size", type=int, default=argparse.SUPPRESS,
+                       help="activations per batch drawn from the source")
+    cache.add_argument("--device", dest="device", default=argparse.SUPPRESS, help="device for the model")
+    cache.add_argument("--seed", dest="seed", type=int, default=argparse.SUPPRESS, help="shuffle seed")
+    return parser
+
+
+_NOT_CONFIG = ("command", "config", "resume", "run_dir", "batches", "output", "out", "n_tokens", "shard_tokens")
+
+
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+    flags = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
+    values: Dict[str, Any] = {}
+    resume = getattr(args, "resume", None)
+    if resume:
+        run_dir = Path(resume)
+        saved = run_dir / "config.json"
+        if not saved.is_file():
+            raise ValueError(f"--resume {run_dir}: no config.json there; it is not a saefast run folder")
+        values.update(json.loads(saved.read_text()))
+    if args.config:
+        values.update(load_config_file(args.config))
+    values.update(flags)
+    if resume:
+        values["out_dir"], values["run_name"] = str(Path(resume).parent), Path(resume).name
+        return TrainConfig.from_dict(values)
+    return TrainConfig.with_defaults_for_source(values)
+
+
+def _format_metrics(metrics: Dict[str, Any]) -> str:
+    order = ["feature_recovery", "mse", "explained_variance", "cosine_similarity", "l0", "dead_fraction",
+             "dense_fraction", "ce_clean", "ce_spliced", "ce_zero_ablation", "ce_loss_recovered", "kl"]
+    keys = [k for k in order if k in metrics] + sorted(k for k in metrics if k not in order)
+    return "\n".join(f"  {k:<20} {v:.6g}" if isinstance(v, float) else f"  {k:<20} {v}" for k in keys
+                     for v in [metrics[k]])
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .training.distributed import init_distributed
+    from .training.trainer import preflight, resolve_device
+
+    cfg = _config_from_args(args)
+    resume = bool(args.resume)
+    info = init_distributed(cfg.device)
+    preflight(cfg, resume)
+    device = resolve_device(cfg.device, info)
+    with _cpu_threads(cfg.cpu_threads if device.type == "cpu" else None):
+        return _run_training(cfg, resume, device, info)
+
+
+@contextlib.contextmanager
+def _cpu_threads(n: Optional[int]) -> Iterator[None]:
+    """torch.set_num_threads(n) for the duration (restored after, e.g. when main() runs in-process)."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_training(cfg: TrainConfig, resume: bool, device: Any, info: Any) -> int:
+    from .training.build import build_inputs, build_sae
+    from .training.trainer import Trainer, TrainingDiverged
+
+    inputs = build_inputs(cfg, device, info)
+    sae = build_sae(cfg, inputs.d_in, device)
+    trainer = Trainer(sae, inputs.source, cfg, resume=resume, **inputs.trainer_kwargs())
+    try:
+        metrics = trainer.train()
+    except TrainingDiverged as err:
+        print(f"saefast train: {err}", file=sys.stderr)
+        return 1
+    finally:
+        inputs.close()
+    if info.is_main:
+        head = f"saefast: trained {trainer.step} steps ({trainer.tokens_seen:,} tokens); SAE saved to {trainer.run_dir / 'sae'}"
+        if "feature_recovery" in metrics:
+            head += ("\nplanted-feature recovery (mean over planted features of the max cosine similarity "
+                     "with a decoder row) next to reconstruction metrics on held-out activations:")
+        print(head + "\n" + _format_metrics(metrics))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .training.trainer import evaluate_run
+
+    metrics = evaluate_run(args.run_dir, device=args.device, n_batches=args.batches, output=args.output)
+    print(f"saefast eval {args.run_dir}:\n" + _format_metrics(metrics))
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from .data.cache import cache_activations
+    from .training.build import build_inputs
+    from .training.trainer import resolve_device
+
+    cfg = _config_from_args(args)
+    if cfg.source_kind != "model":
+        raise ValueError("saefast cache needs --model, --hook and --dataset")
+    inputs = build_inputs(dataclasses.replace(cfg, eval_ce_batches=0), resolve_device(cfg.device))
+    try:
+        cache_activations(inputs.source, args.out, args.n_tokens, args.shard_tokens,
+                          metadata={"model": cfg.model, "hook": cfg.hook, "dataset": cfg.dataset,
+                                    "context_size": cfg.context_size, "prepend_bos": cfg.prepend_bos})
+    finally:
+        inputs.close()
+    print(f"saefast cache: wrote {args.n_tokens:,} activations of {cfg.hook} to {args.out}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``saefast`` console script."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    args = build_parser().parse_args(argv)
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "cache": _cmd_cache}
+    try:
+        return commands[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"saefast {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Reconstruction metrics of an SAE on activation batches, and planted-feature recovery.
+
+All metrics are computed from the sparse encoding (``sae.encode_sparse`` / ``sae.decode_sparse``),
+so no [B, d_sae] tensor is built, and accumulated in float64 over any number of batches:
+
+* ``mse``: mean over all entries of (x - x_hat)^2.
+* ``explained_variance``: 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, with the mean over all
+  rows of all batches (1 for a perfect reconstruction, 0 for predicting the mean).
+* ``cosine_similarity``: mean over rows of cos(x, x_hat).
+* ``relative_mse``: sum ||x - x_hat||^2 / sum ||x||^2.
+* ``l0``: mean number of active latents per row; ``l1``: mean sum of activations per row.
+* ``dead_fraction``: latents that never fire on these rows; ``dense_fraction``: latents firing on
+  more than ``dense_threshold`` of the rows.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["reconstruction_metrics", "feature_recovery"]
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae: nn.Module, batches: Iterable[Tensor], dense_threshold: float = 0.1) -> Dict[str, float]:
+    """Metrics of ``sae`` (in its current train/eval mode) on ``batches`` of [B, d_in] activations.
+
+    Returns a dict of floats: mse, explained_variance, cosine_similarity, relative_mse, l0, l1,
+    dead_fraction, dense_fraction, n_rows. Batches are moved to the SAE's device and dtype.
+    """
+    if not 0 < dense_threshold <= 1:
+        raise ValueError(f"dense_threshold={dense_threshold} must be in (0, 1]")
+    param = next(sae.parameters())
+    unit_norm = bool(getattr(getattr(sae, "config", None), "input_unit_norm", False))
+    d_sae = None
+    n_rows = 0
+    sq_err = sum_x = sum_x2 = cos_sum = l1_sum = 0.0
+    nnz = 0
+    counts = None
+    d_in = None
+    for x in batches:
+        if not isinstance(x, Tensor) or x.dim() != 2:
+            raise ValueError(f"each batch must be a [batch, d_in] tensor, got {getattr(x, 'shape', type(x))}")
+        x = x.to(device=param.device, dtype=param.dtype)
+        acts = sae.encode_sparse(x)
+        # an SAE that standardises each token needs the raw rows to undo it
+        x_hat = sae.decode_sparse(acts, x) if unit_norm else sae.decode_sparse(acts)
+        xd, hd = x.double(), x_hat.double()
+        diff2 = (xd - hd).pow(2).sum(dim=1)
+        sq_err += diff2.sum().item()
+        sum_x = sum_x + xd.sum(dim=0)
+        sum_x2 += xd.pow(2).sum().item()
+        cos_sum += torch.nn.functional.cosine_similarity(xd, hd, dim=1, eps=1e-12).sum().item()
+        l1_sum += acts.values.double().abs().sum().item()
+        nnz += acts.nnz
+        c = acts.counts()
+        counts = c if counts is None else counts + c
+        d_sae, d_in = acts.d_sae, x.shape[1]
+        n_rows += x.shape[0]
+    if n_rows == 0:
+        raise ValueError("reconstruction_metrics got no rows: batches is empty")
+    # total variance around the mean of all rows: sum ||x||^2 - n * ||mean||^2
+    mean = sum_x / n_rows
+    total_var = sum_x2 - n_rows * mean.pow(2).sum().item()
+    return {
+        "mse": sq_err / (n_rows * d_in),
+        "explained_variance": 1.0 - sq_err / total_var if total_var > 0 else float("nan"),
+        "cosine_similarity": cos_sum / n_rows,
+        "relative_mse": sq_err / sum_x2 if sum_x2 > 0 else float("nan"),
+        "l0": nnz / n_rows,
+        "l1": l1_sum / n_rows,
+        "dead_fraction": (counts == 0).sum().item() / d_sae,
+        "dense_fraction": (counts > dense_threshold * n_rows).sum().item() / d_sae,
+        "n_rows": n_rows,
+    }
+
+
+@torch.no_grad()
+def feature_recovery(W_dec: Tensor, true_features: Tensor, chunk: int = 4096) -> float:
+    """Mean over planted features of the best cosine similarity with any learned decoder row.
+
+    W_dec: [d_sae, d_in] learned decoder; true_features: [n_features, d_in] planted directions.
+    1.0 means every planted direction has an exact copy in the dictionary.
+    """
+    if W_dec.dim() != 2 or true_features.dim() != 2:
+        raise ValueError(f"W_dec {tuple(W_dec.shape)} and true_features {tuple(true_features.shape)} must be 2-D")
+    if W_dec.shape[1] != true_features.shape[1]:
+        raise ValueError(f"W_dec has d_in={W_dec.shape[1]} but true_features has d_in={true_features.shape[1]}; "
+                         "pass W_dec as [d_sae, d_in]")
+    learned = torch.nn.functional.normalize(W_dec.detach().float().cpu(), dim=1)
+    planted = torch.nn.functional.normalize(true_features.detach().float().cpu(), dim=1)
+    best = torch.cat([(planted[s:s + chunk] @ learned.T).max(dim=1).values
+                      for s in range(0, planted.shape[0], chunk)])
+    return best.mean().item()

@@ -1,0 +1,307 @@
+"""TrainConfig: every option of a training run, loadable from YAML/JSON and from the command line.
+
+Each field carries its help text in ``metadata["help"]``; ``saefast train --help`` is generated
+from these, so the dataclass below is the single list of options. Precedence when the CLI builds a
+config: dataclass defaults < config file (``--config run.yaml``) < command-line flags.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import yaml
+
+__all__ = ["TrainConfig", "ARCHITECTURES", "NORMALIZATIONS", "SYNTHETIC_DEFAULTS"]
+
+ARCHITECTURES = ("batchtopk", "topk", "relu", "jumprelu")
+NORMALIZATIONS = ("none", "dataset_scale", "dataset_center_scale")
+_DTYPES = ("float32", "bfloat16", "float16")
+
+# Defaults of the embedded synthetic run (no model, dataset or cache named), beneath the user's
+# file and flags: sized to recover the planted dictionary (mean max cosine > 0.99) in well under
+# a minute on two CPU cores.
+SYNTHETIC_DEFAULTS: Dict[str, Any] = {
+    "train_steps": 1500, "batch_size": 1024, "lr": 3e-3, "lr_warmup_steps": 50, "top_k": 4,
+    "expansion_factor": 4, "n_batches_to_dead": 50, "checkpoint_every": 500, "log_every": 25, "cpu_threads": 1,
+}
+
+
+def _opt(default: Any, help: str, group: str, resume_safe: bool = False) -> Any:
+    """A dataclass field with its --help text. ``resume_safe`` options may differ on --resume
+    because they do not change what is trained (logging, checkpoint cadence)."""
+    meta = {"help": help, "group": group, "resume_safe": resume_safe}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """All options of ``saefast train``; see each field's help (``saefast train --help``)."""
+
+    # --- SAE -----------------------------------------------------------------------------------
+    architecture: str = _opt("batchtopk", "SAE variant: batchtopk, topk, relu (L1 penalty) or jumprelu.", "sae")
+    d_in: Optional[int] = _opt(None, "Input width. Default: the hook's width for model runs, 64 for the synthetic default; "
+                                     "a value that disagrees with the hook is an error.", "sae")
+    d_sae: Optional[int] = _opt(None, "Number of latents (dictionary size). Default: expansion_factor * d_in.", "sae")
+    expansion_factor: int = _opt(8, "d_sae = expansion_factor * d_in when d_sae is not given.", "sae")
+    top_k: int = _opt(8, "Active latents per token (batchtopk: on average over the batch; topk: per token).", "sae")
+    top_k_aux: Optional[int] = _opt(None, "Dead latents used by the aux-K loss per token. Default: max(1, top_k // 2).", "sae")
+    n_batches_to_dead: int = _opt(200, "A latent that has not fired for this many optimizer steps counts as dead.", "sae")
+    aux_penalty: float = _opt(1 / 32, "Weight of the aux-K loss that revives dead latents.", "sae")
+    l1_coefficient: float = _opt(1e-3, "Sparsity penalty weight: L1 for relu SAEs, L0 for jumprelu; unused by (batch)topk.", "sae")
+    jumprelu_bandwidth: float = _opt(1e-3, "JumpReLU: width of the straight-through rectangle kernel.", "sae")
+    jumprelu_init_threshold: float = _opt(1e-3, "JumpReLU: initial per-latent threshold.", "sae")
+    input_unit_norm: bool = _opt(False, "Standardise each token inside the SAE (per-token mean/std), undone on output.", "sae")
+    dtype: str = _opt("float32", "SAE parameter dtype: float32, bfloat16 or float16.", "sae")
+    device: Optional[str] = _opt(None, "Device for the SAE and the model (cuda, cuda:1, cpu). Default: cuda if available. "
+                                       "Under torchrun each rank uses cuda:<LOCAL_RANK>.", "sae")
+
+    # --- optimisation --------------------------------------------------------------------------
+    lr: float = _opt(4e-4, "Peak Adam learning rate.", "optim")
+    adam_beta1: float = _opt(0.9, "Adam beta1.", "optim")
+    adam_beta2: float = _opt(0.999, "Adam beta2.", "optim")
+    adam_eps: float = _opt(1e-8, "Adam epsilon.", "optim")
+    lr_warmup_steps: int = _opt(100, "Linear LR warm-up from lr/warmup to lr over this many optimizer steps.", "optim")
+    lr_decay_floor: float = _opt(0.1, "Cosine decay after warm-up ends at lr * lr_decay_floor on the last step "
+                                      "(0.5 in the user's notes, 0 for a full decay, 1 for a constant LR).", "optim")
+    max_grad_norm: float = _opt(1.0, "Clip the global gradient norm to this value; 0 disables clipping.", "optim")
+    batch_size: int = _opt(4096, "Activation rows (tokens) per micro-batch on each process.", "optim")
+    grad_accum_steps: int = _opt(1, "Micro-batches accumulated per optimizer step.", "optim")
+    train_steps: Optional[int] = _opt(None, "Optimizer steps to train for. Default: from total_tokens.", "optim")
+    total_tokens: int = _opt(2_000_000, "Training tokens (rows) over all processes when train_steps is not given.", "optim")
+    autocast_bf16: bool = _opt(False, "Run the SAE forward/backward under torch.autocast(bfloat16); weights stay in dtype.", "optim")
+    normalize: str = _opt("none", "Input scaling: none; dataset_scale (scale so the mean squared norm is d_in); "
+                                  "dataset_center_scale (subtract the dataset mean, then scale). Estimated on the "
+                                  "held-out batches and folded into the saved SAE, which takes raw activations.", "optim")
+    seed: int = _opt(0, "Seed for the SAE init, the data order and every RNG (resume restores them).", "optim")
+    cpu_threads: Optional[int] = _opt(None, "torch intra-op threads for a CPU run (torch.set_num_threads) while the "
+                                            "command runs. Default: torch's choice; 1 for the synthetic default, "
+                                            "whose small matrices run fastest on one thread.", "optim")
+
+    # --- run folder, checkpoints, logging -----------------------------------------------------
+    out_dir: str = _opt("runs", "Parent folder of run folders.", "run")
+    run_name: Optional[str] = _opt(None, "Run folder name under out_dir. Default: <source>-<architecture>-<timestamp>.", "run")
+    checkpoint_every: int = _opt(1000, "Write a resumable checkpoint every N optimizer steps (and always at the end); "
+                                       "0: only at the end.", "run", resume_safe=True)
+    keep_checkpoints: int = _opt(2, "How many most recent checkpoints to keep.", "run", resume_safe=True)
+    log_every: int = _opt(10, "Log training metrics (metrics.jsonl, TensorBoard, progress bar) every N steps.", "run",
+                          resume_safe=True)
+    eval_every: int = _opt(0, "Reconstruction evals on the held-out batches every N steps; 0: only at the end.", "run",
+                           resume_safe=True)
+    eval_batches: int = _opt(4, "Held-out batches (drawn before training, never trained on) for reconstruction evals.", "run")
+    dense_threshold: float = _opt(0.1, "A latent firing on more than this fraction of held-out tokens counts as dense.", "run",
+                                  resume_safe=True)
+    tensorboard: bool = _opt(True, "Write TensorBoard event files to <run>/tensorboard.", "run", resume_safe=True)
+    wandb: bool = _opt(False, "Also log to Weights & Biases (needs `pip install wandb`).", "run", resume_safe=True)
+    wandb_project: str = _opt("saefast", "wandb project name.", "run", resume_safe=True)
+    progress_bar: bool = _opt(True, "Show a tqdm progress bar with loss, L0, dead fraction and tokens/s.", "run",
+                              resume_safe=True)
+
+    # --- activation source: transformer-lens model + dataset, or a cache -------------------------
+    model: Optional[str] = _opt(None, "transformer-lens model name (e.g. gpt2). Omit model, dataset and cache_dir "
+                                      "to train on the embedded synthetic default.", "data")
+    hook: Optional[str] = _opt(None, "Hook to read activations from, e.g. blocks.8.hook_resid_pre.", "data")
+    dataset: Optional[str] = _opt(None, "Hugging Face dataset name, or a local dataset folder / json / jsonl / csv / "
+                                        "parquet / txt file (works offline).", "data")
+    dataset_split: str = _opt("train", "Dataset split.", "data")
+    text_column: str = _opt("text", "Column holding raw text (tokenised on the fly).", "data")
+    tokens_column: Optional[str] = _opt(None, "Column holding pre-tokenised ids; used instead of text_column.", "data")
+    context_size: int = _opt(128, "Tokens per window fed to the model (at most the model's context length).", "data")
+    prepend_bos: bool = _opt(True, "Prepend BOS to each window (its activation is dropped from training).", "data")
+    model_batch_size: int = _opt(8, "Windows per model forward pass.", "data")
+    buffer_tokens: int = _opt(65536, "Activations held in the shuffling buffer (mixes tokens across sequences).", "data")
+    model_dtype: str = _opt("float32", "dtype of the transformer-lens model.", "data")
+    cache_dir: Optional[str] = _opt(None, "Train from activations cached by `saefast cache` in this folder instead of "
+                                          "running a model.", "data")
+
+    # --- synthetic default ------------------------------------------------------------------
+    synthetic_features: int = _opt(128, "Synthetic default: planted dictionary size.", "synthetic")
+    synthetic_active: float = _opt(4.0, "Synthetic default: mean number of active planted features per row.", "synthetic")
+    synthetic_zipf_exponent: float = _opt(0.6, "Synthetic default: feature i fires with probability ~ (i+1)^-exponent.",
+                                          "synthetic")
+    synthetic_noise: float = _opt(0.01, "Synthetic default: std of Gaussian noise added to each activation entry.", "synthetic")
+
+    # --- model evals and end-to-end losses ----------------------------------------------------
+    eval_ce_batches: int = _opt(4, "Model runs: batches of model_batch_size windows for the CE / KL evals with the SAE "
+                                   "spliced in; 0 disables them.", "evals", resume_safe=True)
+    e2e_kl_weight: float = _opt(0.0, "Weight of KL(clean logits || SAE-patched logits) added to the loss (model runs); "
+                                     "0 disables.", "e2e")
+    e2e_block_mse_weight: float = _opt(0.0, "Weight of the MSE of later-layer activations with the SAE spliced in; "
+                                            "0 disables.", "e2e")
+    e2e_downstream_hooks: List[str] = _opt([], "Hooks compared by the block-MSE loss (e.g. blocks.10.hook_resid_post).", "e2e")
+    e2e_batch_size: int = _opt(2, "Windows per step for the end-to-end losses.", "e2e")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ValueError naming the option and the fix for any inconsistent value."""
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture={self.architecture!r} must be one of {ARCHITECTURES}")
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize={self.normalize!r} must be one of {NORMALIZATIONS}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} must be one of {_DTYPES}")
+        positive_ints = ("batch_size", "grad_accum_steps", "expansion_factor", "top_k", "n_batches_to_dead",
+                         "context_size", "model_batch_size", "buffer_tokens", "eval_batches", "log_every",
+                         "keep_checkpoints", "synthetic_features", "e2e_batch_size")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        for name in ("d_in", "d_sae", "train_steps", "top_k_aux", "cpu_threads"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r} must be a positive integer or unset")
+        for name in ("checkpoint_every", "eval_every", "lr_warmup_steps", "eval_ce_batches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r} must be an integer >= 0")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ValueError(f"lr={self.lr} must be a positive finite number")
+        if not 0 <= self.lr_decay_floor <= 1:
+            raise ValueError(f"lr_decay_floor={self.lr_decay_floor} must be in [0, 1] (a fraction of lr)")
+        if self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm={self.max_grad_norm} must be >= 0 (0 disables clipping)")
+        if self.total_tokens < 1:
+            raise ValueError(f"total_tokens={self.total_tokens} must be positive")
+        for name in ("aux_penalty", "l1_coefficient", "e2e_kl_weight", "e2e_block_mse_weight", "synthetic_noise"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if not 0 < self.dense_threshold <= 1:
+            raise ValueError(f"dense_threshold={self.dense_threshold} must be in (0, 1]")
+        if self.d_in is not None and self.d_sae is None and self.d_in * self.expansion_factor < self.top_k:
+            raise ValueError(f"top_k={self.top_k} exceeds d_sae={self.d_in * self.expansion_factor}")
+        if self.d_sae is not None and self.top_k > self.d_sae:
+            raise ValueError(f"top_k={self.top_k} must be at most d_sae={self.d_sae}")
+        if self.input_unit_norm and self.normalize != "none":
+            raise ValueError("input_unit_norm=True already standardises each token; set normalize='none'")
+        uses_model = self.model is not None or self.dataset is not None
+        if uses_model and self.cache_dir is not None:
+            raise ValueError("give either cache_dir (train from cached activations) or model + dataset, not both")
+        if uses_model and (self.model is None or self.dataset is None or self.hook is None):
+            missing = [n for n in ("model", "hook", "dataset") if getattr(self, n) is None]
+            raise ValueError(f"a model run needs model, hook and dataset; missing: {', '.join(missing)}")
+        if self.uses_e2e and self.model is None:
+            raise ValueError("end-to-end losses (e2e_kl_weight, e2e_block_mse_weight) need a model run: "
+                             "set model, hook and dataset")
+        if self.e2e_block_mse_weight > 0 and not self.e2e_downstream_hooks:
+            raise ValueError("e2e_block_mse_weight > 0 needs e2e_downstream_hooks (the later hooks to compare)")
+        if self.synthetic_active <= 0:
+            raise ValueError(f"synthetic_active={self.synthetic_active} must be positive")
+
+    @property
+    def uses_e2e(self) -> bool:
+        return self.e2e_kl_weight > 0 or self.e2e_block_mse_weight > 0
+
+    @property
+    def source_kind(self) -> str:
+        """"model", "cache" or "synthetic": where activations come from."""
+        if self.model is not None:
+            return "model"
+        return "cache" if self.cache_dir is not None else "synthetic"
+
+    def steps_for(self, world_size: int = 1) -> int:
+        """Optimizer steps of the run: train_steps, or total_tokens over the tokens per step."""
+        if self.train_steps is not None:
+            return self.train_steps
+        per_step = self.batch_size * self.grad_accum_steps * world_size
+        return max(1, math.ceil(self.total_tokens / per_step))
+
+    # ------------------------------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
+        """Build from a dict; unknown keys raise a ValueError listing them and the valid ones."""
+        if not isinstance(values, dict):
+            raise TypeError(f"a config must be a mapping of option names to values, got {type(values).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown}; valid options: {sorted(names)}")
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+
+    @classmethod
+    def with_defaults_for_source(cls, values: Dict[str, Any]) -> "TrainConfig":
+        """``from_dict``, with :data:`SYNTHETIC_DEFAULTS` beneath ``values`` when they name no
+        model, dataset or cache (the embedded synthetic run)."""
+        if all(values.get(k) is None for k in ("model", "dataset", "cache_dir")):
+            values = {**SYNTHETIC_DEFAULTS, **values}
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_file(cls, path: Union[str, Path], **overrides: Any) -> "TrainConfig":
+        """Load a YAML (.yaml/.yml) or JSON (.json) file; ``overrides`` win over the file."""
+        return cls.from_dict({**load_config_file(path), **overrides})
+
+    def save(self, path: Union[str, Path]) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def differences(self, other: "TrainConfig") -> Dict[str, tuple]:
+        """{option: (self value, other value)} for options that change what is trained."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return {f.name: (mine[f.name], theirs[f.name]) for f in dataclasses.fields(self)
+                if not f.metadata.get("resume_safe") and f.name not in ("out_dir", "run_name")
+                and mine[f.name] != theirs[f.name]}
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Check (and where lossless, convert) a config value to its field's type. YAML reads
+    ``1e-3`` as a string, so numeric strings are accepted for float fields."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    tp = args[0] if optional else hint
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name} must not be null")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif typing.get_origin(tp) is list:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
+    else:
+        return value
+    type_name = getattr(tp, "__name__", str(tp))
+    raise ValueError(f"{name}={value!r} must be of type {type_name}")
+
+
+def load_config_file(path: Union[str, Path]) -> Dict[str, Any]:
+    """The option mapping in a YAML or JSON file (ValueError if it is not a mapping)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text()
+    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of option names to values")
+    return data

@@ -1,0 +1,591 @@
+"""The training loop: Adam, warm-up + cosine LR, clipping, accumulation, bf16 autocast, aux-K,
+dead-latent tracking, decoder projection/renormalisation, checkpoints, resume, DDP, logging.
+
+One optimizer step (every process, in this order):
+
+1. for each of ``grad_accum_steps`` micro-batches: ``out = sae.training_forward(x, update_stats=False)``
+   (sparse end to end: no [B, d_sae] tensor), plus the optional end-to-end losses, then
+   ``(loss / grad_accum_steps).backward()`` (DDP averages gradients over processes);
+2. all-reduce of the step's statistics: which latents fired, BatchTopK's smallest kept activation,
+   the loss terms and a non-finite flag. A NaN/inf loss on any process stops training here,
+   before the weights change, with :class:`TrainingDiverged`; the last checkpoint stays intact;
+3. ``sae.update_inactive_features(fired)`` and ``sae.update_threshold(kept_min)`` (so the
+   dead-latent counters count optimizer steps);
+4. ``sae.project_decoder_gradients()``, gradient clipping, ``optimizer.step()``, ``scheduler.step()``,
+   ``sae.normalize_decoder()``.
+
+Activation sources follow one protocol: an iterable of [batch, d_in] tensors with ``.d_in`` and
+``state_dict()/load_state_dict()``; ``iter(source)`` continues from the recorded position.
+The first ``eval_batches`` batches are held out for evals and input normalisation and never trained
+on. ``SAEFAST_KILL_AFTER_STEP=N`` (tests only) ends the process with ``os._exit`` right after step N
+to emulate a crash.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..evals.metrics import feature_recovery, reconstruction_metrics
+from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from .config import TrainConfig
+from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, dist_info
+from .schedule import make_scheduler
+
+__all__ = ["Trainer", "TrainingDiverged", "resolve_device", "preflight", "evaluate_run"]
+
+log = logging.getLogger(__name__)
+
+# Loss terms all-reduced and logged every step, in this order.
+_TERMS = ("loss", "mse_loss", "aux_loss", "sparsity_loss", "l0", "e2e_kl_loss", "e2e_block_mse")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the run stopped before the weights changed."""
+
+
+def resolve_device(device: Optional[str], info: Optional[DistInfo] = None) -> torch.device:
+    """``device`` or the default (CUDA when available); under torchrun, CUDA uses cuda:<LOCAL_RANK>."""
+    info = info or dist_info()
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and info.enabled:
+        dev = torch.device("cuda", info.local_rank)
+    return dev
+
+
+def _model_eval_means(model: nn.Module, sae: nn.Module, eval_tokens: Tensor, cfg: TrainConfig,
+                      eval_kwargs: Dict[str, Any]) -> Dict[str, float]:
+    """CE loss clean / spliced / zero-ablated, CE loss recovered and KL with ``sae`` spliced in."""
+    from ..evals.model_evals import spliced_ce_eval
+    return spliced_ce_eval(model, sae, eval_tokens, cfg.hook, batch_size=cfg.model_batch_size, **eval_kwargs)
+
+
+def preflight(cfg: TrainConfig, resume: bool) -> Path:
+    """Check the run folder before any work and return it: a new run must not reuse a non-empty
+    folder; a resumed run needs a complete checkpoint and the same config (up to logging and
+    checkpoint cadence). Sets ``cfg.run_name`` when it is unset (the same on every process)."""
+    if cfg.run_name is None:
+        if resume:
+            raise ValueError("resume needs run_name (the run folder to continue)")
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        cfg.run_name = broadcast_object(f"{cfg.source_kind}-{cfg.architecture}-{stamp}")
+    run_dir = Path(cfg.out_dir) / cfg.run_name
+    if resume:
+        if not run_dir.is_dir():
+            raise ValueError(f"--resume: run folder {run_dir} does not exist")
+        saved_path = run_dir / "config.json"
+        if not saved_path.is_file():
+            raise ValueError(f"--resume: {run_dir} has no config.json; it is not a saefast run folder")
+        saved = TrainConfig.from_dict(json.loads(saved_path.read_text()))
+        diff = saved.differences(cfg)
+        if diff:
+            lines = "; ".join(f"{k}: run has {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
+            raise ValueError(f"--resume: {run_dir} was trained with a different config ({lines}). "
+                             "Resume with the run's own config, or start a new run_name.")
+        if CheckpointManager(run_dir).latest() is None:
+            raise ValueError(f"--resume: {run_dir} has no complete checkpoint to resume from")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise ValueError(f"run folder {run_dir} already exists and is not empty; pick another run_name, "
+                         f"or pass --resume {run_dir} to continue it")
+    if cfg.wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError as e:
+            raise ValueError("wandb=True but wandb is not installed: pip install wandb, or drop --wandb") from e
+    return run_dir
+
+
+class _TrainingStep(nn.Module):
+    """``forward`` = the SAE's training step (and end-to-end losses) so DDP can wrap it."""
+
+    def __init__(self, sae: nn.Module, cfg: TrainConfig, model: Optional[nn.Module],
+                 eval_kwargs: Dict[str, Any]) -> None:
+        super().__init__()
+        self.sae = sae
+        self.cfg = cfg
+        self.eval_kwargs = eval_kwargs
+        self.input_scale = 1.0
+        self._model = [model]  # a list keeps the frozen model out of this module's parameters
+
+    def forward(self, x: Tensor, tokens: Optional[Tensor] = None) -> Dict[str, Any]:
+        out = self.sae.training_forward(x, update_stats=False)
+        if tokens is not None:
+            from ..evals.model_evals import e2e_losses
+            extra = e2e_losses(self._model[0], self.sae, tokens, self.cfg.hook, kl=self.cfg.e2e_kl_weight > 0,
+                               downstream_hooks=list(self.cfg.e2e_downstream_hooks),
+                               input_scale=self.input_scale, **self.eval_kwargs)
+            out = dict(out)
+            if self.cfg.e2e_kl_weight > 0:
+                out["e2e_kl_loss"] = extra["kl_loss"]
+                out["loss"] = out["loss"] + self.cfg.e2e_kl_weight * extra["kl_loss"]
+            if self.cfg.e2e_block_mse_weight > 0:
+                out["e2e_block_mse"] = extra["downstream_mse"]
+                out["loss"] = out["loss"] + self.cfg.e2e_block_mse_weight * extra["downstream_mse"]
+        return out
+
+
+class Trainer:
+    """Train ``sae`` on ``source`` as ``cfg`` says; ``train()`` runs and returns the final metrics.
+
+    Args:
+        sae: an SAE following saefast's SAE interface (``saefast.sae.create_sae``), on its device.
+        source: activation source (iterable of [batch, d_in] tensors, ``.d_in``, ``state_dict``).
+            Under DDP each process passes its own slice of the data.
+        cfg: the run's options; the run folder is ``cfg.out_dir / cfg.run_name``.
+        resume: continue from the newest checkpoint in the run folder. The folder's config must
+            match ``cfg`` (except logging / checkpoint cadence) or a ValueError is raised.
+        model: transformer-lens model, for the CE/KL evals and the end-to-end losses.
+        eval_tokens: [n, context] token ids for the model evals (CE, CE recovered, KL).
+        e2e_tokens: iterator of [e2e_batch_size, context] token batches for the end-to-end
+            losses, with ``state_dict()/load_state_dict()``.
+        model_eval_kwargs: ``exclude_token_ids`` / ``pad_token_id`` for the model evals and the
+            end-to-end losses (``saefast.training.build`` sets BOS and padding).
+    """
+
+    def __init__(self, sae: nn.Module, source: Iterable[Tensor], cfg: TrainConfig, *, resume: bool = False,
+                 model: Optional[nn.Module] = None, eval_tokens: Optional[Tensor] = None,
+                 e2e_tokens: Optional[Iterator[Tensor]] = None,
+                 model_eval_kwargs: Optional[Dict[str, Any]] = None) -> None:
+        if not isinstance(cfg, TrainConfig):
+            raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+        for name in ("training_forward", "update_inactive_features", "project_decoder_gradients",
+                     "normalize_decoder", "encode_sparse", "decode_sparse", "dead_mask", "d_in", "d_sae"):
+            if not hasattr(sae, name):
+                raise TypeError(f"sae must be a saefast SAE (missing method {name}); build one with "
+                                "saefast.sae.create_sae")
+        for name in ("state_dict", "load_state_dict"):
+            if not callable(getattr(source, name, None)):
+                raise TypeError(f"source must follow the activation-source protocol (missing {name}())")
+        d_in = getattr(source, "d_in", None)
+        if d_in is not None and d_in != sae.d_in:
+            raise ValueError(f"the source yields d_in={d_in} activations but the SAE has d_in={sae.d_in}")
+        if cfg.uses_e2e and (model is None or e2e_tokens is None):
+            raise ValueError("end-to-end losses are enabled: pass model= and e2e_tokens= to the Trainer")
+        if cfg.uses_e2e and cfg.normalize == "dataset_center_scale":
+            raise ValueError("end-to-end losses splice the SAE into the model with a scale only; "
+                             "use normalize='none' or 'dataset_scale' with them")
+
+        self.sae, self.source, self.cfg = sae, source, cfg
+        self.model, self.eval_tokens, self.e2e_tokens = model, eval_tokens, e2e_tokens
+        self.model_eval_kwargs = dict(model_eval_kwargs or {})
+        self.dist = dist_info()
+        self.device = next(sae.parameters()).device
+        self.total_steps = cfg.steps_for(self.dist.world_size)
+        self.tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * self.dist.world_size
+        self.run_dir = preflight(cfg, resume)
+        barrier()  # every process checks the folder before rank 0 writes into it
+        self.checkpoints = CheckpointManager(self.run_dir, keep=cfg.keep_checkpoints, rank=self.dist.rank,
+                                             barrier=barrier)
+        self._resume_from: Optional[Path] = None
+        if resume:
+            self._resume_from = self.checkpoints.latest()
+
+        params = [p for p in sae.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+        self.scheduler = make_scheduler(self.optimizer, cfg.lr_warmup_steps, self.total_steps, cfg.lr_decay_floor)
+        step_module = _TrainingStep(sae, cfg, model, self.model_eval_kwargs)
+        self._step_inner = step_module
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # Buffers (dead-latent counters, threshold) are kept equal by all-reducing statistics.
+            self._step_module: nn.Module = DistributedDataParallel(
+                step_module, device_ids=ids, broadcast_buffers=False, find_unused_parameters=True)
+        else:
+            self._step_module = step_module
+
+        self.step = 0
+        self.tokens_seen = 0
+        self.norm_mean: Optional[Tensor] = None
+        self.norm_scale = 1.0
+        self.heldout: List[Tensor] = []
+        self.history: Dict[str, List[float]] = {}
+        self.final_metrics: Dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------------
+    # setup
+    # ------------------------------------------------------------------------------------------
+    def _take(self, it: Iterator[Tensor], n: int, what: str) -> List[Tensor]:
+        out = []
+        for _ in range(n):
+            try:
+                out.append(next(it))
+            except StopIteration:
+                raise ValueError(f"the activation source ran out while drawing {what}: it must yield more "
+                                 "batches (larger dataset, or fewer steps / eval_batches)") from None
+        return out
+
+    def _prepare_data(self, rank_state: Optional[Dict[str, Any]]) -> None:
+        if rank_state is None:
+            heldout_state = copy.deepcopy(self.source.state_dict())
+            self._data = iter(self.source)
+            self.heldout = self._take(self._data, self.cfg.eval_batches, "the held-out batches")
+            self._heldout_state = heldout_state
+        else:
+            self._heldout_state = rank_state["heldout_source"]
+            self.source.load_state_dict(copy.deepcopy(self._heldout_state))
+            self.heldout = self._take(iter(self.source), self.cfg.eval_batches, "the held-out batches")
+            self.source.load_state_dict(rank_state["source"])
+            self._data = iter(self.source)
+            if self.e2e_tokens is not None:
+                self.e2e_tokens.load_state_dict(rank_state["e2e_tokens"])
+        for x in self.heldout:
+            if x.dim() != 2 or x.shape[1] != self.sae.d_in:
+                raise ValueError(f"the source yields batches of shape {tuple(x.shape)}; the SAE needs "
+                                 f"[batch, {self.sae.d_in}]")
+
+    def _estimate_normalization(self) -> None:
+        if self.cfg.normalize == "none":
+            return
+        xs = torch.cat([x.double() for x in self.heldout])
+        d_in = xs.shape[1]
+        stats = torch.cat([xs.sum(0), xs.pow(2).sum().reshape(1), torch.tensor([float(xs.shape[0])], dtype=torch.float64)])
+        stats = all_reduce_sum(stats.to(self.device) if self.dist.enabled else stats).cpu()
+        n = stats[-1].item()
+        mean = stats[:d_in] / n
+        mean_sq_norm = stats[d_in].item() / n
+        if self.cfg.normalize == "dataset_center_scale":
+            mean_sq_norm -= mean.pow(2).sum().item()
+            self.norm_mean = mean.float()
+        if not mean_sq_norm > 0:
+            raise ValueError("the held-out activations have zero variance; input normalisation is impossible")
+        self.norm_scale = math.sqrt(d_in / mean_sq_norm)
+
+    def _normalize(self, x: Tensor) -> Tensor:
+        x = x.to(device=self.device, dtype=next(self.sae.parameters()).dtype)
+        if self.norm_mean is not None:
+            x = x - self.norm_mean.to(x)
+        if self.norm_scale != 1.0:
+            x = x * self.norm_scale
+        return x.contiguous()
+
+    def _load_checkpoint(self) -> Optional[Dict[str, Any]]:
+        if self._resume_from is None:
+            return None
+        ckpt = self.checkpoints.load(self._resume_from)
+        t = ckpt["trainer"]
+        if t["world_size"] != self.dist.world_size:
+            raise ValueError(f"the checkpoint was written by {t['world_size']} process(es); resume with the "
+                             f"same number (now {self.dist.world_size})")
+        self.sae.load_state_dict(ckpt["sae"])
+        self.optimizer.load_state_dict(t["optimizer"])
+        self.scheduler.load_state_dict(t["scheduler"])
+        self.step, self.tokens_seen = t["step"], t["tokens_seen"]
+        self.norm_mean = t["norm_mean"]
+        self.norm_scale = t["norm_scale"]
+        restore_rng_state(ckpt["rank"]["rng"])
+        log.info("resumed %s at step %d", self._resume_from, self.step)
+        return ckpt["rank"]
+
+    def _save_checkpoint(self) -> Path:
+        trainer_state = {
+            "step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.dist.world_size,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "norm_mean": self.norm_mean, "norm_scale": self.norm_scale, "config": self.cfg.to_dict(),
+        }
+        rank_state = {"rng": capture_rng_state(), "source": self.source.state_dict(),
+                      "heldout_source": self._heldout_state}
+        if self.e2e_tokens is not None:
+            rank_state["e2e_tokens"] = self.e2e_tokens.state_dict()
+        return self.checkpoints.save(self.step, self.sae.state_dict(), trainer_state, rank_state)
+
+    # ------------------------------------------------------------------------------------------
+    # the step
+    # ------------------------------------------------------------------------------------------
+    def _autocast(self):
+        if not self.cfg.autocast_bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def train_step(self) -> Dict[str, float]:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; returns global means of the loss terms."""
+        cfg, sae = self.cfg, self.sae
+        self.optimizer.zero_grad(set_to_none=True)
+        n_terms = len(_TERMS)
+        # [loss terms..., non-finite flag, kept_min sum, fired per latent]
+        stats = torch.zeros(n_terms + 2 + sae.d_sae, dtype=torch.float32, device=self.device)
+        for micro in range(cfg.grad_accum_steps):
+            x = self._normalize(self._take(self._data, 1, f"step {self.step + 1}")[0])
+            tokens = next(self.e2e_tokens) if self.e2e_tokens is not None else None
+            sync = micro == cfg.grad_accum_steps - 1
+            no_sync = getattr(self._step_module, "no_sync", None)
+            with (contextlib.nullcontext() if sync or no_sync is None else no_sync()):
+                with self._autocast():
+                    out = self._step_module(x, tokens) if tokens is not None else self._step_module(x)
+                loss = out["loss"]
+                (loss / cfg.grad_accum_steps).backward()
+            with torch.no_grad():
+                for i, name in enumerate(_TERMS):
+                    if name in out:
+                        stats[i] += out[name].detach().float().reshape(())
+                stats[n_terms] += (~torch.isfinite(loss.detach())).float().reshape(())
+                stats[n_terms + 1] += out["acts"].kept_min.float().to(self.device)
+                stats[n_terms + 2:].index_fill_(0, out["acts"].indices.long(), 1.0)
+        all_reduce_sum(stats)
+        n_micro = cfg.grad_accum_steps * self.dist.world_size
+        values = (stats[:n_terms] / n_micro).tolist()
+        if stats[n_terms].item() > 0:
+            raise TrainingDiverged(self._diverged_message(values[0]))
+        with torch.no_grad():
+            sae.update_inactive_features(stats[n_terms + 2:] > 0)
+            if hasattr(sae, "update_threshold"):
+                sae.update_threshold(stats[n_terms + 1] / n_micro)
+        sae.project_decoder_gradients()
+        grad_norm = float("nan")
+        if cfg.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"],
+                                                       cfg.max_grad_norm).item()
+        self.optimizer.step()
+        self.scheduler.step()
+        sae.normalize_decoder()
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        result = {k: v for k, v in zip(_TERMS, values) if cfg.uses_e2e or not k.startswith("e2e_")}
+        result["grad_norm"] = grad_norm
+        return result
+
+    def _diverged_message(self, loss: float) -> str:
+        latest = self.checkpoints.latest()
+        where = f"the last good checkpoint is {latest}" if latest else "no checkpoint had been written yet"
+        return (f"loss became {loss} at step {self.step + 1}: training stopped before the weights changed; "
+                f"{where}. Lower lr, enable max_grad_norm, or check the activations for NaN/inf.")
+
+    # ------------------------------------------------------------------------------------------
+    # evals
+    # ------------------------------------------------------------------------------------------
+    def export_sae(self) -> nn.Module:
+        """The SAE for raw (unnormalised) activations: ``self.sae`` itself, or a copy with the input
+        normalisation folded into its weights."""
+        if self.cfg.normalize == "none":
+            return self.sae
+        sae = copy.deepcopy(self.sae)
+        self._fold(sae)
+        return sae
+
+    def _fold(self, sae: nn.Module) -> None:
+        """Rewrite ``sae`` (trained on ``(x - mean) * scale``) in place to take raw x."""
+        sae.fold_input_scale(self.norm_scale)
+        if self.norm_mean is not None:
+            mean = self.norm_mean.to(sae.b_dec)
+            with torch.no_grad():
+                # encode sees x - b_dec (or x, when b_dec is not applied to the input) and decode
+                # adds b_dec: shifting both by the mean makes the SAE act on uncentred x.
+                if not getattr(getattr(sae, "config", None), "apply_b_dec_to_input", True):
+                    sae.b_enc.sub_(mean @ sae.W_enc)
+                sae.b_dec.add_(mean)
+
+    def evaluate(self, sae: Optional[nn.Module] = None, model_evals: bool = True) -> Dict[str, float]:
+        """Reconstruction metrics on the held-out batches (raw activations, SAE in eval mode), the
+        planted-feature recovery for synthetic sources, and the CE/KL evals when a model is set."""
+        sae = sae if sae is not None else self.export_sae()
+        was_training = sae.training
+        sae.eval()
+        try:
+            metrics = reconstruction_metrics(sae, self.heldout, dense_threshold=self.cfg.dense_threshold)
+            planted = getattr(self.source, "true_features", None)
+            if planted is not None:
+                metrics["feature_recovery"] = feature_recovery(sae.W_dec, planted)
+            if model_evals and self.model is not None and self.eval_tokens is not None and self.eval_tokens.numel():
+                metrics.update(self._model_evals(sae))
+        finally:
+            sae.train(was_training)
+        return metrics
+
+    def _model_evals(self, sae: nn.Module) -> Dict[str, float]:
+        return _model_eval_means(self.model, sae, self.eval_tokens, self.cfg, self.model_eval_kwargs)
+
+    # ------------------------------------------------------------------------------------------
+    # the run
+    # ------------------------------------------------------------------------------------------
+    def train(self) -> Dict[str, Any]:
+        """Run to ``total_steps`` (from the checkpoint when resuming); save the SAE to
+        ``<run>/sae`` (cfg.json + sae_weights.safetensors), write ``<run>/eval.json`` and return
+        the final metrics."""
+        cfg = self.cfg
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self._resume_from is None:
+                cfg.save(self.run_dir / "config.json")
+        barrier()
+        rank_state = self._load_checkpoint()
+        self._prepare_data(rank_state)
+        if rank_state is None:
+            self._estimate_normalization()
+        self._step_inner.input_scale = self.norm_scale
+        logger = _MetricLogger(self.run_dir, cfg, self.dist.is_main, resume_step=self.step if rank_state else None)
+        self.history = logger.history
+        kill_after = int(os.environ.get("SAEFAST_KILL_AFTER_STEP", "0"))
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress_bar and self.dist.is_main),
+                   desc=f"saefast {self.run_dir.name}", unit="step", dynamic_ncols=True,
+                   mininterval=0.1 if sys.stderr.isatty() else 5.0)
+        last_time, last_tokens = time.perf_counter(), self.tokens_seen
+        last_ckpt = self.step if rank_state else -1
+        try:
+            while self.step < self.total_steps:
+                try:
+                    values = self.train_step()
+                except TrainingDiverged as err:
+                    if self.dist.is_main:
+                        log.error("%s", err)
+                    raise
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    now = time.perf_counter()
+                    values.update(lr=self.scheduler.get_last_lr()[0], tokens=self.tokens_seen,
+                                  dead_fraction=self.sae.dead_mask().float().mean().item(),
+                                  tokens_per_s=(self.tokens_seen - last_tokens) / max(now - last_time, 1e-9))
+                    last_time, last_tokens = now, self.tokens_seen
+                    logger.log_train(self.step, values)
+                    bar.set_postfix(loss=f"{values['loss']:.4g}", l0=f"{values['l0']:.1f}",
+                                    dead=f"{values['dead_fraction']:.1%}", tok_s=f"{values['tokens_per_s']:.3g}")
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+                    if self.dist.is_main:
+                        logger.log_eval(self.step, self.evaluate())
+                    barrier()
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self._save_checkpoint()
+                    last_ckpt = self.step
+                if kill_after and self.step == kill_after:
+                    os._exit(75)
+            if last_ckpt != self.step:
+                self._save_checkpoint()
+            self._finish(logger)
+        finally:
+            bar.close()
+            logger.close()
+        return self.final_metrics
+
+    def _finish(self, logger: "_MetricLogger") -> None:
+        if self.dist.is_main:
+            if self.cfg.normalize != "none":
+                self._fold(self.sae)
+            metrics = self.evaluate(self.sae)
+            metrics.update(step=self.step, tokens=self.tokens_seen)
+            logger.log_eval(self.step, metrics)
+            self.sae.save(str(self.run_dir / "sae"), history=logger.history, overwrite=True)
+            (self.run_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            self.final_metrics = metrics
+            log.info("finished %d steps; SAE saved to %s; %s", self.step, self.run_dir / "sae",
+                     ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+        else:
+            if self.cfg.normalize != "none":
+                self._fold(self.sae)
+        barrier()
+
+
+class _MetricLogger:
+    """metrics.jsonl (+ TensorBoard, + wandb) on the main process; keeps a history for sae.save."""
+
+    def __init__(self, run_dir: Path, cfg: TrainConfig, enabled: bool, resume_step: Optional[int]) -> None:
+        self.enabled = enabled
+        self.history: Dict[str, List[float]] = {}
+        self.path = run_dir / "metrics.jsonl"
+        self._tb = None
+        self._wandb = None
+        if not enabled:
+            return
+        rows = []
+        if resume_step is not None and self.path.is_file():
+            # Drop what a killed run logged after the checkpoint we resume from.
+            rows = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        for r in rows:
+            if r.get("kind") == "train":
+                self._remember(r)
+        self._file = self.path.open("a")
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resume_step)
+        if cfg.wandb:
+            import wandb
+            self._wandb = wandb.init(project=cfg.wandb_project, name=cfg.run_name, id=cfg.run_name, resume="allow",
+                                     config=cfg.to_dict(), dir=str(run_dir))
+
+    def _remember(self, row: Dict[str, Any]) -> None:
+        for k, v in row.items():
+            if k != "kind" and isinstance(v, (int, float)):
+                self.history.setdefault(k, []).append(v)
+
+    def _write(self, kind: str, step: int, values: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"kind": kind, "step": step, **{k: v for k, v in values.items() if k != "step"}}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        scalars = {f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and k != "step"
+                   and math.isfinite(v)}
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+        if kind == "train":
+            self._remember(row)
+
+    def log_train(self, step: int, values: Dict[str, Any]) -> None:
+        self._write("train", step, values)
+
+    def log_eval(self, step: int, values: Dict[str, Any]) -> None:
+        self._write("eval", step, values)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def evaluate_run(run_dir: str, device: Optional[str] = None, n_batches: Optional[int] = None,
+                 output: Optional[str] = None) -> Dict[str, Any]:
+    """Evaluate ``<run_dir>/sae`` on the run's held-out activations (the first ``eval_batches``
+    batches of a freshly built source, exactly those the trainer held out), plus planted-feature
+    recovery (synthetic runs) and the CE/KL evals (model runs). Writes ``eval.json`` (or ``output``)."""
+    from ..io import load_sae
+    from .build import build_inputs
+
+    run = Path(run_dir)
+    cfg_path = run / "config.json"
+    if not cfg_path.is_file():
+        raise ValueError(f"{run} has no config.json; pass a folder written by saefast train")
+    if not (run / "sae" / "cfg.json").is_file():
+        raise ValueError(f"{run}/sae holds no trained SAE yet (training has not finished); "
+                         f"resume it with saefast train --resume {run}")
+    cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
+    if n_batches is not None:
+        if n_batches < 1:
+            raise ValueError(f"n_batches={n_batches} must be positive")
+        cfg.eval_batches = n_batches
+    dev = resolve_device(device if device is not None else cfg.device, DistInfo())
+    inputs = build_inputs(cfg, dev, DistInfo())
+    sae = load_sae(str(run / "sae"), device=str(dev))
+    try:
+        it = iter(inputs.source)
+        heldout = [next(it) for _ in range(cfg.eval_batches)]
+    finally:
+        inputs.close()
+    sae.eval()
+    metrics: Dict[str, Any] = reconstruction_metrics(sae, heldout, dense_threshold=cfg.dense_threshold)
+    planted = getattr(inputs.source, "true_features", None)
+    if planted is not None:
+        metrics["feature_recovery"] = feature_recovery(sae.W_dec, planted)
+    if inputs.model is not None and inputs.eval_tokens is not None:
+        metrics.update(_model_eval_means(inputs.model, sae, inputs.eval_tokens, cfg, inputs.model_eval_kwargs or {}))
+    Path(output or run / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics

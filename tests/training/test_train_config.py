@@ -1,0 +1,69 @@
+"""TrainConfig: validation, YAML/JSON files, CLI flags generated from the fields, precedence."""
+import dataclasses
+import json
+
+import pytest
+
+from saefast.cli import _config_from_args, build_parser
+from saefast.training.config import SYNTHETIC_DEFAULTS, TrainConfig
+
+
+def test_every_field_has_a_flag_with_its_help():
+    help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in help_text, flag
+        first_words = " ".join(f.metadata["help"].split()[:3])
+        assert first_words in " ".join(help_text.split()), f.name
+
+
+def test_flags_override_file_which_overrides_defaults(tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("lr: 1e-3\nbatch_size: 64\ntop_k: 4\ne2e_downstream_hooks: []\nprepend_bos: false\n")
+    args = build_parser().parse_args(["train", "--config", str(cfg_file), "--batch-size", "32",
+                                      "--no-tensorboard", "--lr-decay-floor", "0.5"])
+    cfg = _config_from_args(args)
+    assert cfg.lr == 1e-3 and isinstance(cfg.lr, float)  # YAML reads 1e-3 as a string
+    assert cfg.batch_size == 32 and cfg.top_k == 4 and cfg.lr_decay_floor == 0.5
+    assert cfg.tensorboard is False and cfg.prepend_bos is False
+    assert cfg.expansion_factor == SYNTHETIC_DEFAULTS["expansion_factor"]  # no model: synthetic defaults
+    assert cfg.adam_beta2 == TrainConfig().adam_beta2
+    real = _config_from_args(build_parser().parse_args(["train", "--model", "gpt2", "--hook", "blocks.0.hook_resid_pre",
+                                                        "--dataset", "data.jsonl"]))
+    assert real.expansion_factor == TrainConfig().expansion_factor and real.batch_size == TrainConfig().batch_size
+
+    json_file = tmp_path / "run.json"
+    json_file.write_text(json.dumps({"architecture": "topk", "train_steps": 7}))
+    assert TrainConfig.from_file(json_file, seed=3) == TrainConfig(architecture="topk", train_steps=7, seed=3)
+
+
+def test_round_trip_and_differences():
+    cfg = TrainConfig(d_in=16, train_steps=5)
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    other = dataclasses.replace(cfg, lr=1.0, log_every=3, checkpoint_every=2)
+    assert set(cfg.differences(other)) == {"lr"}  # logging/checkpoint cadence may change on resume
+
+
+@pytest.mark.parametrize("values,match", [
+    ({"architecture": "gated"}, "architecture"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"lr": -1.0}, "lr"),
+    ({"lr": "fast"}, "lr"),
+    ({"lr_decay_floor": 2.0}, "lr_decay_floor"),
+    ({"top_k": 100, "d_sae": 50}, "top_k"),
+    ({"model": "gpt2"}, "missing: hook, dataset"),
+    ({"model": "gpt2", "hook": "h", "dataset": "d", "cache_dir": "c"}, "cache_dir"),
+    ({"e2e_kl_weight": 0.1}, "need a model run"),
+    ({"normalize": "unit"}, "normalize"),
+    ({"input_unit_norm": True, "normalize": "dataset_scale"}, "input_unit_norm"),
+    ({"bogus_option": 1}, "unknown option"),
+])
+def test_bad_values_name_the_option(values, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig.from_dict(values)
+
+
+def test_steps_from_tokens():
+    cfg = TrainConfig(batch_size=100, grad_accum_steps=2, total_tokens=1001)
+    assert cfg.steps_for(1) == 6 and cfg.steps_for(2) == 3
+    assert TrainConfig(train_steps=9).steps_for(4) == 9
