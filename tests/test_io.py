@@ -16,12 +16,6 @@ from saefast import BatchTopKSAE, JumpReLUSAE, SAEConfig, TopKSAE, VanillaSAE, c
 from saefast import io as sio
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 D_IN, D_SAE = 12, 40

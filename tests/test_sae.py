@@ -15,13 +15,6 @@ from torch import nn
 import saefast
 from saefast import BatchTopKSAE, JumpReLUSAE, SAEConfig, SparseActs, TopKSAE, VanillaSAE, create_sae
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny shapes: one thread is faster, and it avoids OpenMP spin-waits on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 TOL = {torch.float32: dict(rtol=2e-4, atol=2e-5), torch.float64: dict(rtol=1e-9, atol=1e-11)}
