@@ -1,8 +1,11 @@
 """saefast.data.cache: shards + manifest round-trip, shuffled streaming, exact resume, safe writes."""
+import pytest
+
+datasets = pytest.importorskip("datasets")  # the lent GPU machine has no datasets
+pytest.importorskip("transformer_lens")
+
 import json
 
-import datasets
-import pytest
 import torch
 from safetensors.torch import load_file
 

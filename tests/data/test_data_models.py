@@ -1,5 +1,8 @@
 """saefast.data.models: the TL 3.x / 4.x adapter, hook lookup, run_to_hook with stop_at_layer."""
 import pytest
+
+pytest.importorskip("transformer_lens")  # absent on the lent GPU machine
+
 import torch
 
 from data_helpers import TINY_CFG, block_call_counter, make_model

@@ -1,9 +1,12 @@
 """saefast.data.source.ModelActivationSource: activations line up with tokens, padding and BOS are
 dropped, resume is exact, bad input fails before any work."""
+import pytest
+
+datasets = pytest.importorskip("datasets")  # the lent GPU machine has no datasets
+pytest.importorskip("transformer_lens")
+
 import json
 
-import datasets
-import pytest
 import torch
 
 from data_helpers import BOS, PAD, TINY_CFG, block_call_counter, make_model, make_texts, make_tokenizer

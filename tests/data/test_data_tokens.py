@@ -1,8 +1,11 @@
 """saefast.data.tokens: windows match a plain-Python reference, resume exactly, and reject bad input."""
+import pytest
+
+datasets = pytest.importorskip("datasets")  # the lent GPU machine has no datasets
+pytest.importorskip("transformer_lens")
+
 import json
 
-import datasets
-import pytest
 import torch
 
 from data_helpers import BOS, PAD, encode, make_texts, make_tokenizer, reference_windows

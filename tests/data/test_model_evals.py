@@ -1,8 +1,11 @@
 """saefast.evals.model_evals: spliced CE / CE recovered / KL on known cases and against a direct
 computation, and differentiable end-to-end losses with gradients into the SAE only."""
+import pytest
+
+pytest.importorskip("transformer_lens")  # absent on the lent GPU machine
+
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 

@@ -10,7 +10,9 @@ import saefast
 from saefast import reference
 from kernel_utils import (TOL, assert_close, assert_same_selection, check_csr, dense_pre, make_problem)
 
-BACKENDS = ["torch", "triton"]
+# "torch-gather": the reference's index_add_/gather backward that non-CPU devices use, forced on
+# the CPU (which otherwise uses torch.sparse products).
+BACKENDS = ["torch", "torch-gather", "triton"]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (B, d_in, d_sae, k): one row, k = 1, k = d_sae, non-powers of two, more than one block of rows.
@@ -19,7 +21,9 @@ SHAPES = [(1, 7, 33, 1), (1, 16, 10, 10), (37, 48, 200, 5), (70, 33, 129, 17)]
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    monkeypatch.setenv("SAEFAST_BACKEND", request.param)
+    monkeypatch.setenv("SAEFAST_BACKEND", request.param.split("-")[0])
+    if request.param == "torch-gather":
+        monkeypatch.setattr(reference, "SPARSE_BLAS_DEVICES", ())
     return request.param
 
 

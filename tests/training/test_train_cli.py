@@ -89,6 +89,8 @@ def _tiny_model():
 
 @pytest.fixture(scope="module")
 def model_run(tmp_path_factory):
+    pytest.importorskip("transformer_lens")  # absent on the lent GPU machine
+    pytest.importorskip("datasets")
     tmp = tmp_path_factory.mktemp("model_run")
     g = torch.Generator().manual_seed(0)
     docs = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (int(n),), generator=g).tolist())

@@ -1,0 +1,104 @@
+"""``saefast analyze`` on tiny runs: synthetic default, a model + dataset, an SAE folder alone, bad input."""
+import csv
+import json
+
+import pytest
+import torch
+
+from analysis_helpers import HOOK, make_model, make_texts, write_jsonl
+from saefast.analysis.database import ActivationDatabase
+from saefast.cli import main
+from saefast.io import load_sae
+
+FAST = ["--no-progress-bar", "--no-tensorboard", "--checkpoint-every", "0"]
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("analyze")
+    argv = ["train", "--out-dir", str(tmp), "--run-name", "syn", "--train-steps", "20", "--batch-size", "128",
+            "--d-in", "16", "--synthetic-features", "24", "--expansion-factor", "3", "--top-k", "3",
+            "--log-every", "4", *FAST]
+    assert main(argv) == 0
+    return tmp / "syn"
+
+
+def test_analyze_synthetic_run(synthetic_run, capsys):
+    run = synthetic_run
+    assert main(["analyze", str(run), "--n-tokens", "600", "--features", "4"]) == 0
+    assert "saefast analyze: wrote" in capsys.readouterr().out
+    out = run / "analysis"
+    for name in ("activations.safetensors", "summary.json", "similarity.csv", "density.png", "training_curves.png",
+                 "index.html"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    sae = load_sae(str(run / "sae"))
+    db = ActivationDatabase.load(out / "activations.safetensors")
+    assert db.n_tokens == 600 and db.d_sae == sae.d_sae == 48 and not db.has_token_ids
+    assert summary["source"] == "synthetic" and summary["sparsity"]["n_tokens"] == 600
+    assert summary["sparsity"]["nnz"] == db.nnz and summary["reconstruction"]["n_rows"] == 600
+    assert 0 <= summary["feature_recovery"] <= 1 and "final_eval" in summary
+    assert summary["sparsity"]["n_dead"] == int((db.feature_counts() == 0).sum())
+    features = summary["report_features"]
+    assert len(features) == 4 and all(db.feature_counts()[f] > 0 for f in features)
+    index = (out / "index.html").read_text()
+    assert '<img src="density.png"' in index and '<img src="training_curves.png"' in index
+    for f in features:
+        page = (out / "features" / f"feature_{f:05d}.html").read_text()
+        assert f"Feature {f}" in page and "Max-activating examples" in page and "no token text" in page
+    with open(out / "similarity.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == sae.d_sae * 10
+    best = {int(r["feature"]): float(r["cosine"]) for r in rows if r["rank"] == "1"}
+    unit = torch.nn.functional.normalize(sae.W_dec, dim=1)
+    cos = unit @ unit.T
+    cos.fill_diagonal_(-2)
+    assert best[7] == pytest.approx(float(cos[7].max()), abs=1e-5)
+
+    # an existing analysis is kept unless --overwrite
+    assert main(["analyze", str(run), "--n-tokens", "100"]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert ActivationDatabase.load(out / "activations.safetensors").n_tokens == 600
+    assert main(["analyze", str(run), "--n-tokens", "100", "--features", "2", "--overwrite"]) == 0
+    assert ActivationDatabase.load(out / "activations.safetensors").n_tokens == 100
+    assert not [p for p in run.iterdir() if p.name.startswith(".analysis")]  # no temporary folders left
+
+
+def test_analyze_on_a_model_and_dataset(synthetic_run, tmp_path, monkeypatch, capsys):
+    model = make_model()
+    monkeypatch.setattr("saefast.data.models.load_model", lambda name, device="cpu", dtype=None: model)
+    data = tmp_path / "docs.jsonl"
+    write_jsonl(data, make_texts(12, seed=3))
+    out = tmp_path / "model_analysis"
+    argv = ["analyze", str(synthetic_run / "sae"), "--model", "tiny", "--dataset", str(data), "--hook", HOOK,
+            "--context-size", "12", "--n-tokens", "80", "--features", "3", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["source"] == "model" and summary["hook"] == HOOK
+    for key in ("ce_clean", "ce_spliced", "ce_zero_ablation", "ce_loss_recovered", "kl"):
+        assert key in summary["ablation"]
+    assert [r["feature"] for r in summary["feature_ablation"]] == summary["report_features"]
+    db = ActivationDatabase.load(out / "activations.safetensors")
+    assert db.n_tokens == 80 and db.has_contexts and 1 not in db.token_ids.tolist()  # BOS (id 1) not stored
+    f = summary["report_features"][-1]
+    page = (out / "features" / f"feature_{f:05d}.html").read_text()
+    assert "Tokens it fires on most" in page and "CE loss increase when ablated" in page
+    assert 'class="tok center"' in page and "no token text" not in page
+
+    # bad input fails before any output is written
+    assert main(["analyze", str(synthetic_run / "sae"), "--model", "tiny", "--dataset", str(data), "--hook",
+                 "blocks.0.hook_nope", "--out", str(tmp_path / "bad")]) == 2
+    assert "unknown hook" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["analyze", str(synthetic_run / "sae"), "--model", "tiny", "--cache-dir", str(tmp_path)]) == 2
+    assert "either --cache-dir or --model" in capsys.readouterr().err
+    assert main(["analyze", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_analyze_sae_folder_without_activations(synthetic_run, tmp_path):
+    out = tmp_path / "weights"
+    assert main(["analyze", str(synthetic_run / "sae"), "--features", "5", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["source"] == "none" and summary["report_features"] == [0, 1, 2, 3, 4]
+    assert not (out / "activations.safetensors").exists() and (out / "similarity.csv").is_file()
+    assert "Most similar features" in (out / "features" / "feature_00003.html").read_text()
