@@ -4,8 +4,8 @@ A :class:`Problem` fixes the shapes (B tokens of width d_in, d_sae latents, k ac
 the dtype and device, and the aux-K setting (``k_aux`` per row among a fixed set of dead
 latents). :func:`make_step` builds one contender's whole BatchTopK training step on it:
 
-* ``saefast``: the ops directly (topk_encode -> sparse_decode -> MSE, auxk_encode ->
-  sparse_decode -> aux MSE, backward, project_decoder_grad_, Adam, normalize_decoder_).
+* ``saefast``: the ops directly (topk_encode_with_aux -> one sparse_decode of the stacked main
+  and aux codes -> MSE + aux MSE, backward, project_decoder_grad_, Adam, normalize_decoder_).
 * ``saefast-sae``: the same step through ``saefast.sae.BatchTopKSAE`` (what users call).
 * ``dense``: plain PyTorch with the maths of SAELens / the BatchTopK reference code: dense
   pre-activations, a flat ``torch.topk`` over the batch, scatter, dense decode, dense aux-K.
@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 import saefast
-from saefast import (auxk_encode, normalize_decoder_, project_decoder_grad_, sparse_decode,
-                     topk_encode)
+from saefast import normalize_decoder_, project_decoder_grad_, sparse_decode
+from saefast.ops import stack_rows, topk_encode_with_aux
 
 AUX_PENALTY = 1 / 32
 LEARNING_RATE = 1e-4
@@ -128,12 +128,14 @@ def saefast_ops_step(p: Problem, inputs: Dict[str, Tensor]) -> Step:
     opt = make_adam([W_enc, W_dec, b_dec])
 
     def run() -> None:
-        acts = topk_encode(x, W_enc, b_dec, p.k, mode="batch")
-        x_hat = sparse_decode(acts, W_dec, b_dec)
+        # One encode node and one decode for the main and aux codes: one gradient buffer each
+        # for W_enc and W_dec.
+        acts, aux_acts = topk_encode_with_aux(x, W_enc, b_dec, p.k, dead, p.k_aux, mode="batch")
+        both = sparse_decode(stack_rows(acts, aux_acts), W_dec)
+        x_hat = both[: x.shape[0]] + b_dec
         mse = (x_hat.float() - x.float()).pow(2).mean()
         residual = (x - x_hat).detach()
-        aux_acts = auxk_encode(x, W_enc, b_dec, dead, p.k_aux)
-        aux = AUX_PENALTY * (sparse_decode(aux_acts, W_dec).float() - residual.float()).pow(2).mean()
+        aux = AUX_PENALTY * (both[x.shape[0]:].float() - residual.float()).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         (mse + aux).backward()
         project_decoder_grad_(W_dec, W_dec.grad)

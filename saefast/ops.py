@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -33,7 +33,8 @@ from torch import Tensor
 from . import reference
 
 __all__ = [
-    "SparseActs", "backend_name", "topk_encode", "threshold_encode", "auxk_encode", "sparse_decode",
+    "SparseActs", "backend_name", "topk_encode", "threshold_encode", "auxk_encode", "topk_encode_with_aux",
+    "stack_rows", "sparse_decode",
     "normalize_decoder_", "project_decoder_grad_", "normalize_decoder_and_project_grad_",
 ]
 
@@ -168,6 +169,13 @@ def _check_encode_args(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_enc: Optional[
     _check_fp64(dev, dt)
 
 
+def _check_dead(dead_mask: Tensor, d_sae: int, device: torch.device) -> Tensor:
+    """Indices (increasing) of the dead latents."""
+    if not isinstance(dead_mask, Tensor) or dead_mask.dtype != torch.bool or dead_mask.shape != (d_sae,):
+        raise ValueError(f"dead_mask must be a bool tensor of shape [{d_sae}] (d_sae)")
+    return dead_mask.to(device).nonzero().flatten()
+
+
 def _check_k(name: str, k: int, d_sae: int) -> int:
     if isinstance(k, bool) or not isinstance(k, int):
         if isinstance(k, Tensor) and k.numel() == 1:
@@ -198,19 +206,65 @@ class _Encode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_values, *_):
         xc, W_enc, indices, row_ids = ctx.saved_tensors
-        impl = _backend(xc.device)
-        need_x, need_W, need_b_dec, need_b_enc = ctx.needs_input_grad[:4]
-        grad_xc, grad_W, lat_sum = impl.encode_backward(
-            grad_values.contiguous(), xc, W_enc, indices, row_ids, need_x, need_W)
+        return _encode_input_grads(ctx, grad_values, xc, W_enc, indices, row_ids) + (None, None, None)
+
+
+def _encode_input_grads(ctx, grad_values, xc, W_enc, indices, row_ids):
+    """Gradients for (x, W_enc, b_dec, b_enc) from the gradients of the kept values."""
+    impl = _backend(xc.device)
+    need_x, need_W, need_b_dec, need_b_enc = ctx.needs_input_grad[:4]
+    grad_xc, grad_W, lat_sum = impl.encode_backward(
+        grad_values.contiguous(), xc, W_enc, indices, row_ids, need_x, need_W)
+    acc = reference.acc_dtype(xc.dtype)
+    grad_b_dec = None
+    if need_b_dec:
+        # d/db_dec = -sum_r d/dxc[r]; without grad_xc, -W_enc @ (per-latent sums) is one
+        # pass over W_enc instead of a gather of nnz columns.
+        grad_b_dec = (-(grad_xc.sum(0, dtype=acc)) if grad_xc is not None
+                      else -reference.matvec_acc(W_enc, lat_sum)).to(xc.dtype)
+    grad_b_enc = lat_sum.to(W_enc.dtype) if (need_b_enc and ctx.has_b_enc) else None
+    return grad_xc, grad_W, grad_b_dec, grad_b_enc
+
+
+def _aux_forward(impl, xc, W_enc, b_enc, dead, k_aux):
+    """Row top-k among the dead columns only (a forward-only copy of those columns)."""
+    W_dead = W_enc.index_select(1, dead)
+    b_dead = b_enc.index_select(0, dead) if b_enc is not None else None
+    values, indices, row_ids, offsets, kept_min = impl.encode_forward(
+        xc, W_dead, b_dead, mode="row", k=min(k_aux, dead.numel()))
+    # dead is increasing, so mapping indices keeps the (row, latent) order.
+    return values, dead[indices.long()].to(torch.int32), row_ids, offsets, kept_min
+
+
+class _EncodeWithAux(torch.autograd.Function):
+    """The main encode and the aux-K encode in one node, so that the backward scatters both sets
+    of pairs into a single W_enc gradient (no second [d_in, d_sae] buffer)."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_dec, b_enc, mode, k, dead, k_aux):
+        impl = _backend(x.device)
+        xc = x - b_dec
+        main = impl.encode_forward(xc, W_enc, b_enc, mode=mode, k=k)
+        aux = _aux_forward(impl, xc, W_enc, b_enc, dead, k_aux)
+        ctx.save_for_backward(xc, W_enc, main[1], main[2], aux[1], aux[2])
+        ctx.has_b_enc = b_enc is not None
+        ctx.mark_non_differentiable(*main[1:], *aux[1:])
+        return (*main, *aux)
+
+    @staticmethod
+    def backward(ctx, grad_main, _i, _r, _o, _m, grad_aux, *_):
+        xc, W_enc, main_idx, main_rows, aux_idx, aux_rows = ctx.saved_tensors
+        d_sae = W_enc.shape[1]
+        # A latent can be in both sets for a row (a dead latent firing again); its pre-activation
+        # is the same entry, so the two value gradients add up.
+        keys = torch.cat([main_rows.long() * d_sae + main_idx.long(), aux_rows.long() * d_sae + aux_idx.long()])
         acc = reference.acc_dtype(xc.dtype)
-        grad_b_dec = None
-        if need_b_dec:
-            # d/db_dec = -sum_r d/dxc[r]; without grad_xc, -W_enc @ (per-latent sums) is one
-            # pass over W_enc instead of a gather of nnz columns.
-            grad_b_dec = (-(grad_xc.sum(0, dtype=acc)) if grad_xc is not None
-                          else -reference.matvec_acc(W_enc, lat_sum)).to(xc.dtype)
-        grad_b_enc = lat_sum.to(W_enc.dtype) if (need_b_enc and ctx.has_b_enc) else None
-        return grad_xc, grad_W, grad_b_dec, grad_b_enc, None, None, None
+        grads = torch.cat([grad_main.to(acc), grad_aux.to(acc)])
+        pairs, where = torch.unique(keys, sorted=True, return_inverse=True)
+        grad_values = torch.zeros(pairs.numel(), dtype=acc, device=xc.device).index_add_(0, where, grads)
+        rows, indices = (pairs // d_sae).to(torch.int32), (pairs % d_sae).to(torch.int32)
+        grads_in = _encode_input_grads(ctx, grad_values.to(xc.dtype), xc, W_enc, indices, rows)
+        return grads_in + (None, None, None, None)
 
 
 class _Decode(torch.autograd.Function):
@@ -293,24 +347,64 @@ def auxk_encode(x: Tensor, W_enc: Tensor, b_dec: Tensor, dead_mask: Tensor, k_au
     x, W_enc, b_dec, b_enc = _autocast(x, W_enc, b_dec, b_enc)
     _check_encode_args(x, W_enc, b_dec, b_enc)
     d_sae = W_enc.shape[1]
-    if not isinstance(dead_mask, Tensor) or dead_mask.dtype != torch.bool or dead_mask.shape != (d_sae,):
-        raise ValueError(f"dead_mask must be a bool tensor of shape [{d_sae}] (d_sae)")
+    dead = _check_dead(dead_mask, d_sae, W_enc.device)
     k_aux = _check_k("k_aux", k_aux, d_sae)
-    dead = dead_mask.to(W_enc.device).nonzero().flatten()
-    n_rows = x.shape[0]
     if dead.numel() == 0:
-        dev = W_enc.device
-        # Zero-size values that still hang off the graph keep callers' loss.backward() valid.
-        values = (x.sum() * 0).reshape(1)[:0].to(W_enc.dtype)
-        return SparseActs(values, torch.empty(0, dtype=torch.int32, device=dev),
-                          torch.empty(0, dtype=torch.int32, device=dev),
-                          torch.zeros(n_rows + 1, dtype=torch.long, device=dev),
-                          torch.zeros((), device=dev), d_sae)
+        return _empty_acts(x, W_enc, d_sae)
     W_dead = W_enc.index_select(1, dead)
     b_dead = b_enc.index_select(0, dead) if b_enc is not None else None
     acts = _encode(x, W_dead, b_dec, b_dead, "row", min(k_aux, dead.numel()), None)
     # dead is increasing, so mapping indices keeps the (row, latent) order.
     return acts._replace(indices=dead[acts.indices.long()].to(torch.int32), d_sae=d_sae)
+
+
+def _empty_acts(x: Tensor, W_enc: Tensor, d_sae: int) -> SparseActs:
+    dev = W_enc.device
+    # Zero-size values that still hang off the graph keep callers' loss.backward() valid.
+    values = (x.sum() * 0).reshape(1)[:0].to(W_enc.dtype)
+    return SparseActs(values, torch.empty(0, dtype=torch.int32, device=dev),
+                      torch.empty(0, dtype=torch.int32, device=dev),
+                      torch.zeros(x.shape[0] + 1, dtype=torch.long, device=dev), torch.zeros((), device=dev), d_sae)
+
+
+def topk_encode_with_aux(x: Tensor, W_enc: Tensor, b_dec: Tensor, k: int, dead_mask: Tensor, k_aux: int, *,
+                         b_enc: Optional[Tensor] = None, mode: str = "batch") -> Tuple[SparseActs, SparseActs]:
+    """``(topk_encode(x, ..., k, mode=mode), auxk_encode(x, ..., dead_mask, k_aux))`` as one op.
+
+    Same results as the two calls; the backward produces one W_enc gradient for both, which
+    saves a [d_in, d_sae] buffer per step (the training path of the TopK SAEs uses this).
+    """
+    x, W_enc, b_dec, b_enc = _autocast(x, W_enc, b_dec, b_enc)
+    _check_encode_args(x, W_enc, b_dec, b_enc)
+    if mode not in _MODES:
+        raise ValueError(f"mode={mode!r} must be one of {_MODES}")
+    d_sae = W_enc.shape[1]
+    k = _check_k("k", k, d_sae)
+    dead = _check_dead(dead_mask, d_sae, W_enc.device)
+    k_aux = _check_k("k_aux", k_aux, d_sae)
+    if dead.numel() == 0:
+        return _encode(x, W_enc, b_dec, b_enc, mode, k, None), _empty_acts(x, W_enc, d_sae)
+    out = _EncodeWithAux.apply(x, W_enc, b_dec, b_enc, mode, k, dead, k_aux)
+    return SparseActs(*out[:5], d_sae), SparseActs(*out[5:], d_sae)
+
+
+def stack_rows(*acts: SparseActs) -> SparseActs:
+    """The rows of several SparseActs one after the other (differentiable in the values), so that
+    one ``sparse_decode`` decodes them all with a single W_dec gradient."""
+    if not acts or any(not isinstance(a, SparseActs) or a.d_sae != acts[0].d_sae for a in acts):
+        raise ValueError("stack_rows takes SparseActs with the same d_sae")
+    row_base = [0]
+    for a in acts[:-1]:
+        row_base.append(row_base[-1] + a.n_rows)
+    offsets = [acts[0].offsets[:1]]
+    nnz = 0
+    for a in acts:
+        offsets.append(a.offsets[1:] + nnz)
+        nnz += a.nnz
+    return SparseActs(
+        torch.cat([a.values for a in acts]), torch.cat([a.indices for a in acts]),
+        torch.cat([a.row_ids + base for a, base in zip(acts, row_base)]), torch.cat(offsets),
+        torch.stack([a.kept_min for a in acts]).min(), acts[0].d_sae)
 
 
 def sparse_decode(acts: SparseActs, W_dec: Tensor, b_dec: Optional[Tensor] = None) -> Tensor:

@@ -426,10 +426,15 @@ class BaseSAE(nn.Module):
         """
         x2, lead = self._flatten_input(x)
         x_in, mean, std = self._standardize(x2)
-        codes = self._codes(x_in)
-        x_hat = self._decode(codes.decode_acts)
+        dead = self.dead_mask()
+        if self.architecture in ("batchtopk", "topk") and self.training and torch.is_grad_enabled() \
+                and bool(dead.any()):
+            codes, x_hat, aux_loss = self._train_codes_with_aux(x_in, dead)
+        else:
+            codes = self._codes(x_in)
+            x_hat = self._decode(codes.decode_acts)
+            aux_loss = self._aux_loss(x_in, (x_in - x_hat).detach(), dead)
         mse_loss = (x_hat.float() - x_in.float()).pow(2).mean()
-        aux_loss = self._aux_loss(x_in, (x_in - x_hat).detach(), self.dead_mask())
         loss = mse_loss + codes.sparsity_loss + aux_loss
         if update_stats and self.training:
             self.update_inactive_features(codes.acts)
@@ -438,6 +443,21 @@ class BaseSAE(nn.Module):
         return {"loss": loss, "mse_loss": mse_loss, "sparsity_loss": codes.sparsity_loss,
                 "aux_loss": aux_loss, "l0": codes.acts.l0(), "x_recon": x_recon, "acts": codes.acts,
                 "num_dead_features": self.dead_mask().sum()}
+
+    def _train_codes_with_aux(self, x_in: Tensor, dead: Tensor) -> Tuple[_Codes, Tensor, Tensor]:
+        """The TopK variants' training step with aux-K: main and aux codes from one fused encode,
+        both decoded by one sparse decode, so W_enc and W_dec each get one gradient buffer.
+        Same numbers as ``_codes`` + ``_decode`` + ``_aux_loss``."""
+        c = self.config
+        mode = "batch" if self.architecture == "batchtopk" else "row"
+        acts, aux_acts = ops.topk_encode_with_aux(x_in, self.W_enc, self._b_dec_in(), c.top_k, dead, c.top_k_aux,
+                                                  b_enc=self._b_enc_in(), mode=mode)
+        both = ops.sparse_decode(ops.stack_rows(acts, aux_acts), self.W_dec)
+        n = x_in.shape[0]
+        x_hat = both[:n] + self.b_dec.to(both.dtype)
+        residual = (x_in - x_hat).detach()
+        aux_loss = c.aux_penalty * (both[n:].float() - residual.float()).pow(2).mean()
+        return _Codes(acts, acts, self._sparsity_loss(acts)), x_hat, aux_loss
 
     def _aux_loss(self, x_in: Tensor, residual: Tensor, dead: Tensor) -> Tensor:
         """aux_penalty * mean((decode of each row's top_k_aux dead latents - residual)^2)."""

@@ -333,3 +333,35 @@ def test_ops_run_in_the_autocast_dtype(backend):
         grads.append([t.grad for t in leaves])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("mode", ["batch", "row"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_encode_with_aux_and_stacked_decode_equal_separate_ops(backend, mode, dtype):
+    """The fused main + aux-K encode and the stacked decode give the separate ops' outputs and
+    gradients (including latents that are both dead-listed and active in the main codes)."""
+    B, d_in, d_sae, k, k_aux = 23, 18, 75, 4, 6
+    x, W, bd, be = _problem(B, d_in, d_sae, dtype, seed=51)
+    W_dec = W.t().contiguous()
+    dead = (torch.arange(d_sae) % 3 == 0).to(DEVICE)
+    target = torch.randn(2 * B, d_in, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    results = []
+    for fused in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (x, W, bd, be, W_dec)]
+        x_, W_, bd_, be_, Wd_ = leaves
+        if fused:
+            main, aux = saefast.ops.topk_encode_with_aux(x_, W_, bd_, k, dead, k_aux, b_enc=be_, mode=mode)
+            out = saefast.sparse_decode(saefast.ops.stack_rows(main, aux), Wd_)
+        else:
+            main = saefast.topk_encode(x_, W_, bd_, k, b_enc=be_, mode=mode)
+            aux = saefast.auxk_encode(x_, W_, bd_, dead, k_aux, b_enc=be_)
+            out = torch.cat([saefast.sparse_decode(main, Wd_), saefast.sparse_decode(aux, Wd_)])
+        assert bool(torch.isin(aux.indices, main.indices).any()), "some latent must be in both sets"
+        ((out.float() - target.float()).square().sum() + main.values.float().sum()).backward()
+        results.append((main, aux, out.detach(), [t.grad for t in leaves]))
+    (m1, a1, o1, g1), (m2, a2, o2, g2) = results
+    for f in ("values", "indices", "row_ids", "offsets", "kept_min"):
+        assert torch.equal(getattr(m1, f), getattr(m2, f)) and torch.equal(getattr(a1, f), getattr(a2, f)), f
+    assert_close(o1, o2, dtype, scale=4)
+    for name, a, b in zip(["x", "W_enc", "b_dec", "b_enc", "W_dec"], g1, g2):
+        assert_close(a, b, dtype, scale=8 * (1 + b.abs().max().item()), msg=name)
