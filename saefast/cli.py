@@ -1,4 +1,4 @@
-"""The ``saefast`` command: ``train``, ``eval`` and ``cache``.
+"""The ``saefast`` command: ``train``, ``eval``, ``cache`` and ``analyze``.
 
 ``saefast train`` with no model, dataset or cache trains on the embedded synthetic default (a
 planted dictionary; no network) and reports how well the planted features were recovered.
@@ -101,7 +101,32 @@ def build_parser() -> argparse.ArgumentParser:
                        help="activations per batch drawn from the source")
     cache.add_argument("--device", dest="device", default=argparse.SUPPRESS, help="device for the model")
     cache.add_argument("--seed", dest="seed", type=int, default=argparse.SUPPRESS, help="shuffle seed")
+    _add_analyze_parser(sub)
     return parser
+
+
+def _add_analyze_parser(sub: Any) -> None:
+    an = sub.add_parser("analyze", help="analyse a trained SAE: activation database, report, pictures",
+                        description="Analyse the SAE of RUN_DIR (saefast train) or of an SAE folder: build a sparse "
+                                    "activation database, sparsity / dead-feature report, reconstruction metrics, CE "
+                                    "loss recovered and per-feature ablation (model sources), decoder similarity, "
+                                    "feature-density histogram, training curves and an HTML report with a page per "
+                                    "feature. Activations come from --model/--dataset/--hook or --cache-dir, else "
+                                    "from the run's own source.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    an.add_argument("path", metavar="RUN_DIR_OR_SAE_DIR")
+    an.add_argument("--model", default=None, help="transformer-lens model (default: the run's / SAE's)")
+    an.add_argument("--dataset", default=None, help="dataset name or local file/folder (default: the run's)")
+    an.add_argument("--hook", default=None, help="hook the SAE reads (default: the SAE's hook_spec)")
+    an.add_argument("--cache-dir", default=None, help="analyse on this activation cache instead of a model")
+    an.add_argument("--n-tokens", type=int, default=32768, help="tokens in the activation database")
+    an.add_argument("--features", type=int, default=50, help="features that get an HTML page (spread over the "
+                                                             "density ranking)")
+    an.add_argument("--out", default=None, help="output folder (default: RUN_DIR/analysis)")
+    an.add_argument("--context-size", type=int, default=None, help="tokens per window for a model source")
+    an.add_argument("--batch-size", type=int, default=8, help="windows per model forward pass")
+    an.add_argument("--device", default=None, help="device (default: cuda if available)")
+    an.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
 _NOT_CONFIG = ("command", "config", "resume", "run_dir", "batches", "output", "out", "n_tokens", "shard_tokens")
@@ -211,12 +236,23 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from .analysis.run import analyze
+
+    summary = analyze(args.path, args.out, model=args.model, dataset=args.dataset, hook=args.hook,
+                      cache_dir=args.cache_dir, n_tokens=args.n_tokens, n_features=args.features,
+                      device=args.device, context_size=args.context_size, batch_size=args.batch_size,
+                      overwrite=args.overwrite)
+    print(f"saefast analyze: wrote {summary['out_dir']} (open index.html)")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``saefast`` console script."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)
-    commands = {"train": _cmd_train, "eval": _cmd_eval, "cache": _cmd_cache}
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "cache": _cmd_cache, "analyze": _cmd_analyze}
     try:
         return commands[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as err:

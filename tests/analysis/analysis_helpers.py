@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from typing import Dict, List, Optional
 
+import pytest
 import torch
 from torch import Tensor
 
@@ -21,6 +22,7 @@ _CACHE: Dict[str, object] = {}
 
 def make_tokenizer():
     """A word-level Hugging Face fast tokenizer built in memory (no download)."""
+    pytest.importorskip("transformers")  # absent on the lent GPU machine
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -31,6 +33,7 @@ def make_tokenizer():
 
 def make_model():
     """Tiny random transformer-lens model with the tokenizer attached (shared; tests must not change it)."""
+    pytest.importorskip("transformer_lens")  # absent on the lent GPU machine
     if "model" not in _CACHE:
         from saefast.data.models import tiny_model
 

@@ -50,7 +50,7 @@ def test_analyze_synthetic_run(synthetic_run, capsys):
         rows = list(csv.DictReader(fh))
     assert len(rows) == sae.d_sae * 10
     best = {int(r["feature"]): float(r["cosine"]) for r in rows if r["rank"] == "1"}
-    unit = torch.nn.functional.normalize(sae.W_dec, dim=1)
+    unit = torch.nn.functional.normalize(sae.W_dec.detach(), dim=1)
     cos = unit @ unit.T
     cos.fill_diagonal_(-2)
     assert best[7] == pytest.approx(float(cos[7].max()), abs=1e-5)
@@ -65,6 +65,7 @@ def test_analyze_synthetic_run(synthetic_run, capsys):
 
 
 def test_analyze_on_a_model_and_dataset(synthetic_run, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("datasets")  # absent on the lent GPU machine
     model = make_model()
     monkeypatch.setattr("saefast.data.models.load_model", lambda name, device="cpu", dtype=None: model)
     data = tmp_path / "docs.jsonl"
@@ -84,6 +85,22 @@ def test_analyze_on_a_model_and_dataset(synthetic_run, tmp_path, monkeypatch, ca
     page = (out / "features" / f"feature_{f:05d}.html").read_text()
     assert "Tokens it fires on most" in page and "CE loss increase when ablated" in page
     assert 'class="tok center"' in page and "no token text" not in page
+
+    # the same through an activation cache that kept token ids (no tokenizer: tokens show as ids)
+    from saefast.data.cache import cache_activations
+    from saefast.data.source import ModelActivationSource
+    from saefast.data.tokens import TokenWindows
+    source = ModelActivationSource(model, HOOK, TokenWindows(make_texts(12, seed=3), model.tokenizer, 12),
+                                   batch_size=16, buffer_tokens=64, background=False, with_tokens=True)
+    cache = cache_activations(source, tmp_path / "cache", n_tokens=70, shard_tokens=32, progress=False)
+    assert main(["analyze", str(synthetic_run / "sae"), "--cache-dir", str(cache), "--features", "2",
+                 "--out", str(tmp_path / "cached")]) == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "cached" / "summary.json").read_text())
+    assert summary["source"] == "cache" and summary["sparsity"]["n_tokens"] == 70
+    cached_db = ActivationDatabase.load(tmp_path / "cached" / "activations.safetensors")
+    assert cached_db.has_contexts and int(cached_db.token_ids.min()) >= 3  # words only: BOS/PAD are not cached
+    page = (tmp_path / "cached" / "features" / f"feature_{summary['report_features'][0]:05d}.html").read_text()
+    assert 'class="tok center"' in page and "&lt;" in page  # token ids shown as <id>, escaped
 
     # bad input fails before any output is written
     assert main(["analyze", str(synthetic_run / "sae"), "--model", "tiny", "--dataset", str(data), "--hook",

@@ -81,7 +81,8 @@ def test_feature_and_token_queries_match_dense_argsort():
         assert feats.tolist() == order.tolist()
         torch.testing.assert_close(values, row[order])
     query = torch.tensor([5, -1, 0, 40, 62])
-    torch.testing.assert_close(db.values_at(7, query), torch.cat([dense[[5], 7], torch.zeros(1), dense[[0, 40, 62], 7]]))
+    expected = torch.cat([dense[[5], 7], torch.zeros(1), dense[[0, 40, 62], 7]])
+    torch.testing.assert_close(db.values_at(7, query), expected)
 
 
 def test_max_activating_examples_with_contexts_and_text():

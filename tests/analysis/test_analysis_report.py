@@ -72,7 +72,8 @@ def test_html_report_pages_hold_examples_similarity_and_escaped_text(tmp_path):
     W_dec = torch.randn(6, 5, generator=g)
     features = [1, 2, 4, 5]
     index = write_html_report(tmp_path / "report", features, db=db, W_dec=W_dec, tokenizer=make_tokenizer(),
-                              summary={"l0_mean": 1.5, "model <name>": 'a&b "c"'}, images=[("Feature density", "density.png")],
+                              summary={"l0_mean": 1.5, "model <name>": 'a&b "c"'},
+                              images=[("Feature density", "density.png")],
                               ablation={2: 0.125}, n_examples=3, context=(2, 1), n_similar=3, title="Report <1>")
     text = index.read_text()
     assert "<h1>Report &lt;1&gt;</h1>" in text and "model &lt;name&gt;" in text and "a&amp;b &quot;c&quot;" in text

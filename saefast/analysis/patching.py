@@ -1,0 +1,254 @@
+"""Feature patching inside a model forward pass, and the ablation study.
+
+Patching encodes the activation at the SAE's hook, edits chosen features and writes back
+
+    x' = x + (decode(edited codes) - decode(codes))           (keep_error=True, the default)
+    x' = decode(edited codes)                                  (keep_error=False)
+
+at the patched positions, so with the error term kept only the edited features' contributions
+change (``sum_f (a'_f - a_f) * W_dec[f]``), and with it dropped the activation is replaced by the
+SAE's edited reconstruction. Edits: ``ablate`` (a_f -> 0), ``scale`` (a_f -> factor * a_f, e.g.
+amplify), ``set_values`` (a_f -> value on every patched position, also where f did not fire).
+
+* :func:`edit_acts`: the edit on a :class:`~saefast.ops.SparseActs` (sparse in, sparse out).
+* :func:`feature_patch_hook`: a transformer-lens hook function doing the patch.
+* :func:`patch_features`: a context manager that installs it on a model (``with
+  patch_features(model, sae, ablate=[12]): logits = model(tokens)``).
+* :func:`ablation_study`: CE loss clean / SAE spliced / zero-ablated and CE loss recovered
+  (:func:`saefast.evals.model_evals.spliced_ce_eval`), plus the CE increase when each of a list
+  of features is ablated.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Collection, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import SparseActs
+
+__all__ = ["edit_acts", "feature_patch_hook", "patch_features", "ablation_study"]
+
+Positions = Optional[Union[int, Sequence[int], Tensor]]
+
+
+def _feature_ids(name: str, features: Any, d_sae: int) -> List[int]:
+    out = []
+    for f in features:
+        if isinstance(f, Tensor) and f.numel() == 1:
+            f = int(f)
+        if isinstance(f, bool) or not isinstance(f, int):
+            raise TypeError(f"{name} must hold int feature ids, got {type(f).__name__}")
+        if not 0 <= f < d_sae:
+            raise ValueError(f"{name}: feature {f} is not in [0, d_sae={d_sae})")
+        out.append(f)
+    return out
+
+
+def _check_edits(d_sae: int, ablate: Optional[Collection[int]], scale: Optional[Mapping[int, float]],
+                 set_values: Optional[Mapping[int, float]]) -> tuple:
+    ablate_ids = _feature_ids("ablate", ablate or (), d_sae)
+    for name, mapping in (("scale", scale), ("set_values", set_values)):
+        if mapping is not None and not isinstance(mapping, Mapping):
+            raise TypeError(f"{name} must be a dict {{feature id: value}}, got {type(mapping).__name__}")
+    scale = dict(zip(_feature_ids("scale", (scale or {}).keys(), d_sae), (scale or {}).values()))
+    set_values = dict(zip(_feature_ids("set_values", (set_values or {}).keys(), d_sae), (set_values or {}).values()))
+    for name, mapping in (("scale", scale), ("set_values", set_values)):
+        for f, v in mapping.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"{name}[{f}] must be a number, got {type(v).__name__}")
+    seen: Dict[int, str] = {}
+    for name, ids in (("ablate", ablate_ids), ("scale", list(scale)), ("set_values", list(set_values))):
+        for f in ids:
+            if f in seen and seen[f] != name:
+                raise ValueError(f"feature {f} is in both {seen[f]} and {name}; give each feature one edit")
+            seen[f] = name
+    if not seen:
+        raise ValueError("nothing to patch: give ablate=[...], scale={feature: factor} or set_values={feature: value}")
+    return ablate_ids, scale, set_values
+
+
+def edit_acts(acts: SparseActs, *, ablate: Optional[Collection[int]] = None,
+              scale: Optional[Mapping[int, float]] = None, set_values: Optional[Mapping[int, float]] = None,
+              rows: Optional[Tensor] = None) -> SparseActs:
+    """``acts`` with features edited on the selected rows (bool ``rows`` [B]; None: every row).
+
+    ablate: features set to 0 (their entries are removed); scale: {feature: factor};
+    set_values: {feature: value}, on every selected row whether or not the feature fired there
+    (an entry is added where it did not). Entries stay sorted by (row, latent); values keep their
+    dtype and stay differentiable.
+    """
+    if not isinstance(acts, SparseActs):
+        raise TypeError(f"acts must be a SparseActs, got {type(acts).__name__}")
+    ablate_ids, scale, set_values = _check_edits(acts.d_sae, ablate, scale, set_values)
+    device = acts.values.device
+    B, d_sae = acts.n_rows, acts.d_sae
+    if rows is None:
+        rows = torch.ones(B, dtype=torch.bool, device=device)
+    elif not isinstance(rows, Tensor) or rows.dtype != torch.bool or rows.shape != (B,):
+        raise ValueError(f"rows must be a bool tensor [{B}] (one flag per row), got "
+                         f"{tuple(rows.shape) if isinstance(rows, Tensor) else type(rows).__name__}")
+    rows = rows.to(device)
+    idx = acts.indices.long()
+    selected = rows[acts.row_ids.long()]
+    factor = torch.ones(d_sae, dtype=acts.values.dtype, device=device)
+    for f, v in scale.items():
+        factor[f] = v
+    drop = torch.zeros(d_sae, dtype=torch.bool, device=device)
+    drop[ablate_ids + list(set_values)] = True
+    values = torch.where(selected, acts.values * factor[idx], acts.values)
+    keep = ~(selected & drop[idx])
+    values, idx, row_ids = values[keep], idx[keep], acts.row_ids.long()[keep]
+    if set_values:
+        sel_rows = torch.nonzero(rows).flatten()
+        feats = torch.tensor(list(set_values), dtype=torch.long, device=device)
+        new_vals = torch.tensor(list(set_values.values()), dtype=acts.values.dtype, device=device)
+        values = torch.cat([values, new_vals.repeat(sel_rows.numel())])
+        idx = torch.cat([idx, feats.repeat(sel_rows.numel())])
+        row_ids = torch.cat([row_ids, sel_rows.repeat_interleave(feats.numel())])
+        order = torch.argsort(row_ids * d_sae + idx)
+        values, idx, row_ids = values[order], idx[order], row_ids[order]
+    offsets = torch.zeros(B + 1, dtype=acts.offsets.dtype, device=device)
+    offsets[1:] = torch.cumsum(torch.bincount(row_ids, minlength=B), 0)
+    return SparseActs(values, idx.to(acts.indices.dtype), row_ids.to(acts.row_ids.dtype), offsets,
+                      acts.kept_min, d_sae)
+
+
+def _position_mask(positions: Positions, batch: int, seq: int, device: torch.device) -> Tensor:
+    """bool [batch, seq] of the positions to patch."""
+    if positions is None:
+        return torch.ones(batch, seq, dtype=torch.bool, device=device)
+    if isinstance(positions, Tensor) and positions.dtype == torch.bool:
+        if positions.shape == (seq,):
+            return positions.to(device)[None, :].expand(batch, seq)
+        if positions.shape == (batch, seq):
+            return positions.to(device)
+        raise ValueError(f"a bool positions mask must be [seq={seq}] or [batch={batch}, seq={seq}], got "
+                         f"{tuple(positions.shape)}")
+    ids = torch.as_tensor([positions] if isinstance(positions, int) else positions).reshape(-1).long()
+    if ids.numel() and (int(ids.min()) < -seq or int(ids.max()) >= seq):
+        raise ValueError(f"positions {ids.tolist()} are outside the sequence of length {seq}")
+    mask = torch.zeros(seq, dtype=torch.bool)
+    mask[ids] = True
+    return mask.to(device)[None, :].expand(batch, seq)
+
+
+def feature_patch_hook(sae: nn.Module, *, ablate: Optional[Collection[int]] = None,
+                       scale: Optional[Mapping[int, float]] = None,
+                       set_values: Optional[Mapping[int, float]] = None, positions: Positions = None,
+                       keep_error: bool = True) -> Callable[..., Tensor]:
+    """A transformer-lens forward hook ``fn(activation, hook) -> activation`` patching features.
+
+    positions: which sequence positions to patch: None (all), an int or a list of ints, or a bool
+    mask [seq] or [batch, seq]. The SAE encodes in its current mode (use eval mode; see
+    :func:`patch_features`, which sets it). Per-head activations [batch, seq, heads, d_head] are
+    flattened for the SAE and reshaped back.
+    """
+    if not hasattr(sae, "encode_sparse") or not hasattr(sae, "decode_sparse"):
+        raise TypeError(f"sae must be a saefast SAE (encode_sparse/decode_sparse), got {type(sae).__name__}")
+    _check_edits(sae.d_sae, ablate, scale, set_values)
+    param = next(sae.parameters())
+
+    def hook_fn(act: Tensor, hook: Any = None) -> Tensor:
+        if act.dim() < 3:
+            raise ValueError(f"the hooked activation has shape {tuple(act.shape)}, not [batch, seq, ...]")
+        batch, seq = act.shape[:2]
+        flat = act.reshape(batch * seq, -1)
+        if flat.shape[1] != sae.d_in:
+            raise ValueError(f"the hooked activation has width {flat.shape[1]} but the SAE has d_in={sae.d_in}")
+        mask = _position_mask(positions, batch, seq, act.device).reshape(-1)
+        x = flat.to(device=param.device, dtype=param.dtype).contiguous()
+        codes = sae.encode_sparse(x)
+        edited = edit_acts(codes, ablate=ablate, scale=scale, set_values=set_values, rows=mask.to(param.device))
+        new = sae.decode_sparse(edited, x)
+        if keep_error:
+            new = x + (new - sae.decode_sparse(codes, x))
+        new = new.to(device=act.device, dtype=act.dtype)
+        out = torch.where(mask[:, None], new, flat)
+        return out.reshape(act.shape)
+
+    return hook_fn
+
+
+@contextlib.contextmanager
+def patch_features(model: nn.Module, sae: nn.Module, hook_name: Optional[str] = None, *,
+                   ablate: Optional[Collection[int]] = None, scale: Optional[Mapping[int, float]] = None,
+                   set_values: Optional[Mapping[int, float]] = None, positions: Positions = None,
+                   keep_error: bool = True) -> Iterator[nn.Module]:
+    """Inside the block, every forward pass of ``model`` has the features patched at ``hook_name``
+    (default: ``sae.config.hook_spec``); see the module docstring and :func:`feature_patch_hook`.
+
+    The SAE is in eval mode inside the block (BatchTopK then encodes with its learned threshold)
+    and the model's saefast lock is held, so a background activation source does not run the
+    model with the patch installed. The hook is removed and the SAE's mode restored on exit.
+    Yields the model.
+    """
+    from ..data.models import check_hook, model_lock
+
+    if hook_name is None:
+        hook_name = getattr(getattr(sae, "config", None), "hook_spec", None)
+    check_hook(model, hook_name)
+    fn = feature_patch_hook(sae, ablate=ablate, scale=scale, set_values=set_values, positions=positions,
+                            keep_error=keep_error)
+    was_training = sae.training
+    sae.eval()
+    try:
+        with model_lock(model), model.hooks(fwd_hooks=[(hook_name, fn)]):
+            yield model
+    finally:
+        sae.train(was_training)
+
+
+def _ce_sum(logits: Tensor, tokens: Tensor, real: Tensor) -> float:
+    """Sum of next-token CE over the predictions whose two tokens are both real (not padding)."""
+    logp = logits[:, :-1].float().log_softmax(-1)
+    ce = -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    return float((ce * (real[:, :-1] & real[:, 1:]).float()).sum())
+
+
+@torch.no_grad()
+def ablation_study(model: nn.Module, sae: nn.Module, tokens: Tensor, hook_name: Optional[str] = None, *,
+                   features: Sequence[int] = (), batch_size: int = 8,
+                   exclude_token_ids: Optional[Collection[int]] = None,
+                   pad_token_id: Optional[int] = None) -> Dict[str, Any]:
+    """How much of the model's loss the SAE keeps, and what each feature is worth.
+
+    Args:
+        model: transformer-lens model; sae: saefast SAE; tokens: [N, seq] token ids.
+        hook_name: default ``sae.config.hook_spec``.
+        features: features to ablate one at a time (with the error term kept).
+        batch_size: windows per forward pass.
+        exclude_token_ids: tokens never patched (e.g. {BOS}); pad_token_id: padding, left out of
+            every average.
+
+    Returns ``{"spliced": spliced_ce_eval(...)}`` (ce_clean, ce_spliced, ce_zero_ablation,
+    ce_loss_recovered, kl, ...) and ``"features"``: one ``{"feature", "ce", "ce_delta"}`` per
+    feature, the CE loss with that feature ablated and its increase over the clean CE loss.
+    """
+    from ..data.models import check_hook, model_device
+    from ..evals.model_evals import spliced_ce_eval
+
+    if hook_name is None:
+        hook_name = getattr(getattr(sae, "config", None), "hook_spec", None)
+    check_hook(model, hook_name)
+    if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.shape[1] < 2:
+        raise ValueError("tokens must be a [n_windows, seq >= 2] tensor of token ids")
+    features = _feature_ids("features", features, sae.d_sae)
+    spliced = spliced_ce_eval(model, sae, tokens, hook_name, batch_size=batch_size,
+                              exclude_token_ids=exclude_token_ids, pad_token_id=pad_token_id)
+    device = model_device(model)
+    excluded = torch.tensor(sorted(exclude_token_ids or ()), dtype=torch.long, device=device)
+    sums = [0.0] * len(features)
+    n_pred = 0
+    for batch in (tokens.split(batch_size) if features else ()):
+        batch = batch.to(device)
+        real = torch.ones_like(batch, dtype=torch.bool) if pad_token_id is None else batch != pad_token_id
+        patchable = real & ~torch.isin(batch, excluded) if excluded.numel() else real
+        for i, f in enumerate(features):
+            with patch_features(model, sae, hook_name, ablate=[f], positions=patchable):
+                sums[i] += _ce_sum(model(batch), batch, real)
+        n_pred += int((real[:, :-1] & real[:, 1:]).sum())
+    per_feature = [{"feature": f, "ce": s / max(n_pred, 1), "ce_delta": s / max(n_pred, 1) - spliced["ce_clean"]}
+                   for f, s in zip(features, sums)]
+    return {"spliced": spliced, "features": per_feature}

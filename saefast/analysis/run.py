@@ -1,0 +1,445 @@
+"""``saefast analyze``: the whole analysis of a trained SAE in one call, written to a folder.
+
+:func:`analyze` takes a run folder (``saefast train``'s output) or an SAE folder, finds
+activations (the flags' model + dataset or cache, else the run's own source: its model and dataset,
+its cache, or its synthetic planted-dictionary stream), and writes::
+
+    activations.safetensors   the activation database (sparse token x feature matrix + metadata)
+    summary.json              sparsity and dead-feature report, reconstruction metrics, CE loss
+                              recovered and per-feature ablation (model sources), decoder-similarity
+                              summary, the run's final eval
+    similarity.csv            for every feature its nearest features by decoder cosine
+    density.png               feature-density histogram (log10 firing frequency)
+    training_curves.png       loss, L0, dead fraction, ... against the step (run folders)
+    index.html, features/     the HTML report (pages for ``n_features`` features)
+
+Without any source (an SAE folder and no flags) the report is built from the weights alone
+(similarity, and the density of SAELens' ``sparsity.safetensors`` when present).
+The folder is written under a temporary name and renamed at the end; an existing non-empty
+folder is replaced only with ``overwrite=True``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import plots
+from .database import ActivationDatabase, build_database, build_database_from_activations, build_database_from_cache
+from .features import feature_stats, sparsity_report
+from .patching import ablation_study
+from .report import write_html_report
+from .similarity import decoder_neighbours
+
+__all__ = ["analyze", "select_features", "SELECTIONS"]
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+SELECTIONS = ("spread", "frequent", "random")
+_ANALYSIS_STREAM = 1_000  # synthetic sample stream of the analysis: same dictionary, unseen rows
+_METRIC_ROWS = 8192       # activation rows used for the reconstruction metrics
+_NEAR_DUPLICATE = 0.9     # decoder cosine above which two features count as near duplicates
+
+
+def select_features(frequency: Tensor, n: int, how: str = "spread", seed: int = 0) -> List[int]:
+    """Pick ``n`` features for the report among those that fire (``frequency`` [d_sae] > 0: firing
+    counts or densities).
+
+    how: ``"spread"`` (evenly spaced over the firing features ranked by frequency, from the most
+    frequent to the rarest, so the report shows the whole range), ``"frequent"`` (the n most
+    frequent) or ``"random"`` (a seeded random sample). Returned sorted by id. When no feature
+    fires, the first n ids.
+    """
+    if how not in SELECTIONS:
+        raise ValueError(f"how={how!r} must be one of {SELECTIONS}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n={n!r} must be a non-negative integer")
+    if not isinstance(frequency, Tensor) or frequency.dim() != 1:
+        raise ValueError("frequency must be a 1-D tensor [d_sae] of firing counts or densities")
+    live = torch.nonzero(frequency > 0).flatten()
+    if not live.numel():
+        return list(range(min(n, frequency.numel())))
+    ranked = live[torch.sort(frequency[live], descending=True, stable=True).indices]
+    n = min(n, ranked.numel())
+    if n == 0:
+        return []
+    if how == "frequent":
+        chosen = ranked[:n]
+    elif how == "random":
+        chosen = ranked[torch.randperm(ranked.numel(), generator=torch.Generator().manual_seed(seed))[:n]]
+    else:
+        chosen = ranked[torch.linspace(0, ranked.numel() - 1, n).round().long().unique()]
+    return sorted(int(f) for f in chosen)
+
+
+@dataclass
+class _Inputs:
+    """Where the activations come from, resolved from the flags, the run and the SAE."""
+
+    kind: str                      # "model", "cache", "synthetic" or "none"
+    model_name: Optional[str] = None
+    hook: Optional[str] = None
+    dataset: Optional[str] = None
+    dataset_split: str = "train"
+    text_column: str = "text"
+    tokens_column: Optional[str] = None
+    context_size: Optional[int] = None
+    prepend_bos: bool = True
+    cache_dir: Optional[str] = None
+    train_cfg: Any = None
+
+
+def _resolve_inputs(sae: nn.Module, train_cfg: Any, model: Optional[str], dataset: Optional[str],
+                    hook: Optional[str], cache_dir: Optional[str], context_size: Optional[int]) -> _Inputs:
+    flags_model = model is not None or dataset is not None or hook is not None
+    if flags_model and cache_dir is not None:
+        raise ValueError("give either --cache-dir or --model/--dataset/--hook, not both")
+    sae_cfg = getattr(sae, "config", None)
+    if cache_dir is not None:
+        return _Inputs("cache", cache_dir=cache_dir)
+    if flags_model or (train_cfg is not None and train_cfg.source_kind == "model"):
+        base = train_cfg if (train_cfg is not None and train_cfg.source_kind == "model") else None
+        inputs = _Inputs(
+            "model",
+            model_name=model or (base.model if base else getattr(sae_cfg, "model_name", None)),
+            hook=hook or (base.hook if base else getattr(sae_cfg, "hook_spec", None)),
+            dataset=dataset or (base.dataset if base else getattr(sae_cfg, "dataset_path", None)),
+            context_size=context_size or (base.context_size if base else getattr(sae_cfg, "context_size", None)),
+            prepend_bos=base.prepend_bos if base else bool(getattr(sae_cfg, "prepend_bos", True)))
+        if base is not None:
+            inputs.dataset_split, inputs.text_column, inputs.tokens_column = (
+                base.dataset_split, base.text_column, base.tokens_column)
+        missing = [name for name, v in (("--model", inputs.model_name), ("--dataset", inputs.dataset),
+                                        ("--hook", inputs.hook)) if v is None]
+        if missing:
+            raise ValueError(f"analysing on a model needs {', '.join(missing)} (the SAE's folder does not name "
+                             "them); pass them, or --cache-dir")
+        return inputs
+    if train_cfg is not None and train_cfg.source_kind == "cache":
+        return _Inputs("cache", cache_dir=train_cfg.cache_dir)
+    if train_cfg is not None:
+        return _Inputs("synthetic", train_cfg=train_cfg)
+    return _Inputs("none")
+
+
+def _load_tokenizer_offline(name: Optional[str]) -> Any:
+    """The Hugging Face tokenizer of ``name`` from the local cache only (None when unavailable)."""
+    if not name:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure just means "show token ids"
+        log.warning("no local tokenizer for %r (%s); contexts show token ids", name, err)
+        return None
+
+
+def _cache_rows(cache_dir: str, n: int) -> List[Tensor]:
+    """The first n activation rows of a cache, in stored order."""
+    from safetensors import safe_open
+
+    from ..data.cache import read_manifest
+
+    manifest = read_manifest(cache_dir)
+    rows: List[Tensor] = []
+    left = n
+    for shard in manifest["shards"]:
+        if left <= 0:
+            break
+        with safe_open(str(Path(cache_dir) / shard["file"]), framework="pt", device="cpu") as f:
+            part = f.get_slice("activations")[:min(left, shard["n_tokens"])].float()
+        rows.append(part)
+        left -= part.shape[0]
+    return rows
+
+
+def _prepare_out(out: Path, overwrite: bool) -> Path:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ValueError(f"{out} already exists and is not empty; pass overwrite=True (--overwrite) or "
+                         "choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def _finish_out(tmp: Path, out: Path) -> None:
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        out.rename(trash)
+        tmp.rename(out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def analyze(path: PathLike, out: Optional[PathLike] = None, *, model: Optional[str] = None,
+            dataset: Optional[str] = None, hook: Optional[str] = None, cache_dir: Optional[str] = None,
+            n_tokens: int = 32768, n_features: int = 50, selection: str = "spread",
+            device: Optional[str] = None, context_size: Optional[int] = None, batch_size: int = 8,
+            ablation_windows: int = 8, n_examples: int = 20, overwrite: bool = False,
+            progress: bool = True) -> Dict[str, Any]:
+    """Analyse the SAE of a run folder or an SAE folder and write the results to ``out``.
+
+    Args:
+        path: a ``saefast train`` run folder (``config.json`` + ``sae/``) or an SAE folder.
+        out: output folder (default: ``<path>/analysis``).
+        model, dataset, hook: analyse on this transformer-lens model, dataset and hook (each
+            defaults to the run's or the SAE's own, when it names one).
+        cache_dir: analyse on an activation cache instead.
+        n_tokens: tokens in the activation database.
+        n_features: features that get an HTML page; selection: how they are chosen
+            (see :func:`select_features`).
+        device: device for the SAE and the model (default: CUDA when available).
+        context_size: tokens per window for a model source (default: the run's / SAE's, else 128
+            capped by the model's context).
+        batch_size: windows per model forward pass.
+        ablation_windows: windows used for the CE-loss-recovered and per-feature ablation study.
+        n_examples: max-activating examples per feature page.
+        overwrite: replace an existing non-empty ``out``.
+        progress: tqdm progress bars.
+
+    Returns the summary dict (also written to ``summary.json``) with ``"out_dir"`` added.
+    """
+    from ..io import load_sae
+    from ..training.config import TrainConfig
+
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"{root} does not exist; pass a run folder (saefast train) or an SAE folder")
+    is_run = (root / "config.json").is_file() and (root / "sae").is_dir()
+    if (root / "config.json").is_file() and not is_run and not (root / "sae.pt").is_file():
+        raise ValueError(f"{root} is a run folder without a trained SAE (no {root / 'sae'}); finish or resume "
+                         "the run first")
+    for name, value in (("n_tokens", n_tokens), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+    for name, value in (("n_features", n_features), ("ablation_windows", ablation_windows), ("n_examples", n_examples)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}={value!r} must be an integer >= 0")
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection={selection!r} must be one of {SELECTIONS}")
+    sae_dir = root / "sae" if is_run else root
+    train_cfg = TrainConfig.from_dict(json.loads((root / "config.json").read_text())) if is_run else None
+    sae = load_sae(str(sae_dir), device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sae.eval()
+    inputs = _resolve_inputs(sae, train_cfg, model, dataset, hook, cache_dir, context_size)
+    out_dir = Path(out) if out is not None else root / "analysis"
+    tmp = _prepare_out(out_dir, overwrite)
+    try:
+        summary = _analyze_into(tmp, sae, sae_dir, root if is_run else None, inputs, n_tokens=n_tokens,
+                                n_features=n_features, selection=selection, batch_size=batch_size,
+                                ablation_windows=ablation_windows, n_examples=n_examples, progress=progress)
+        _finish_out(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary["out_dir"] = str(out_dir)
+    return summary
+
+
+@dataclass
+class _Activations:
+    """What a source gives the analysis: the database, and what else it makes possible."""
+
+    db: ActivationDatabase
+    metric_rows: List[Tensor]                   # raw activation rows for the reconstruction metrics
+    info: Dict[str, Any]                        # summary entries describing the source
+    tokenizer: Any = None
+    model: Optional[nn.Module] = None
+    ablation_tokens: Optional[Tensor] = None    # [windows, seq] for the ablation study
+    ablation_kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+def _from_model(sae: nn.Module, inputs: _Inputs, n_tokens: int, batch_size: int, ablation_windows: int,
+                progress: bool) -> _Activations:
+    from ..data import models
+    from ..data.tokens import TokenWindows, load_dataset_any
+
+    model = models.load_model(inputs.model_name, device=sae.device, dtype=torch.float32)
+    models.check_hook(model, inputs.hook)
+    models.check_d_in(model, inputs.hook, sae.d_in)
+    tokenizer = models.model_tokenizer(model)
+    ctx = inputs.context_size or min(128, models.context_limit(model))
+    models.check_context_size(model, ctx)
+    ds = load_dataset_any(inputs.dataset, split=inputs.dataset_split)
+
+    def windows() -> TokenWindows:
+        return TokenWindows(ds, tokenizer, ctx, prepend_bos=inputs.prepend_bos, text_column=inputs.text_column,
+                            tokens_column=inputs.tokens_column)
+
+    info = {"model": inputs.model_name, "hook": inputs.hook, "dataset": inputs.dataset, "context_size": ctx}
+    db = build_database(sae, model, windows(), inputs.hook, n_tokens=n_tokens, batch_size=batch_size,
+                        progress=progress, metadata=info)
+    # the first windows of the data serve the ablation study and the reconstruction metrics
+    first = windows()
+    rows = []
+    for _ in range(max(ablation_windows, 1)):
+        try:
+            rows.append(first.next_with_length())
+        except StopIteration:
+            break
+    tokens = torch.stack([r[0] for r in rows])
+    keep = torch.arange(tokens.shape[1])[None, :] < torch.tensor([r[1] for r in rows])[:, None]
+    if inputs.prepend_bos:
+        keep &= tokens != first.bos_token_id
+    acts = models.run_to_hook(model, tokens, inputs.hook)
+    return _Activations(db, [acts[keep.to(acts.device)]], info, tokenizer, model,
+                        tokens if ablation_windows > 0 else None,
+                        {"exclude_token_ids": {first.bos_token_id} if inputs.prepend_bos else None,
+                         "pad_token_id": first.pad_token_id})
+
+
+def _from_cache(sae: nn.Module, cache_dir: str, n_tokens: int, progress: bool) -> _Activations:
+    from ..data.cache import read_manifest
+
+    meta = read_manifest(cache_dir).get("metadata", {})
+    db = build_database_from_cache(sae, cache_dir, n_tokens=n_tokens, progress=progress)
+    tokenizer = _load_tokenizer_offline(meta.get("model")) if db.has_token_ids else None
+    info = {"cache_dir": str(cache_dir), **{k: meta[k] for k in ("model", "hook", "dataset") if k in meta}}
+    return _Activations(db, _cache_rows(cache_dir, min(n_tokens, _METRIC_ROWS)), info, tokenizer)
+
+
+def _from_synthetic(sae: nn.Module, cfg: Any, n_tokens: int, progress: bool) -> _Activations:
+    from ..data.synthetic import SyntheticActivations
+    from ..evals.metrics import feature_recovery
+
+    synth = SyntheticActivations(sae.d_in, cfg.synthetic_features, min(n_tokens, 4096),
+                                 mean_active=cfg.synthetic_active, zipf_exponent=cfg.synthetic_zipf_exponent,
+                                 noise_std=cfg.synthetic_noise, dictionary_seed=cfg.seed, seed=cfg.seed,
+                                 stream=_ANALYSIS_STREAM)
+    batches: List[Tensor] = []
+    while sum(b.shape[0] for b in batches) < n_tokens:
+        batches.append(next(synth))
+    db = build_database_from_activations(sae, batches, n_tokens=n_tokens, progress=progress,
+                                         metadata={"synthetic_features": cfg.synthetic_features})
+    return _Activations(db, batches, {"feature_recovery": feature_recovery(sae.W_dec, synth.true_features)})
+
+
+def _write_similarity_csv(path: Path, neighbours: Any) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["feature", "rank", "neighbour", "cosine"])
+        for f, (vals, ids) in enumerate(zip(neighbours[0].tolist(), neighbours[1].tolist())):
+            writer.writerows([f, r + 1, i, f"{v:.6f}"] for r, (v, i) in enumerate(zip(vals, ids)))
+
+
+def _analyze_into(out: Path, sae: nn.Module, sae_dir: Path, run_dir: Optional[Path], inputs: _Inputs, *,
+                  n_tokens: int, n_features: int, selection: str, batch_size: int, ablation_windows: int,
+                  n_examples: int, progress: bool) -> Dict[str, Any]:
+    from ..evals.metrics import reconstruction_metrics
+    from ..io import read_log_sparsity
+
+    summary: Dict[str, Any] = {"sae_dir": str(sae_dir), "source": inputs.kind, "d_in": sae.d_in, "d_sae": sae.d_sae,
+                               "architecture": getattr(sae, "architecture", None)}
+    found: Optional[_Activations] = None
+    if inputs.kind == "model":
+        found = _from_model(sae, inputs, n_tokens, batch_size, ablation_windows, progress)
+    elif inputs.kind == "cache":
+        found = _from_cache(sae, inputs.cache_dir, n_tokens, progress)
+    elif inputs.kind == "synthetic":
+        found = _from_synthetic(sae, inputs.train_cfg, n_tokens, progress)
+
+    # ---- database, sparsity report, reconstruction metrics; the features that get a page
+    if found is not None:
+        summary.update(found.info)
+        rows_needed, kept = _METRIC_ROWS, []
+        for b in found.metric_rows:
+            if rows_needed <= 0:
+                break
+            kept.append(b[:rows_needed].reshape(-1, sae.d_in))
+            rows_needed -= kept[-1].shape[0]
+        summary["reconstruction"] = reconstruction_metrics(sae, kept)
+        db = found.db
+        db.metadata.update(sae_dir=str(sae_dir))
+        db.save(out / "activations.safetensors")
+        stats = feature_stats(db)
+        log10_density = stats.log10_density
+        summary["sparsity"] = sparsity_report(db, sae=sae)
+        features = select_features(stats.counts, n_features, selection)
+    else:
+        db = None
+        log10_density = read_log_sparsity(sae_dir)  # SAELens' training-time density, when saved
+        if log10_density is not None:
+            density = torch.where(log10_density > -9.5, 10.0 ** log10_density.double(),
+                                  torch.zeros((), dtype=torch.float64))
+            features = select_features(density, n_features, selection)
+        else:
+            features = list(range(min(n_features, sae.d_sae)))
+
+    # ---- decoder similarity
+    neighbours = decoder_neighbours(sae.W_dec, min(10, sae.d_sae - 1)) if sae.d_sae > 1 else None
+    if neighbours is not None:
+        best = neighbours[0][:, 0]
+        summary["decoder_similarity"] = {
+            "mean_max_cosine": float(best.mean()), "max_cosine": float(best.max()),
+            f"n_with_neighbour_above_{_NEAR_DUPLICATE}": int((best > _NEAR_DUPLICATE).sum())}
+        _write_similarity_csv(out / "similarity.csv", neighbours)
+
+    # ---- ablation study (model sources)
+    ablation: Dict[int, float] = {}
+    if found is not None and found.model is not None and found.ablation_tokens is not None \
+            and found.ablation_tokens.shape[1] >= 2:
+        study = ablation_study(found.model, sae, found.ablation_tokens, inputs.hook, features=features,
+                               batch_size=batch_size, **found.ablation_kwargs)
+        summary["ablation"] = study["spliced"]
+        summary["feature_ablation"] = study["features"]
+        ablation = {r["feature"]: r["ce_delta"] for r in study["features"]}
+
+    # ---- pictures and the report
+    images = []
+    if log10_density is not None:
+        plots.plot_feature_density(log10_density, out / "density.png")
+        images.append(("Feature density", "density.png"))
+    if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
+        if plots.plot_training_curves(run_dir, out / "training_curves.png") is not None:
+            images.append(("Training curves", "training_curves.png"))
+    if run_dir is not None and (run_dir / "eval.json").is_file():
+        summary["final_eval"] = json.loads((run_dir / "eval.json").read_text())
+    write_html_report(out, features, db=db, W_dec=sae.W_dec, tokenizer=found.tokenizer if found else None,
+                      summary=_headline(summary), images=images, neighbours=neighbours, ablation=ablation,
+                      n_examples=n_examples, title=f"SAE analysis: {sae_dir}", log10_density=log10_density)
+    summary["report_features"] = features
+    (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
+    return summary
+
+
+def _headline(summary: Dict[str, Any]) -> Dict[str, Any]:
+    """The flat metrics shown at the top of the index page."""
+    head: Dict[str, Any] = {k: summary[k] for k in ("source", "model", "hook", "dataset", "cache_dir", "d_in", "d_sae",
+                                                     "architecture", "feature_recovery") if summary.get(k) is not None}
+    sp = summary.get("sparsity", {})
+    for k in ("n_tokens", "l0_mean", "l0_median", "l1_mean", "n_dead", "dead_fraction", "n_dense", "dense_fraction",
+              "n_rare", "training_dead"):
+        if sp.get(k) is not None:
+            head[k] = sp[k]
+    for k in ("explained_variance", "mse", "cosine_similarity"):
+        if k in summary.get("reconstruction", {}):
+            head[k] = summary["reconstruction"][k]
+    for k in ("ce_clean", "ce_spliced", "ce_zero_ablation", "ce_loss_recovered", "kl"):
+        if k in summary.get("ablation", {}):
+            head[k] = summary["ablation"][k]
+    for k, v in summary.get("decoder_similarity", {}).items():
+        head[f"decoder {k}"] = v
+    return head
