@@ -456,8 +456,10 @@ class BaseSAE(nn.Module):
         n = x_in.shape[0]
         x_hat = both[:n] + self.b_dec.to(both.dtype)
         residual = (x_in - x_hat).detach()
-        aux_loss = c.aux_penalty * (both[n:].float() - residual.float()).pow(2).mean()
-        return _Codes(acts, acts, self._sparsity_loss(acts)), x_hat, aux_loss
+        return _Codes(acts, acts, self._sparsity_loss(acts)), x_hat, self._aux_penalty(both[n:], residual)
+
+    def _aux_penalty(self, aux_recon: Tensor, residual: Tensor) -> Tensor:
+        return self.config.aux_penalty * (aux_recon.float() - residual.float()).pow(2).mean()
 
     def _aux_loss(self, x_in: Tensor, residual: Tensor, dead: Tensor) -> Tensor:
         """aux_penalty * mean((decode of each row's top_k_aux dead latents - residual)^2)."""
@@ -466,7 +468,7 @@ class BaseSAE(nn.Module):
             return torch.zeros((), device=self.device)
         aux_acts = ops.auxk_encode(x_in, self.W_enc, self._b_dec_in(), dead, c.top_k_aux, b_enc=self._b_enc_in())
         aux_recon = ops.sparse_decode(aux_acts, self.W_dec)
-        return c.aux_penalty * (aux_recon.float() - residual.float()).pow(2).mean()
+        return self._aux_penalty(aux_recon, residual)
 
     def get_auxiliary_loss(self, x: Tensor, x_recon: Tensor) -> Tensor:
         """User API: aux-K loss of x and its reconstruction from ``forward`` (0 for ReLU/JumpReLU
