@@ -81,7 +81,9 @@ def test_sparse_product_kernels_write_every_output(dtype, B, d_in, d_sae, k):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_decoder_norm_kernel_modes(dtype):
+@pytest.mark.parametrize("one_tile_max", [8192, 64], ids=["one-tile", "two-pass"])
+def test_decoder_norm_kernel_modes(dtype, one_tile_max, monkeypatch):
+    monkeypatch.setattr(decoder_norm, "MAX_ONE_TILE_D", one_tile_max)
     gen = torch.Generator().manual_seed(5)
     W = torch.randn(77, 300, generator=gen).to(dtype).to(DEVICE)
     G = torch.randn(77, 300, generator=gen).to(dtype).to(DEVICE)
