@@ -201,7 +201,12 @@ def _run_training(cfg: TrainConfig, resume: bool, device: Any, info: Any) -> int
     finally:
         inputs.close()
     if info.is_main:
+        from .analysis.plots import plot_training_curves
+
+        curves = plot_training_curves(trainer.run_dir, trainer.run_dir / "training_curves.png")
         head = f"saefast: trained {trainer.step} steps ({trainer.tokens_seen:,} tokens); SAE saved to {trainer.run_dir / 'sae'}"
+        if curves is not None:
+            head += f"\ntraining curves: {curves}; browse the features with: saefast analyze {trainer.run_dir}"
         if "feature_recovery" in metrics:
             head += ("\nplanted-feature recovery (mean over planted features of the max cosine similarity "
                      "with a decoder row) next to reconstruction metrics on held-out activations:")

@@ -28,6 +28,9 @@ def test_embedded_default_trains_reports_recovery_and_evals(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "planted-feature recovery" in out and "feature_recovery" in out and "explained_variance" in out
     run = tmp_path / "syn"
+    curves = run / "training_curves.png"
+    assert f"training curves: {curves}" in out
+    assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and curves.stat().st_size > 10_000
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["train_steps"] == 150 and cfg["lr"] == 3e-3 and cfg["top_k"] == 4  # synthetic defaults + flags
     trained = json.loads((run / "eval.json").read_text())
