@@ -236,6 +236,25 @@ def _aux_forward(impl, xc, W_enc, b_enc, dead, k_aux):
     return values, dead[indices.long()].to(torch.int32), row_ids, offsets, kept_min
 
 
+class _AuxEncode(torch.autograd.Function):
+    """aux-K codes; the backward scatters straight into a W_enc-shaped gradient (no gradient of
+    the dead-column copy to expand afterwards)."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_dec, b_enc, dead, k_aux):
+        xc = x - b_dec
+        values, indices, row_ids, offsets, kept_min = _aux_forward(_backend(x.device), xc, W_enc, b_enc, dead, k_aux)
+        ctx.save_for_backward(xc, W_enc, indices, row_ids)
+        ctx.has_b_enc = b_enc is not None
+        ctx.mark_non_differentiable(indices, row_ids, offsets, kept_min)
+        return values, indices, row_ids, offsets, kept_min
+
+    @staticmethod
+    def backward(ctx, grad_values, *_):
+        xc, W_enc, indices, row_ids = ctx.saved_tensors
+        return _encode_input_grads(ctx, grad_values, xc, W_enc, indices, row_ids) + (None, None)
+
+
 class _EncodeWithAux(torch.autograd.Function):
     """The main encode and the aux-K encode in one node, so that the backward scatters both sets
     of pairs into a single W_enc gradient (no second [d_in, d_sae] buffer)."""
@@ -351,11 +370,7 @@ def auxk_encode(x: Tensor, W_enc: Tensor, b_dec: Tensor, dead_mask: Tensor, k_au
     k_aux = _check_k("k_aux", k_aux, d_sae)
     if dead.numel() == 0:
         return _empty_acts(x, W_enc, d_sae)
-    W_dead = W_enc.index_select(1, dead)
-    b_dead = b_enc.index_select(0, dead) if b_enc is not None else None
-    acts = _encode(x, W_dead, b_dec, b_dead, "row", min(k_aux, dead.numel()), None)
-    # dead is increasing, so mapping indices keeps the (row, latent) order.
-    return acts._replace(indices=dead[acts.indices.long()].to(torch.int32), d_sae=d_sae)
+    return SparseActs(*_AuxEncode.apply(x, W_enc, b_dec, b_enc, dead, k_aux), d_sae)
 
 
 def _empty_acts(x: Tensor, W_enc: Tensor, d_sae: int) -> SparseActs:
