@@ -191,22 +191,29 @@ def _check_k(name: str, k: int, d_sae: int) -> int:
 # Autograd Functions (no maths of their own: they call the backend)
 # ----------------------------------------------------------------------------------------------
 
+def _save_codes(ctx, xc, W_enc, b_enc, codes):
+    """Keep what the backward of an encode needs; codes = (values, indices, row_ids, offsets, kept_min)."""
+    ctx.save_for_backward(xc, W_enc, codes[1], codes[2])
+    ctx.has_b_enc = b_enc is not None
+    ctx.mark_non_differentiable(*codes[1:])
+    return codes
+
+
+def _codes_backward(ctx, grad_values):
+    xc, W_enc, indices, row_ids = ctx.saved_tensors
+    return _encode_input_grads(ctx, grad_values, xc, W_enc, indices, row_ids)
+
+
 class _Encode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_dec, b_enc, mode, k, threshold):
-        impl = _backend(x.device)
         xc = x - b_dec
-        values, indices, row_ids, offsets, kept_min = impl.encode_forward(
-            xc, W_enc, b_enc, mode=mode, k=k, threshold=threshold)
-        ctx.save_for_backward(xc, W_enc, indices, row_ids)
-        ctx.has_b_enc = b_enc is not None
-        ctx.mark_non_differentiable(indices, row_ids, offsets, kept_min)
-        return values, indices, row_ids, offsets, kept_min
+        codes = _backend(x.device).encode_forward(xc, W_enc, b_enc, mode=mode, k=k, threshold=threshold)
+        return _save_codes(ctx, xc, W_enc, b_enc, tuple(codes))
 
     @staticmethod
     def backward(ctx, grad_values, *_):
-        xc, W_enc, indices, row_ids = ctx.saved_tensors
-        return _encode_input_grads(ctx, grad_values, xc, W_enc, indices, row_ids) + (None, None, None)
+        return _codes_backward(ctx, grad_values) + (None, None, None)
 
 
 def _encode_input_grads(ctx, grad_values, xc, W_enc, indices, row_ids):
@@ -243,16 +250,11 @@ class _AuxEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_dec, b_enc, dead, k_aux):
         xc = x - b_dec
-        values, indices, row_ids, offsets, kept_min = _aux_forward(_backend(x.device), xc, W_enc, b_enc, dead, k_aux)
-        ctx.save_for_backward(xc, W_enc, indices, row_ids)
-        ctx.has_b_enc = b_enc is not None
-        ctx.mark_non_differentiable(indices, row_ids, offsets, kept_min)
-        return values, indices, row_ids, offsets, kept_min
+        return _save_codes(ctx, xc, W_enc, b_enc, _aux_forward(_backend(x.device), xc, W_enc, b_enc, dead, k_aux))
 
     @staticmethod
     def backward(ctx, grad_values, *_):
-        xc, W_enc, indices, row_ids = ctx.saved_tensors
-        return _encode_input_grads(ctx, grad_values, xc, W_enc, indices, row_ids) + (None, None)
+        return _codes_backward(ctx, grad_values) + (None, None)
 
 
 class _EncodeWithAux(torch.autograd.Function):
