@@ -24,7 +24,7 @@ from saefast.kernels import sparse_decode as _sparse_k
 from saefast.kernels import topk_encode as _encode_k
 
 from . import reference
-from .selection import select_batch_top, select_row_top, to_csr
+from .selection import select_batch_top, select_row_top
 
 NORM_EPS = reference.NORM_EPS
 SAMPLE_ROWS = 64          # rows of the dense sample used to estimate the threshold
@@ -51,10 +51,6 @@ def _run(xc, W_enc, b_enc, row_thr, col_thr, capacity):
     return vals[:total], lats[:total], rows[:total], row_count, row_pos
 
 
-def _finish(values, indices, row_ids, n_rows, d_sae):
-    return reference._finish(values, indices, row_ids, n_rows, d_sae)
-
-
 def _encode_batch(xc, W_enc, b_enc, k):
     B, d_sae = xc.shape[0], W_enc.shape[1]
     n_keep = B * k
@@ -68,7 +64,7 @@ def _encode_batch(xc, W_enc, b_enc, k):
         vals, lats, rws, _, row_pos = _run(xc, W_enc, b_enc, row_thr, None, CAPACITY_FACTOR * n_keep)
         if vals.numel() >= n_keep or vals.numel() == int(row_pos.sum()):
             chosen = select_batch_top(vals, rws, lats, d_sae, n_keep)
-            return _finish(vals[chosen], lats[chosen], rws[chosen], B, d_sae)
+            return reference._finish(vals[chosen], lats[chosen], rws[chosen], B, d_sae)
         thr = 0.0 if thr <= 0 else thr * 0.25
     return reference.encode_forward(xc, W_enc, b_enc, mode="batch", k=k)
 
@@ -93,7 +89,7 @@ def _encode_row(xc, W_enc, b_enc, k):
         lats = torch.cat([lats[keep], redo[1]])
         rws = torch.cat([rws[keep], failed.to(torch.int32)[redo[2].long()]])
     chosen = select_row_top(vals, rws, lats, k)
-    return _finish(vals[chosen], lats[chosen], rws[chosen], B, d_sae)
+    return reference._finish(vals[chosen], lats[chosen], rws[chosen], B, d_sae)
 
 
 def _encode_threshold(xc, W_enc, b_enc, threshold):
@@ -102,7 +98,7 @@ def _encode_threshold(xc, W_enc, b_enc, threshold):
     frac = float((pre > threshold[None, :]).float().mean())
     capacity = math.ceil(1.5 * frac * B * d_sae) + 1024
     vals, lats, rws, _, _ = _run(xc, W_enc, b_enc, None, threshold, capacity)
-    return _finish(vals, lats, rws, B, d_sae)
+    return reference._finish(vals, lats, rws, B, d_sae)
 
 
 def encode_forward(xc: Tensor, W_enc: Tensor, b_enc: Optional[Tensor], *, mode: str, k: int = 0,
