@@ -57,7 +57,7 @@ def test_largest_d_sae(benchmark, record, impl):
     bound = found["bound_d_sae"]
     fraction = found["max_d_sae"] / bound if bound else None
     notes = ("search stopped early (timeout or crash): a lower bound" if not found["complete"] else
-             "largest d_sae whose step ran, searched to within 1/16")
+             "largest d_sae whose step ran, searched to within 1/32, one fresh process per trial")
     record.figure(group="largest_d_sae", impl=impl, params=params, metric="max_d_sae",
                   value=found["max_d_sae"], unit="latents", notes=notes, bound_d_sae=bound,
                   fraction_of_bound=fraction, budget_bytes=found["budget_bytes"],

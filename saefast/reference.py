@@ -17,7 +17,9 @@ Backward passes are written out (not autograd) so that they touch only active (r
 pairs, O(nnz * d_in) work. On the CPU the active values form a ``torch.sparse`` CSR matrix
 S [B, d_sae] and the gradients are sparse-dense products (``xc.T @ S``, ``S @ W_enc.T``,
 ``S.T @ grad_out``) and a sampled product (``torch.sparse.sampled_addmm``): multi-threaded sparse
-BLAS (bf16/fp16 operands are widened to fp32 first, as those kernels take no 16-bit floats). On
+BLAS (bf16/fp16 operands are widened to fp32 first, as those kernels take no 16-bit floats). The
+products with a weight run over blocks of latents (``_latent_blocks``), so a weight gradient
+costs its own buffer and nothing more of its size. On
 other devices (``SPARSE_BLAS_DEVICES``) they are ``index_add_`` scatters and gathers of [nnz, d_in]
 rows, chunked like the pre-activations. Accumulation is in fp32 (fp64 for fp64 inputs, used by
 gradcheck).
@@ -38,6 +40,8 @@ CHUNK_ELEMENTS = 1 << 24
 # on the CPU, where it is 5-20x faster than gathers and scatters). Elsewhere the reference is the
 # tests' oracle beside the Triton kernels, and uses plain gathers and index_add_ scatters.
 SPARSE_BLAS_DEVICES = ("cpu",)
+# The CPU weight gradients S.T @ dense are computed this many output elements at a time.
+LATENT_BLOCK_ELEMENTS = 1 << 19
 NORM_EPS = 1e-12
 # Candidates kept per row before the global BatchTopK choice, as a multiple of k. Rows that
 # may hold more of the global top than that are recomputed, so this only affects speed.
@@ -206,12 +210,39 @@ def _sparse_matrix(values: Tensor, indices: Tensor, row_ids: Tensor, n_rows: int
     return _csr(counts, indices, values, n_cols)
 
 
-def _touched_rows_times(values: Tensor, indices: Tensor, row_ids: Tensor, dense: Tensor) -> Tuple[Tensor, Tensor]:
-    """(latents touched, S.T @ dense restricted to them): the transpose of the sparse matrix built
-    latent-major over the touched latents only, so the product is as small as the entries."""
+def _latent_blocks(values: Tensor, indices: Tensor, row_ids: Tensor, n_rows: int, d_sae: int,
+                   width: int) -> Iterator[Tuple[int, int, Tensor]]:
+    """(s, e, T) for consecutive blocks of latents, T the torch.sparse CSR matrix [e - s, n_rows]
+    of the entries of latents s..e-1 (rows of S.T, with S [n_rows, d_sae] the entries' matrix).
+
+    The entries are sorted latent-major once; blocks hold ``LATENT_BLOCK_ELEMENTS // width``
+    latents, so products written block by block into their slice of a [d_sae, width] result
+    need no second result-sized buffer (a whole torch.sparse product allocates one) and no
+    zero fill (latents without entries get zeros from their empty rows).
+    """
     order = torch.argsort(indices, stable=True)
-    touched, counts = torch.unique_consecutive(indices[order], return_counts=True)
-    return touched.long(), _csr(counts, row_ids[order], values[order], dense.shape[0]) @ dense
+    counts = torch.bincount(indices.long(), minlength=d_sae) if indices.numel() else torch.zeros(
+        d_sae, dtype=torch.long, device=indices.device)
+    ST = _csr(counts, row_ids[order], values[order], n_rows)
+    crow, cols, vals = ST.crow_indices(), ST.col_indices(), ST.values()
+    block = max(1, LATENT_BLOCK_ELEMENTS // max(width, 1))
+    starts = list(range(0, d_sae, block))
+    bounds = crow[starts + [d_sae]].tolist()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        for i, s in enumerate(starts):
+            e = min(s + block, d_sae)
+            a, b = bounds[i], bounds[i + 1]
+            yield s, e, torch.sparse_csr_tensor(crow[s:e + 1] - a, cols[a:b], vals[a:b], (e - s, n_rows),
+                                                check_invariants=False)
+
+
+def _write_block(out: Tensor, sub: Tensor, dense: Tensor) -> None:
+    """out = sub @ dense, straight into ``out`` when the dtypes allow."""
+    if out.dtype == dense.dtype:
+        torch.mm(sub, dense, out=out)
+    else:
+        out.copy_(sub @ dense)
 
 
 def encode_backward(grad_values: Tensor, xc: Tensor, W_enc: Tensor, indices: Tensor, row_ids: Tensor,
@@ -232,18 +263,18 @@ def encode_backward(grad_values: Tensor, xc: Tensor, W_enc: Tensor, indices: Ten
     if xc.device.type not in SPARSE_BLAS_DEVICES:
         grad_xc, grad_W_enc = _encode_backward_gather(g, xc, W_enc, indices, row_ids, need_xc, need_W)
         return grad_xc, grad_W_enc, grad_b_enc
-    S = _sparse_matrix(g, indices, row_ids, xc.shape[0], d_sae)
-    if need_W:
-        xc_acc = xc.to(acc)
-        # Both products give the same sums; MKL's dense @ CSR is fastest while entries are
-        # fewer than latents, the transposed form (plus a copy) once most latents repeat.
-        if g.numel() <= d_sae:
-            grad_W_enc = xc_acc.t() @ S
-        else:
-            grad_W_enc = (S.t() @ xc_acc).t()
-        grad_W_enc = grad_W_enc.to(W_enc.dtype).contiguous()
-    if need_xc:
-        grad_xc = (S @ W_enc.to(acc).t()).to(xc.dtype)
+    # One latent-major pass: per block of latents, its columns of grad_W_enc (written in place
+    # through the transposed view) and its share of grad_xc (accumulated transposed, [d_in, B]).
+    grad_W_t = torch.empty(W_enc.shape, dtype=W_enc.dtype, device=W_enc.device).t() if need_W else None
+    grad_xc_t = torch.zeros(d_in, xc.shape[0], dtype=acc, device=xc.device) if need_xc else None
+    xc_acc = xc.to(acc) if need_W else None
+    for s, e, sub in _latent_blocks(g, indices, row_ids, xc.shape[0], d_sae, d_in):
+        if need_W:
+            _write_block(grad_W_t[s:e], sub, xc_acc)
+        if need_xc:
+            grad_xc_t.addmm_(W_enc[:, s:e].to(acc), sub)
+    grad_W_enc = grad_W_t.t() if need_W else None
+    grad_xc = grad_xc_t.t().to(xc.dtype).contiguous() if need_xc else None
     return grad_xc, grad_W_enc, grad_b_enc
 
 
@@ -292,8 +323,7 @@ def decode_backward(grad_out: Tensor, values: Tensor, indices: Tensor, row_ids: 
     """Gradients of the active values and of W_dec.
 
     grad_values[j] = grad_out[row_j] . W_dec[latent_j] (a product sampled at the active pairs
-    only) and grad_W_dec = S.T @ grad_out with S [B, d_sae] the sparse matrix of values (only
-    its touched rows are computed; the others are zero).
+    only) and grad_W_dec = S.T @ grad_out with S [B, d_sae] the sparse matrix of values.
     """
     acc = acc_dtype(W_dec.dtype)
     g = grad_out.to(acc)
@@ -307,9 +337,9 @@ def decode_backward(grad_out: Tensor, values: Tensor, indices: Tensor, row_ids: 
         sampled = torch.sparse.sampled_addmm(pattern, g, W_dec.to(acc).t(), beta=0.0)
         grad_values = sampled.values().to(values.dtype)
     if need_W:
-        touched, rows_grad = _touched_rows_times(values.to(acc), indices, row_ids, g)
-        grad_W = torch.zeros(W_dec.shape, dtype=W_dec.dtype, device=W_dec.device)
-        grad_W[touched] = rows_grad.to(W_dec.dtype)
+        grad_W = torch.empty(W_dec.shape, dtype=W_dec.dtype, device=W_dec.device)
+        for s, e, sub in _latent_blocks(values.to(acc), indices, row_ids, n_rows, d_sae, W_dec.shape[1]):
+            _write_block(grad_W[s:e], sub, g)
     return grad_values, grad_W
 
 

@@ -24,6 +24,9 @@ def backend(request, monkeypatch):
     monkeypatch.setenv("SAEFAST_BACKEND", request.param.split("-")[0])
     if request.param == "torch-gather":
         monkeypatch.setattr(reference, "SPARSE_BLAS_DEVICES", ())
+    # Blocks of a few latents, so the CPU backward's latent blocks (and a partial last one) run
+    # on these small shapes too.
+    monkeypatch.setattr(reference, "LATENT_BLOCK_ELEMENTS", 64)
     return request.param
 
 
@@ -222,8 +225,11 @@ def test_decoder_norm_ops(backend, d_sae, d_in, dtype):
 # -- float64 gradcheck of the references (the documented semantics) ----------------------------
 
 @pytest.mark.parametrize("mode", ["batch", "row"])
-def test_gradcheck_reference_encode_decode(monkeypatch, mode):
+@pytest.mark.parametrize("block_elements", [1 << 19, 15], ids=["one-block", "blocks-of-3-latents"])
+def test_gradcheck_reference_encode_decode(monkeypatch, mode, block_elements):
     monkeypatch.setenv("SAEFAST_BACKEND", "torch")
+    # the CPU weight gradients run over blocks of latents: all in one, and 13 = 4 * 3 + 1
+    monkeypatch.setattr(reference, "LATENT_BLOCK_ELEMENTS", block_elements)
     B, d_in, d_sae, k = 6, 5, 13, 3
     x, W, bd, be = make_problem(B, d_in, d_sae, torch.float64, seed=12)
     W_dec = torch.randn(d_sae, d_in, dtype=torch.float64)
