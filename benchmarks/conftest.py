@@ -94,7 +94,7 @@ SIZES_BY_PROFILE: Dict[str, Sizes] = {
     "cuda": Sizes("cuda", d_in=2304, batch=4096, k=64, d_sae_sweep=tuple(2 ** i for i in range(14, 21)),
                   d_sae_main=131072, k_sweep=(16, 32, 64, 128, 256), k_sweep_d_sae=131072,
                   dtypes=(torch.float32, torch.bfloat16), k_aux=512, min_rounds=5, max_rounds=100,
-                  target_seconds=1.0, memory_budget=None, search_start=16384, search_timeout=300),
+                  target_seconds=1.0, memory_budget=None, search_start=131072, search_timeout=420),
     "quick": Sizes("quick", d_in=64, batch=128, k=8, d_sae_sweep=(1024, 2048), d_sae_main=2048,
                    k_sweep=(4, 8), k_sweep_d_sae=1024, dtypes=(torch.float32,), k_aux=32, min_rounds=1,
                    max_rounds=2, target_seconds=0.05, memory_budget=256 << 20, search_start=1024,

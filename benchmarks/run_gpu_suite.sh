@@ -3,10 +3,11 @@
 #   install this checkout (no dependencies fetched), run the tests natively, run the benchmarks,
 #   write benchmarks/results/<date>-<device>.json and rebuild the README table and perf.png.
 #
-#   bash benchmarks/run_gpu_suite.sh [all|tests|bench|bench-step|bench-ops]   (default: all)
+#   bash benchmarks/run_gpu_suite.sh [all|tests|bench|bench-step|bench-memory|bench-ops]   (default: all)
 #
-# One device-tool command may run 10 minutes: run "tests", "bench-step" (whole step, scaling,
-# largest d_sae) and "bench-ops" (single ops) as three calls; "bench" runs both benchmark parts.
+# One device-tool command may run 10 minutes: run "tests", "bench-step" (whole step, scaling),
+# "bench-memory" (largest d_sae, one process per trial) and "bench-ops" (single ops) as four
+# calls; "bench" runs all three benchmark parts.
 #
 # Peer wheels: if .whl/*.whl exists (benchmarks/fetch_peer_wheels.sh fills it; name .whl in the
 # device tool's carry) they are installed to /tmp/site first, so the sparsify figures run too.
@@ -25,10 +26,12 @@ export PYTHONUNBUFFERED=1
 case "$STAGE" in
   all|tests|bench) ;;
   bench-step) BENCH_TAG=${BENCH_TAG:-step}
-              BENCH_ARGS=${BENCH_ARGS:-"benchmarks/bench_train_step.py benchmarks/bench_memory.py benchmarks/bench_scaling.py"} ;;
+              BENCH_ARGS=${BENCH_ARGS:-"benchmarks/bench_train_step.py benchmarks/bench_scaling.py"} ;;
+  bench-memory) BENCH_TAG=${BENCH_TAG:-memory}
+                BENCH_ARGS=${BENCH_ARGS:-"benchmarks/bench_memory.py"} ;;
   bench-ops) BENCH_TAG=${BENCH_TAG:-ops}
              BENCH_ARGS=${BENCH_ARGS:-"benchmarks/bench_topk_encode.py benchmarks/bench_sparse_decode.py benchmarks/bench_auxk.py benchmarks/bench_decoder_norm.py"} ;;
-  *) echo "usage: $0 [all|tests|bench|bench-step|bench-ops]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|tests|bench|bench-step|bench-memory|bench-ops]" >&2; exit 2 ;;
 esac
 
 if compgen -G ".whl/*.whl" >/dev/null; then
