@@ -60,8 +60,21 @@ def _chunks(n: int, width: int) -> Iterator[Tuple[int, int]]:
         yield start, min(n, start + step)
 
 
-def _pre(xc: Tensor, W_enc: Tensor, b_enc: Optional[Tensor]) -> Tensor:
-    return torch.addmm(b_enc, xc, W_enc) if b_enc is not None else xc @ W_enc
+def _pre(xc: Tensor, W_enc: Tensor, b_enc: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
+    if b_enc is not None:
+        return torch.addmm(b_enc, xc, W_enc, out=out) if out is not None else torch.addmm(b_enc, xc, W_enc)
+    return torch.mm(xc, W_enc, out=out) if out is not None else xc @ W_enc
+
+
+def _pre_chunks(xc: Tensor, W_enc: Tensor, b_enc: Optional[Tensor]) -> Iterator[Tuple[int, int, Tensor]]:
+    """(s, e, pre of rows s..e-1) in row chunks, each written into the same buffer: a chunk is
+    tens of MB, and a fresh one per chunk costs the OS's zeroing of its pages every time (a
+    quarter of the encode GEMM's time on a CPU). A chunk is only valid until the next one."""
+    buf = None
+    for s, e in _chunks(xc.shape[0], W_enc.shape[1]):
+        if buf is None:
+            buf = torch.empty((e - s, W_enc.shape[1]), dtype=xc.dtype, device=xc.device)
+        yield s, e, _pre(xc[s:e], W_enc, b_enc, out=buf[:e - s])
 
 
 def _empty_codes(xc: Tensor, W_enc: Tensor):
@@ -89,8 +102,8 @@ def _encode_batch(xc: Tensor, W_enc: Tensor, b_enc: Optional[Tensor], k: int) ->
     # more positives than it kept and how large the largest entry it left out can be.
     k_top = min(d_sae, k_row + 1)
     vals, lats, rows, cut_rows, cut_q = [], [], [], [], []
-    for s, e in _chunks(n_rows, d_sae):
-        top = _pre(xc[s:e], W_enc, b_enc).topk(k_top, dim=1)
+    for s, e, pre in _pre_chunks(xc, W_enc, b_enc):
+        top = pre.topk(k_top, dim=1)
         top_values, top_indices = top.values[:, :k_row], top.indices[:, :k_row]
         keep = top_values > 0
         row_idx = torch.arange(s, e, device=xc.device, dtype=torch.int32)
@@ -113,8 +126,7 @@ def _encode_batch(xc: Tensor, W_enc: Tensor, b_enc: Optional[Tensor], k: int) ->
     if redo.numel():
         keep_old = ~torch.isin(row_ids, redo)
         vals, lats, rows = [values[keep_old]], [indices[keep_old]], [row_ids[keep_old]]
-        for s, e in _chunks(redo.numel(), d_sae):
-            pre = _pre(xc[redo[s:e].long()], W_enc, b_enc)
+        for s, e, pre in _pre_chunks(xc[redo.long()], W_enc, b_enc):
             v, lat, r = _masked_entries(pre, (pre.float() >= cut) & (pre > 0), 0)
             vals.append(v)
             lats.append(lat)
@@ -130,8 +142,7 @@ def _encode_row(xc: Tensor, W_enc: Tensor, b_enc: Optional[Tensor], k: int) -> E
     n_rows, d_sae = xc.shape[0], W_enc.shape[1]
     k_top = min(d_sae, k + 1)
     vals, lats, rows = [], [], []
-    for s, e in _chunks(n_rows, d_sae):
-        pre = _pre(xc[s:e], W_enc, b_enc)
+    for s, e, pre in _pre_chunks(xc, W_enc, b_enc):
         top = pre.topk(k_top, dim=1)
         top_values, top_indices = top.values[:, :k], top.indices[:, :k]
         row_idx = torch.arange(s, e, device=xc.device, dtype=torch.int32)
@@ -156,8 +167,7 @@ def _encode_row(xc: Tensor, W_enc: Tensor, b_enc: Optional[Tensor], k: int) -> E
 def _encode_masked(xc: Tensor, W_enc: Tensor, b_enc: Optional[Tensor], mask_fn) -> EncodeOut:
     n_rows, d_sae = xc.shape[0], W_enc.shape[1]
     vals, lats, rows = [], [], []
-    for s, e in _chunks(n_rows, d_sae):
-        pre = _pre(xc[s:e], W_enc, b_enc)
+    for s, e, pre in _pre_chunks(xc, W_enc, b_enc):
         v, lat, r = _masked_entries(pre, mask_fn(pre), s)
         vals.append(v)
         lats.append(lat)
