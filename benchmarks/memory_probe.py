@@ -85,7 +85,7 @@ def _run_trial(args) -> None:
     _emit(d_sae=d_sae, ok=ok, seconds=round(time.perf_counter() - t0, 3), budget_bytes=budget, error=error)
 
 
-def _trial(args, d_sae: int) -> tuple:
+def _trial(args, d_sae: int) -> dict:
     """Parent: run one trial in a fresh process and pass its line on."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--trial", str(d_sae)] + [
         arg for name, value in vars(args).items() if name != "trial" and value is not None

@@ -61,9 +61,7 @@ def _chunks(n: int, width: int) -> Iterator[Tuple[int, int]]:
 
 
 def _pre(xc: Tensor, W_enc: Tensor, b_enc: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
-    if b_enc is not None:
-        return torch.addmm(b_enc, xc, W_enc, out=out) if out is not None else torch.addmm(b_enc, xc, W_enc)
-    return torch.mm(xc, W_enc, out=out) if out is not None else xc @ W_enc
+    return torch.addmm(b_enc, xc, W_enc, out=out) if b_enc is not None else torch.mm(xc, W_enc, out=out)
 
 
 def _pre_chunks(xc: Tensor, W_enc: Tensor, b_enc: Optional[Tensor]) -> Iterator[Tuple[int, int, Tensor]]:
