@@ -55,6 +55,18 @@ def _long(t: Tensor) -> Tensor:
     return t.detach().to(device="cpu", dtype=torch.long).contiguous()
 
 
+
+def _check_index(value, name: str, what: str, limit: int, limit_name: str) -> int:
+    """``value`` as an int in [0, limit) (a one-element tensor is accepted), else a TypeError /
+    ValueError naming the argument and the range."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int {what}, got {type(value).__name__}")
+    if not 0 <= value < limit:
+        raise ValueError(f"{name}={value} must be in [0, {limit_name}={limit})")
+    return value
+
 class ActivationDatabase:
     """Sparse token x feature activations with token metadata (see the module docstring).
 
@@ -183,22 +195,10 @@ class ActivationDatabase:
         return self._by_feature
 
     def _check_feature(self, feature: int) -> int:
-        if isinstance(feature, Tensor) and feature.numel() == 1:
-            feature = int(feature)
-        if isinstance(feature, bool) or not isinstance(feature, int):
-            raise TypeError(f"feature must be an int feature id, got {type(feature).__name__}")
-        if not 0 <= feature < self.d_sae:
-            raise ValueError(f"feature={feature} must be in [0, d_sae={self.d_sae})")
-        return feature
+        return _check_index(feature, "feature", "feature id", self.d_sae, "d_sae")
 
     def _check_token(self, token: int) -> int:
-        if isinstance(token, Tensor) and token.numel() == 1:
-            token = int(token)
-        if isinstance(token, bool) or not isinstance(token, int):
-            raise TypeError(f"token must be an int token index, got {type(token).__name__}")
-        if not 0 <= token < self.n_tokens:
-            raise ValueError(f"token={token} must be in [0, n_tokens={self.n_tokens})")
-        return token
+        return _check_index(token, "token", "token index", self.n_tokens, "n_tokens")
 
     # ------------------------------------------------------------------ per-feature statistics
 
