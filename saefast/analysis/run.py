@@ -15,8 +15,10 @@ its cache, or its synthetic planted-dictionary stream), and writes::
 
 Without any source (an SAE folder and no flags) the report is built from the weights alone
 (similarity, and the density of SAELens' ``sparsity.safetensors`` when present).
-The folder is written under a temporary name and renamed at the end; an existing non-empty
-folder is replaced only with ``overwrite=True``.
+The folder is written under a temporary name and renamed at the end. An existing non-empty
+folder is replaced only with ``overwrite=True``, and only when it is an analysis that saefast
+wrote and holds nothing else (see :func:`saefast.utils.output_folder`): a regular file or a folder
+with other files is refused and left untouched.
 """
 from __future__ import annotations
 
@@ -24,8 +26,6 @@ import csv
 import json
 import logging
 import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ..utils import output_folder
 from . import plots
 from .database import ActivationDatabase, build_database, build_database_from_activations, build_database_from_cache
 from .features import feature_stats, sparsity_report
@@ -164,26 +165,6 @@ def _cache_rows(cache_dir: str, n: int) -> List[Tensor]:
     return rows
 
 
-def _prepare_out(out: Path, overwrite: bool) -> Path:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ValueError(f"{out} already exists and is not empty; pass overwrite=True (--overwrite) or "
-                         "choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    return tmp
-
-
-def _finish_out(tmp: Path, out: Path) -> None:
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        out.rename(trash)
-        tmp.rename(out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        tmp.rename(out)
-
-
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and value != value:
         return None
@@ -217,7 +198,8 @@ def analyze(path: PathLike, out: Optional[PathLike] = None, *, model: Optional[s
         batch_size: windows per model forward pass.
         ablation_windows: windows used for the CE-loss-recovered and per-feature ablation study.
         n_examples: max-activating examples per feature page.
-        overwrite: replace an existing non-empty ``out``.
+        overwrite: replace an earlier analysis that saefast wrote to ``out`` (nothing else is ever
+            replaced).
         progress: tqdm progress bars.
 
     Returns the summary dict (also written to ``summary.json``) with ``"out_dir"`` added.
@@ -246,15 +228,10 @@ def analyze(path: PathLike, out: Optional[PathLike] = None, *, model: Optional[s
     sae.eval()
     inputs = _resolve_inputs(sae, train_cfg, model, dataset, hook, cache_dir, context_size)
     out_dir = Path(out) if out is not None else root / "analysis"
-    tmp = _prepare_out(out_dir, overwrite)
-    try:
+    with output_folder(out_dir, "analysis", overwrite, argument="--out") as tmp:
         summary = _analyze_into(tmp, sae, sae_dir, root if is_run else None, inputs, n_tokens=n_tokens,
                                 n_features=n_features, selection=selection, batch_size=batch_size,
                                 ablation_windows=ablation_windows, n_examples=n_examples, progress=progress)
-        _finish_out(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     summary["out_dir"] = str(out_dir)
     return summary
 

@@ -8,8 +8,8 @@ Layout of a cache folder::
     source_state.pt            only when the source's state is not JSON (e.g. holds RNG tensors)
 
 :func:`cache_activations` holds one shard in memory at a time, writes into a temporary folder and
-renames it into place at the end, so an interrupted run never leaves a half cache behind, and it
-refuses to overwrite an existing folder unless asked. The manifest records the source's
+renames it into place at the end, so an interrupted run never leaves a half cache behind; it
+replaces an existing folder only when asked and only when that folder is a cache saefast wrote. The manifest records the source's
 ``state_dict()`` after the last batch drawn (the dataset position), so a later run can continue
 the data stream where the cache ends (rows of that last batch beyond ``n_tokens`` are skipped).
 
@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -32,6 +30,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..utils import output_folder
 from .buffer import ShuffleBuffer
 from .source import ActivationBatch
 
@@ -69,7 +68,8 @@ def cache_activations(source: Any, out_dir: Union[str, os.PathLike], n_tokens: i
         n_tokens: rows to cache (fewer if the source ends first, with a warning).
         shard_tokens: rows per shard file.
         dtype: storage dtype: "float32", "bfloat16" or "float16".
-        overwrite: replace an existing ``out_dir``.
+        overwrite: replace an activation cache that saefast wrote to ``out_dir`` (a folder holding
+            anything else is never replaced).
         metadata: JSON-safe extra information for the manifest (model, hook, dataset, ...).
         progress: show a tqdm progress bar.
 
@@ -85,17 +85,11 @@ def cache_activations(source: Any, out_dir: Union[str, os.PathLike], n_tokens: i
     if not isinstance(d_in, int):
         raise TypeError(f"source must have an integer .d_in (an activation source), got {type(source).__name__}")
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"{out} already exists and is not empty; pass overwrite=True to replace it or "
-                         "choose another folder")
     if metadata is not None:
         json.dumps(metadata)  # fails early, with the offending value, before any work
 
     from safetensors.torch import save_file
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     shards: List[Dict[str, Any]] = []
     pending: Dict[str, List[Tensor]] = {}
     pending_rows = 0
@@ -113,7 +107,7 @@ def cache_activations(source: Any, out_dir: Union[str, os.PathLike], n_tokens: i
             pending[k] = [v[rows:]] if v.shape[0] > rows else []
         pending_rows -= rows
 
-    try:
+    with output_folder(out, "activation cache", overwrite, argument="out_dir") as tmp:
         bar = tqdm(total=n_tokens, desc="caching activations", unit="tok", disable=not progress)
         iterator = iter(source)
         while written + pending_rows < n_tokens:
@@ -162,16 +156,6 @@ def cache_activations(source: Any, out_dir: Union[str, os.PathLike], n_tokens: i
                 torch.save(state, tmp / _STATE_FILE)
                 manifest["source_state_file"] = _STATE_FILE
         (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(trash)
-            tmp.rename(out)
-            shutil.rmtree(trash)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -119,3 +119,35 @@ def test_analyze_sae_folder_without_activations(synthetic_run, tmp_path):
     assert summary["source"] == "none" and summary["report_features"] == [0, 1, 2, 3, 4]
     assert not (out / "activations.safetensors").exists() and (out / "similarity.csv").is_file()
     assert "Most similar features" in (out / "features" / "feature_00003.html").read_text()
+
+
+def test_overwrite_never_deletes_what_saefast_did_not_write(synthetic_run, tmp_path, capsys):
+    sae_dir = str(synthetic_run / "sae")
+    # a regular file given as --out survives --overwrite
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    assert main(["analyze", sae_dir, "--features", "2", "--out", str(notes), "--overwrite"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err and notes.read_text() == "my notes"
+    # a folder of the user's own files survives --overwrite
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "paper.tex").write_text("draft")
+    (mine / "sub" / "data.csv").write_text("1,2")
+    assert main(["analyze", sae_dir, "--features", "2", "--out", str(mine), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "files saefast did not write" in err and "paper.tex" in err
+    assert (mine / "paper.tex").read_text() == "draft" and (mine / "sub" / "data.csv").read_text() == "1,2"
+    # saefast's own analysis is replaced, unless a file was added to it since
+    out = tmp_path / "analysis"
+    assert main(["analyze", sae_dir, "--features", "2", "--out", str(out)]) == 0
+    assert main(["analyze", sae_dir, "--features", "3", "--out", str(out), "--overwrite"]) == 0
+    assert len(json.loads((out / "summary.json").read_text())["report_features"]) == 3
+    (out / "my_comments.md").write_text("keep me")
+    assert main(["analyze", sae_dir, "--features", "2", "--out", str(out), "--overwrite"]) == 2
+    assert "my_comments.md" in capsys.readouterr().err and (out / "my_comments.md").read_text() == "keep me"
+    assert len(json.loads((out / "summary.json").read_text())["report_features"]) == 3
+    # an empty folder needs no --overwrite
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["analyze", sae_dir, "--features", "2", "--out", str(empty)]) == 0
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]

@@ -163,3 +163,14 @@ def test_bad_input(tmp_path):
     (out / "shard_00002.safetensors").unlink()
     with pytest.raises(ValueError, match=r"incomplete: shard files \['shard_00002.safetensors'\] are missing"):
         CachedActivationSource(out, batch_size=4)
+
+
+def test_overwrite_keeps_folders_saefast_did_not_write(tmp_path):
+    x = rows(20)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.csv").write_text("keep")
+    with pytest.raises(ValueError, match="files saefast did not write"):
+        cache_activations(TensorSource(x, 10), mine, n_tokens=20, shard_tokens=10, overwrite=True, progress=False)
+    assert (mine / "results.csv").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
