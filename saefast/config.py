@@ -9,6 +9,7 @@ or ``TypeError`` naming the field and the fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Union
 
@@ -130,10 +131,14 @@ class SAEConfig:
         if isinstance(self.n_batches_to_dead, bool) or not isinstance(self.n_batches_to_dead, int) \
                 or self.n_batches_to_dead < 0:
             raise ValueError(f"n_batches_to_dead={self.n_batches_to_dead!r} must be an int >= 0")
-        for name in ("l1_coefficient", "aux_penalty"):
+        for name in ("l1_coefficient", "aux_penalty", "topk_threshold_lr", "jumprelu_init_threshold",
+                     "jumprelu_bandwidth"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
-                raise ValueError(f"{name}={value!r} must be a number >= 0")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"{name}={value!r} must be a finite number")
+        for name in ("l1_coefficient", "aux_penalty"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a number >= 0")
         if not 0 < self.topk_threshold_lr <= 1:
             raise ValueError(f"topk_threshold_lr={self.topk_threshold_lr!r} must be in (0, 1]")
         if not self.jumprelu_bandwidth > 0:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -148,6 +149,13 @@ def _check_shape(where: str, name: str, tensor: Tensor, expected: Tuple[int, ...
                          f"so it must be {list(expected)}")
 
 
+def _check_finite(where: str, name: str, tensor: Tensor) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"{where}: {name} holds {bad} NaN or inf value(s); the weights are damaged (or were saved "
+                         "from a diverged run): load an earlier checkpoint or re-train")
+
+
 def _fill_weights(sae: BaseSAE, weights: Dict[str, Tensor], where: str) -> None:
     """Copy W_enc, b_enc, W_dec, b_dec (and JumpReLU's threshold) into ``sae`` after checking shapes."""
     d_in, d_sae = sae.d_in, sae.d_sae
@@ -161,6 +169,7 @@ def _fill_weights(sae: BaseSAE, weights: Dict[str, Tensor], where: str) -> None:
     with torch.no_grad():
         for name, shape in expected.items():
             _check_shape(where, name, weights[name], shape, hint)
+            _check_finite(where, name, weights[name])
             param = getattr(sae, name)
             param.copy_(weights[name].to(device=param.device, dtype=param.dtype))
 
@@ -396,9 +405,12 @@ def load_saelens(path: PathLike, device: str = "cpu", dtype: Optional[Union[str,
                     getattr(sae, name).copy_(state[name])
             if isinstance(sae, JumpReLUSAE) and "threshold" in state:
                 _check_shape(str(state_file), "threshold", state["threshold"], (sae.d_sae,), f"d_sae={sae.d_sae}")
+                _check_finite(str(state_file), "threshold", state["threshold"])
                 sae.threshold.copy_(state["threshold"])
     if isinstance(sae, BatchTopKSAE):
         threshold = cfg["saefast"].get("topk_threshold", -1.0) if native else -1.0
+        if not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+            raise ValueError(f"{path / CFG_FILENAME}: saefast.topk_threshold={threshold!r} must be a finite number")
         sae.topk_threshold.fill_(float(threshold))
     return sae.to(device)
 

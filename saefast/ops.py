@@ -159,6 +159,10 @@ def _check_encode_args(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_enc: Optional[
     if x.shape[1] != d_in:
         raise ValueError(f"x has {x.shape[1]} features per row but W_enc expects d_in={d_in}; "
                          f"x must be [batch, {d_in}]")
+    if not bool(torch.isfinite(x).all()):
+        # A NaN row would silently keep nothing and hand its share of the batch's budget to others.
+        raise ValueError("x contains NaN or inf; the encode ops take finite inputs only: check the activations "
+                         "(or the model and dtype producing them) and drop or repair the bad rows")
     _check_tensor("b_dec", b_dec, 1, dt, dev)
     if b_dec.shape[0] != d_in:
         raise ValueError(f"b_dec has shape {tuple(b_dec.shape)}, expected [{d_in}] (d_in)")
@@ -339,8 +343,11 @@ def threshold_encode(x: Tensor, W_enc: Tensor, b_dec: Tensor, threshold: Union[f
                      b_enc: Optional[Tensor] = None) -> SparseActs:
     """Sparse ``pre * (pre > threshold)`` with ``pre = relu((x - b_dec) @ W_enc + b_enc)``.
 
-    threshold: a float, a 0-d tensor, or a [d_sae] tensor of per-latent thresholds (JumpReLU).
-    Values are compared in the weights' dtype; entries <= 0 are never kept.
+    threshold: a float, a 0-d tensor, or a [d_sae] tensor of per-latent thresholds (JumpReLU),
+    held in float32. Each pre-activation, rounded to the weights' dtype, is widened exactly to
+    float32 (float64 for float64 weights) and compared with the float32 threshold: a bf16/fp16
+    threshold is never rounded first, so a bf16 entry equal to 1.0 passes a threshold of
+    0.99999994 on every backend. Entries <= 0 are never kept.
     """
     x, W_enc, b_dec, b_enc = _autocast(x, W_enc, b_dec, b_enc)
     _check_encode_args(x, W_enc, b_dec, b_enc)
@@ -371,17 +378,32 @@ def auxk_encode(x: Tensor, W_enc: Tensor, b_dec: Tensor, dead_mask: Tensor, k_au
     dead = _check_dead(dead_mask, d_sae, W_enc.device)
     k_aux = _check_k("k_aux", k_aux, d_sae)
     if dead.numel() == 0:
-        return _empty_acts(x, W_enc, d_sae)
+        return _empty_acts(_EmptyCodes.apply(x, W_enc, b_dec, b_enc), x.shape[0], d_sae)
     return SparseActs(*_AuxEncode.apply(x, W_enc, b_dec, b_enc, dead, k_aux), d_sae)
 
 
-def _empty_acts(x: Tensor, W_enc: Tensor, d_sae: int) -> SparseActs:
-    dev = W_enc.device
-    # Zero-size values that still hang off the graph keep callers' loss.backward() valid.
-    values = (x.sum() * 0).reshape(1)[:0].to(W_enc.dtype)
+class _EmptyCodes(torch.autograd.Function):
+    """The zero-size values of an encode that keeps nothing (no dead latent for aux-K), attached
+    to the graph of (x, W_enc, b_dec, b_enc): a loss built from them backpropagates, giving zero
+    gradients to the inputs that need one."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_dec, b_enc):
+        ctx.shapes = [(t.shape, t.dtype, t.device) if t is not None else None for t in (x, W_enc, b_dec, b_enc)]
+        return W_enc.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _grad):
+        return tuple(torch.zeros(s[0], dtype=s[1], device=s[2]) if s is not None and need else None
+                     for s, need in zip(ctx.shapes, ctx.needs_input_grad))
+
+
+def _empty_acts(values: Tensor, n_rows: int, d_sae: int) -> SparseActs:
+    """A SparseActs of ``n_rows`` rows keeping nothing, with the given zero-size ``values``."""
+    dev = values.device
     return SparseActs(values, torch.empty(0, dtype=torch.int32, device=dev),
                       torch.empty(0, dtype=torch.int32, device=dev),
-                      torch.zeros(x.shape[0] + 1, dtype=torch.long, device=dev), torch.zeros((), device=dev), d_sae)
+                      torch.zeros(n_rows + 1, dtype=torch.long, device=dev), torch.zeros((), device=dev), d_sae)
 
 
 def topk_encode_with_aux(x: Tensor, W_enc: Tensor, b_dec: Tensor, k: int, dead_mask: Tensor, k_aux: int, *,
@@ -400,7 +422,10 @@ def topk_encode_with_aux(x: Tensor, W_enc: Tensor, b_dec: Tensor, k: int, dead_m
     dead = _check_dead(dead_mask, d_sae, W_enc.device)
     k_aux = _check_k("k_aux", k_aux, d_sae)
     if dead.numel() == 0:
-        return _encode(x, W_enc, b_dec, b_enc, mode, k, None), _empty_acts(x, W_enc, d_sae)
+        main = _encode(x, W_enc, b_dec, b_enc, mode, k, None)
+        # A zero-size slice of the main values: the aux loss stays on the graph (W_enc, b_enc,
+        # b_dec through the main encode) at the cost of nnz zeros in the backward.
+        return main, _empty_acts(main.values[:0], x.shape[0], d_sae)
     out = _EncodeWithAux.apply(x, W_enc, b_dec, b_enc, mode, k, dead, k_aux)
     return SparseActs(*out[:5], d_sae), SparseActs(*out[5:], d_sae)
 
@@ -418,10 +443,13 @@ def stack_rows(*acts: SparseActs) -> SparseActs:
     for a in acts:
         offsets.append(a.offsets[1:] + nnz)
         nnz += a.nnz
+    # The smallest kept value over the parts that keep something (an empty part's kept_min is 0).
+    kept = [a.kept_min for a in acts if a.nnz]
+    kept_min = torch.stack(kept).min() if kept else acts[0].kept_min
     return SparseActs(
         torch.cat([a.values for a in acts]), torch.cat([a.indices for a in acts]),
         torch.cat([a.row_ids + base for a, base in zip(acts, row_base)]), torch.cat(offsets),
-        torch.stack([a.kept_min for a in acts]).min(), acts[0].d_sae)
+        kept_min, acts[0].d_sae)
 
 
 def sparse_decode(acts: SparseActs, W_dec: Tensor, b_dec: Optional[Tensor] = None) -> Tensor:

@@ -6,7 +6,8 @@ Notation: B rows (tokens), d_in input width, d_sae latents, k active latents per
   ``mode``: ``"batch"`` the B*k largest over the whole batch (BatchTopK), ``"row"`` the k largest
   of each row (TopK), ``"threshold"`` every entry above a threshold (scalar or per latent).
   Output is sparse CSR: values, int32 latent indices, int32 row ids, int64 row offsets [B+1].
-  Selection compares values in the output dtype; ties follow ``saefast.selection``.
+  Selection compares values in the output dtype (a threshold is float32, compared with the
+  values widened exactly to float32); ties follow ``saefast.selection``.
 * decode: ``x_hat[r] = sum_j values[j] * W_dec[indices[j]] + b_dec`` over the row's entries.
 * decoder norm: rows of W_dec to unit norm; remove from W_dec.grad each row's component along
   its row.
@@ -184,8 +185,11 @@ def encode_forward(xc: Tensor, W_enc: Tensor, b_enc: Optional[Tensor], *, mode: 
         return _encode_batch(xc, W_enc, b_enc, k)
     if mode == "row":
         return _encode_row(xc, W_enc, b_enc, k)
-    thr = threshold.to(xc.dtype)
-    return _encode_masked(xc, W_enc, b_enc, lambda pre: (pre > thr) & (pre > 0))
+    # The documented rule: the dtype-rounded pre-activation, widened exactly, against the float32
+    # threshold (never the threshold rounded to a 16-bit dtype).
+    acc = acc_dtype(xc.dtype)
+    thr = threshold.to(acc)
+    return _encode_masked(xc, W_enc, b_enc, lambda pre: (pre.to(acc) > thr) & (pre > 0))
 
 
 def matvec_acc(W: Tensor, v: Tensor) -> Tensor:

@@ -26,6 +26,7 @@ Two ways in, both running on the sparse ops (no dense [B, d_sae] tensor unless a
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 from typing import Any, ClassVar, Dict, NamedTuple, Optional, Tuple, Type, Union
@@ -47,10 +48,30 @@ _OPTIONAL_STATE = ("num_batches_not_active", "ever_fired", "topk_threshold")
 _REFERENCE_KEYS = ("act_size", "dict_size", "aux_penalty", "n_batches_to_dead", "l1_coeff", "seed",
                    "dtype", "device")
 _REFERENCE_TOPK_KEYS = ("top_k", "top_k_aux")
+# Every other key the reference code's config dict holds (training, data and logging options that
+# the SAE ignores); any key outside these is a typo or a foreign option.
+_REFERENCE_OTHER_KEYS = (
+    "input_unit_norm", "hook_point", "layer", "site", "model_name", "dataset_path", "seq_len", "sae_type",
+    "batch_size", "lr", "num_tokens", "beta1", "beta2", "max_grad_norm", "model_batch_size",
+    "num_batches_in_buffer", "wandb_project", "perf_log_freq", "checkpoint_freq", "bandwidth", "name",
+)
+
+
+def _check_reference_keys(cfg: Dict[str, Any]) -> None:
+    """Name unknown keys that look like misspellings of known ones (they would otherwise be ignored
+    silently, e.g. ``input_unit_nrom``); other unknown keys are logged and ignored."""
+    known = _REFERENCE_KEYS + _REFERENCE_TOPK_KEYS + _REFERENCE_OTHER_KEYS
+    for key in sorted(k for k in cfg if k not in known):
+        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.75)
+        if close:
+            raise ValueError(f"the reference config dict has an unknown key {key!r}; did you mean {close[0]!r}? "
+                             "(rename it: unknown keys are not used)")
+        logger.warning("the reference config dict's key %r is not an SAE option; it is ignored", key)
 
 
 def _config_from_reference(cfg: Dict[str, Any], architecture: str) -> SAEConfig:
     """The BatchTopK reference code's dict config -> SAEConfig (same semantics)."""
+    _check_reference_keys(cfg)
     required = _REFERENCE_KEYS + (_REFERENCE_TOPK_KEYS if architecture in ("batchtopk", "topk") else ())
     missing = [key for key in required if key not in cfg]
     if missing:
@@ -99,6 +120,13 @@ def _rectangle(u: Tensor) -> Tensor:
     return ((u > -0.5) & (u < 0.5)).float()
 
 
+def _above(z: Tensor, theta: Tensor) -> Tensor:
+    """``z > theta`` with the ops' threshold rule: z (any float dtype) widened exactly to float32
+    (float64 for float64) against the float32 threshold, never the threshold rounded to z's dtype."""
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    return z.to(acc) > theta.to(acc)
+
+
 class _JumpReLUSTE(torch.autograd.Function):
     """``z * (z > theta)`` over sparse entries; z, theta [nnz] (theta: each entry's latent threshold).
 
@@ -110,12 +138,12 @@ class _JumpReLUSTE(torch.autograd.Function):
     def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:
         ctx.save_for_backward(z, theta)
         ctx.eps = eps
-        return z * (z > theta.to(z.dtype))
+        return z * _above(z, theta)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         z, theta = ctx.saved_tensors
-        grad_z = g * (z > theta.to(z.dtype))
+        grad_z = g * _above(z, theta)
         grad_theta = -(theta / ctx.eps) * _rectangle((z.float() - theta) / ctx.eps) * g.float()
         return grad_z, grad_theta, None
 
@@ -127,7 +155,7 @@ class _StepSTE(torch.autograd.Function):
     def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:
         ctx.save_for_backward(z, theta)
         ctx.eps = eps
-        return (z > theta.to(z.dtype)).float()
+        return _above(z, theta).float()
 
     @staticmethod
     def backward(ctx, g: Tensor):
@@ -286,6 +314,12 @@ class BaseSAE(nn.Module):
                              "producing them) before training on them")
         return x.reshape(-1, self.d_in).contiguous(), tuple(x.shape[:-1])
 
+    @staticmethod
+    def _check_not_empty(x2: Tensor, what: str) -> None:
+        if x2.shape[0] == 0:
+            raise ValueError(f"x has no rows: {what} computes losses averaged over tokens, which an empty batch "
+                             "does not have; skip empty batches before calling it")
+
     def _standardize(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         """input_unit_norm: (x - mean) / (std + 1e-5) per token; returns (x_in, mean, std)."""
         if not self.config.input_unit_norm:
@@ -425,6 +459,7 @@ class BaseSAE(nn.Module):
         ``update_inactive_features(acts)`` and ``update_threshold(acts.kept_min)``.
         """
         x2, lead = self._flatten_input(x)
+        self._check_not_empty(x2, "training_forward")
         x_in, mean, std = self._standardize(x2)
         dead = self.dead_mask()
         if self.architecture in ("batchtopk", "topk") and self.training and torch.is_grad_enabled() \
@@ -581,6 +616,7 @@ class BaseSAE(nn.Module):
     def _reference_forward(self, x: Tensor) -> Dict[str, Any]:
         c = self.config
         x2, lead = self._flatten_input(x)
+        self._check_not_empty(x2, "forward")
         x_in, mean, std = self._standardize(x2)
         acts = self._codes(x_in).acts
         x_hat = self._decode(acts)
@@ -735,7 +771,7 @@ class JumpReLUSAE(BaseSAE):
         values = _JumpReLUSTE.apply(band.values, theta, eps)
         l0 = _StepSTE.apply(band.values.detach(), theta, eps).sum() / max(band.n_rows, 1)
         decode_acts = band._replace(values=values)
-        acts = _filter_acts(decode_acts, band.values > theta.detach().to(band.values.dtype))
+        acts = _filter_acts(decode_acts, _above(band.values, theta.detach()))
         return _Codes(decode_acts, acts, self.config.l1_coefficient * l0)
 
     def _fold_threshold(self, scale: float) -> None:

@@ -455,3 +455,14 @@ def test_saelens_loads_saefast_folders(tmp_path, arch):
     with torch.no_grad():
         torch.testing.assert_close(theirs.encode(x), sae.encode(x))
         torch.testing.assert_close(theirs(x), sae.reconstruct(x))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_loading_non_finite_weights_is_refused_naming_the_tensor(tmp_path, bad):
+    sae = trained("batchtopk")
+    folder = sae.save(tmp_path / "sae")
+    weights = load_file(str(folder / sio.WEIGHTS_FILENAME))
+    weights["W_dec"][3, 1] = bad
+    save_file(weights, str(folder / sio.WEIGHTS_FILENAME))
+    with pytest.raises(ValueError, match=r"sae_weights.safetensors: W_dec holds 1 NaN or inf"):
+        load_sae(folder)

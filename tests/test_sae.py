@@ -654,3 +654,51 @@ def test_bad_configs_raise_clear_errors():
     with pytest.raises(TypeError, match="SAEConfig or the reference code's dict"):
         BatchTopKSAE("d_in=16")
     assert math.isclose(user_cfg(top_k=9).top_k_aux, 4)
+
+
+def test_empty_batches_raise_instead_of_a_nan_loss():
+    sae = BatchTopKSAE(user_cfg())
+    with pytest.raises(ValueError, match="x has no rows: training_forward"):
+        sae.training_forward(torch.empty(0, 16))
+    with pytest.raises(ValueError, match="x has no rows"):
+        sae.training_forward(torch.empty(3, 0, 16))
+    with pytest.raises(ValueError, match="x has no rows: forward"):
+        BatchTopKSAE(ref_cfg())(torch.empty(0, 16))
+    # encoding nothing is still fine outside the losses
+    assert sae.encode(torch.empty(0, 16)).shape == (0, 64)
+
+
+@pytest.mark.parametrize("typo,meant", [("top_kk", "top_k"), ("input_unit_nrom", "input_unit_norm"),
+                                        ("aux_penallty", "aux_penalty")])
+def test_reference_dict_typos_name_the_closest_key(typo, meant):
+    cfg = ref_cfg()
+    cfg[typo] = cfg.pop(meant, True)
+    with pytest.raises(ValueError, match=rf"unknown key '{typo}'; did you mean '{meant}'"):
+        BatchTopKSAE(cfg)
+
+
+def test_reference_dict_keeps_its_training_keys_and_warns_on_foreign_ones(caplog):
+    cfg = ref_cfg(lr=3e-4, num_tokens=10 ** 9, wandb_project="p", model_batch_size=512, my_note="x")
+    with caplog.at_level("WARNING"):
+        BatchTopKSAE(cfg)
+    assert "'my_note' is not an SAE option" in caplog.text and "'lr'" not in caplog.text
+
+
+def test_jumprelu_threshold_rule_is_the_same_in_training_and_eval():
+    """bf16 pre-activations equal to a threshold's bf16 rounding: the eval encode and the training
+    path's selection agree (both compare widened values with the float32 threshold)."""
+    cfg = SAEConfig(d_in=1, d_sae=6, architecture="jumprelu", dtype="bfloat16", device="cpu",
+                    apply_b_dec_to_input=False, jumprelu_bandwidth=1e-3)
+    sae = JumpReLUSAE(cfg)
+    values = torch.tensor([1.0, 1.0, 1.0, 0.5, 0.5, 0.5])
+    with torch.no_grad():
+        sae.W_enc.copy_(values[None].to(torch.bfloat16))
+        sae.b_enc.zero_()
+        lo, hi = torch.nextafter(values, torch.tensor(0.0)), torch.nextafter(values, torch.tensor(2.0))
+        sae.threshold.copy_(torch.stack([lo, values, hi])[torch.tensor([0, 1, 2, 0, 1, 2]), torch.arange(6)])
+    x = torch.ones(2, 1, dtype=torch.bfloat16)
+    sae.eval()
+    eval_kept = sorted(set(sae.encode_sparse(x).indices.tolist()))
+    sae.train()
+    train_kept = sorted(set(sae.training_forward(x, update_stats=False)["acts"].indices.tolist()))
+    assert eval_kept == train_kept == [0, 3]

@@ -143,6 +143,13 @@ class TrainConfig:
     # ------------------------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise ValueError naming the option and the fix for any inconsistent value."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if hints[f.name] in (float, Optional[float]) and isinstance(value, (int, float)) \
+                    and not math.isfinite(value):
+                flag = "--" + f.name.replace("_", "-")
+                raise ValueError(f"{f.name}={value} ({flag}) must be a finite number")
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture={self.architecture!r} must be one of {ARCHITECTURES}")
         if self.normalize not in NORMALIZATIONS:

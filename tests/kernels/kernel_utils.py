@@ -60,8 +60,8 @@ def expected_keys(pre: torch.Tensor, mode: str, k: int = 0, threshold=None) -> t
         keys = order + torch.arange(B)[:, None] * d_sae
         keep = torch.gather(pre, 1, order) > 0
         return torch.sort(keys[keep]).values
-    thr = threshold.to(pre.dtype)
-    mask = (pre > thr) & (pre > 0)
+    # float32 thresholds against the dtype-rounded values widened to float32 (the ops' rule)
+    mask = (pre.float() > threshold.float()) & (pre > 0)
     return mask.flatten().nonzero().flatten()
 
 

@@ -371,3 +371,73 @@ def test_encode_with_aux_and_stacked_decode_equal_separate_ops(backend, mode, dt
     assert_close(o1, o2, dtype, scale=4)
     for name, a, b in zip(["x", "W_enc", "b_dec", "b_enc", "W_dec"], g1, g2):
         assert_close(a, b, dtype, scale=8 * (1 + b.abs().max().item()), msg=name)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_encode_ops_reject_non_finite_inputs(backend, bad):
+    B, d_in, d_sae = 6, 8, 30
+    x, W, bd, be = _problem(B, d_in, d_sae, torch.float32, seed=5)
+    x[3, 2] = bad
+    dead = torch.zeros(d_sae, dtype=torch.bool, device=DEVICE)
+    dead[::3] = True
+    calls = [lambda: saefast.topk_encode(x, W, bd, 2, b_enc=be),
+             lambda: saefast.topk_encode(x, W, bd, 2, mode="row"),
+             lambda: saefast.threshold_encode(x, W, bd, 0.1, b_enc=be),
+             lambda: saefast.auxk_encode(x, W, bd, dead, 3),
+             lambda: saefast.ops.topk_encode_with_aux(x, W, bd, 2, dead, 3)]
+    for call in calls:
+        with pytest.raises(ValueError, match="x contains NaN or inf"):
+            call()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_thresholds_compare_widened_values_on_every_backend(backend, dtype):
+    """A float32 threshold is compared with the dtype-rounded pre-activation widened to float32,
+    never rounded to the dtype itself: thresholds one float32 ulp below, at and above a value."""
+    values = torch.tensor([1.0, 0.75, 3.0, 0.0078125, 40.0], dtype=dtype)  # exact in bf16 and fp16
+    d_sae = values.numel() * 3
+    W = torch.zeros(1, d_sae, dtype=dtype)
+    W[0] = values.repeat_interleave(3)
+    x = torch.ones(1, 1, dtype=dtype)
+    v32 = values.float().repeat_interleave(3)
+    below = torch.nextafter(v32, torch.tensor(-1.0))
+    above = torch.nextafter(v32, torch.tensor(1e9))
+    threshold = torch.stack([below[0::3], v32[1::3], above[2::3]], 1).flatten()
+    assert bool((threshold.to(dtype).float() == v32).all()), "each threshold rounds to its value in the dtype"
+    acts = saefast.threshold_encode(x.to(DEVICE), W.to(DEVICE), torch.zeros(1, dtype=dtype, device=DEVICE),
+                                    threshold.to(DEVICE))
+    kept = sorted(acts.indices.tolist())
+    assert kept == list(range(0, d_sae, 3)), f"only the entries above a threshold one ulp below them pass, got {kept}"
+    # the scalar form follows the same rule
+    one = saefast.threshold_encode(x.to(DEVICE), W.to(DEVICE), torch.zeros(1, dtype=dtype, device=DEVICE),
+                                   float(torch.nextafter(torch.tensor(1.0), torch.tensor(0.0))))
+    assert 0 in one.indices.tolist() and 3 not in one.indices.tolist()
+
+
+def test_stack_rows_kept_min_ignores_empty_parts(backend):
+    x, W, bd, _ = _problem(9, 10, 40, torch.float32, seed=11)
+    main = saefast.topk_encode(x, W, bd, 3)
+    nothing = saefast.auxk_encode(x, W, bd, torch.zeros(40, dtype=torch.bool, device=DEVICE), 4)
+    assert main.nnz and nothing.nnz == 0
+    for parts in ((main, nothing), (nothing, main)):
+        stacked = saefast.ops.stack_rows(*parts)
+        assert float(stacked.kept_min) == float(main.values.min()) > 0
+    assert float(saefast.ops.stack_rows(nothing, nothing).kept_min) == 0.0
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["auxk_encode", "topk_encode_with_aux"])
+def test_aux_codes_without_dead_latents_still_backpropagate(backend, fused):
+    x, W, bd, be = _problem(7, 12, 50, torch.float32, seed=13)
+    W_dec = torch.randn(50, 12, device=DEVICE)
+    for t in (W, bd, be, W_dec):
+        t.requires_grad_(True)
+    no_dead = torch.zeros(50, dtype=torch.bool, device=DEVICE)
+    if fused:
+        main, aux = saefast.ops.topk_encode_with_aux(x, W, bd, 3, no_dead, 5, b_enc=be)
+    else:
+        aux = saefast.auxk_encode(x, W, bd, no_dead, 5, b_enc=be)
+    assert aux.nnz == 0 and aux.values.requires_grad
+    loss = saefast.sparse_decode(aux, W_dec).pow(2).mean()
+    loss.backward()
+    for name, t in (("W_enc", W), ("b_dec", bd), ("b_enc", be)):
+        assert t.grad is not None and t.grad.shape == t.shape and not bool(t.grad.any()), name

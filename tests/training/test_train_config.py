@@ -67,3 +67,12 @@ def test_steps_from_tokens():
     cfg = TrainConfig(batch_size=100, grad_accum_steps=2, total_tokens=1001)
     assert cfg.steps_for(1) == 6 and cfg.steps_for(2) == 3
     assert TrainConfig(train_steps=9).steps_for(4) == 9
+
+
+@pytest.mark.parametrize("flag", ["--max-grad-norm", "--synthetic-noise", "--lr", "--aux-penalty", "--adam-eps"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_numeric_flags_are_refused_naming_the_flag(flag, value, capsys):
+    from saefast.cli import main
+    assert main(["train", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert flag in err and "finite" in err
