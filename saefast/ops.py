@@ -16,10 +16,10 @@ Public ops (all take fp32, bf16 or fp16 tensors, accumulate in fp32; fp64 on the
 Gradients flow to x, W_enc, b_enc, b_dec (encode) and to the values, W_dec, b_dec (decode);
 every backward touches only the active (row, latent) pairs.
 
-Dispatch (the only place it happens): ``SAEFAST_BACKEND=torch`` forces the PyTorch reference,
+Dispatch (the only place it happens): ``SAEFAST_BACKEND=torch`` forces the PyTorch backend,
 ``SAEFAST_BACKEND=triton`` forces the Triton kernels (on a CPU this needs ``TRITON_INTERPRET=1``
 set before triton is imported), and the default ``auto`` uses Triton for CUDA tensors and the
-reference for everything else.
+PyTorch backend for everything else. What a backend provides is written in ``saefast.backend``.
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import reference
+from . import torch_backend
+from .backend import acc_dtype, matvec_acc
 
 __all__ = [
     "SparseActs", "backend_name", "topk_encode", "threshold_encode", "auxk_encode", "topk_encode_with_aux",
@@ -100,13 +101,13 @@ def backend_name(device: torch.device) -> str:
         raise RuntimeError(
             f"SAEFAST_BACKEND=triton was asked for tensors on {device}, but Triton kernels only run on "
             "CUDA devices. Set TRITON_INTERPRET=1 before importing triton to run them (slowly) on the "
-            "CPU, or unset SAEFAST_BACKEND to use the PyTorch reference.")
+            "CPU, or unset SAEFAST_BACKEND to use the PyTorch backend.")
     return choice
 
 
 def _backend(device: torch.device) -> ModuleType:
     if backend_name(device) == "torch":
-        return reference
+        return torch_backend
     from . import triton_backend  # imported lazily: importing saefast never touches a GPU driver
     return triton_backend
 
@@ -135,7 +136,7 @@ def _check_tensor(name: str, t: Tensor, ndim: int, dtype: Optional[torch.dtype] 
 
 def _check_fp64(device: torch.device, dtype: torch.dtype) -> None:
     if dtype == torch.float64 and backend_name(device) == "triton":
-        raise TypeError("float64 runs only on the PyTorch reference (SAEFAST_BACKEND=torch); "
+        raise TypeError("float64 runs only on the PyTorch backend (SAEFAST_BACKEND=torch); "
                         "the Triton kernels take float32, bfloat16 or float16")
 
 
@@ -226,13 +227,13 @@ def _encode_input_grads(ctx, grad_values, xc, W_enc, indices, row_ids):
     need_x, need_W, need_b_dec, need_b_enc = ctx.needs_input_grad[:4]
     grad_xc, grad_W, lat_sum = impl.encode_backward(
         grad_values.contiguous(), xc, W_enc, indices, row_ids, need_x, need_W)
-    acc = reference.acc_dtype(xc.dtype)
+    acc = acc_dtype(xc.dtype)
     grad_b_dec = None
     if need_b_dec:
         # d/db_dec = -sum_r d/dxc[r]; without grad_xc, -W_enc @ (per-latent sums) is one
         # pass over W_enc instead of a gather of nnz columns.
         grad_b_dec = (-(grad_xc.sum(0, dtype=acc)) if grad_xc is not None
-                      else -reference.matvec_acc(W_enc, lat_sum)).to(xc.dtype)
+                      else -matvec_acc(W_enc, lat_sum)).to(xc.dtype)
     grad_b_enc = lat_sum.to(W_enc.dtype) if (need_b_enc and ctx.has_b_enc) else None
     return grad_xc, grad_W, grad_b_dec, grad_b_enc
 
@@ -283,7 +284,7 @@ class _EncodeWithAux(torch.autograd.Function):
         # A latent can be in both sets for a row (a dead latent firing again); its pre-activation
         # is the same entry, so the two value gradients add up.
         keys = torch.cat([main_rows.long() * d_sae + main_idx.long(), aux_rows.long() * d_sae + aux_idx.long()])
-        acc = reference.acc_dtype(xc.dtype)
+        acc = acc_dtype(xc.dtype)
         grads = torch.cat([grad_main.to(acc), grad_aux.to(acc)])
         pairs, where = torch.unique(keys, sorted=True, return_inverse=True)
         grad_values = torch.zeros(pairs.numel(), dtype=acc, device=xc.device).index_add_(0, where, grads)
@@ -309,7 +310,7 @@ class _Decode(torch.autograd.Function):
             grad_out, values, indices, row_ids, W_dec, ctx.needs_input_grad[0], ctx.needs_input_grad[4])
         grad_b = None
         if ctx.has_b_dec and ctx.needs_input_grad[5]:
-            grad_b = grad_out.sum(0, dtype=reference.acc_dtype(grad_out.dtype)).to(W_dec.dtype)
+            grad_b = grad_out.sum(0, dtype=acc_dtype(grad_out.dtype)).to(W_dec.dtype)
         return grad_values, None, None, None, grad_W, grad_b
 
 

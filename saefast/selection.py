@@ -1,7 +1,10 @@
-"""Exact top-k selection rules shared by every backend (pure PyTorch, any device).
+"""Exact top-k selection rules and the sparse-code layout, shared by every backend (pure
+PyTorch, any device).
 
 Both encode backends produce *candidates* (value, row, latent) that are guaranteed to contain
-every entry that belongs in the answer, then call these helpers to pick the answer exactly.
+every entry that belongs in the answer, then call these helpers to pick the answer exactly and
+lay it out as codes (:func:`finish_codes`: sorted by (row, latent), CSR offsets, smallest kept
+value). :func:`csr_offsets` is the one place CSR row offsets are built.
 
 Tie-breaking (documented, deterministic): among equal values the entry with the lower flat
 index ``row * d_sae + latent`` wins, i.e. the earlier row, then the lower latent. ``torch.topk``
@@ -54,13 +57,25 @@ def row_topk_mask(pre: Tensor, k: int) -> Tensor:
     return (above | (tied & (tied.cumsum(1) <= room))) & (pre > 0)
 
 
+def csr_offsets(row_ids: Tensor, n_rows: int) -> Tensor:
+    """Int64 [n_rows + 1] offsets of entries sorted by row: row r owns ``offsets[r]:offsets[r + 1]``."""
+    offsets = torch.zeros(n_rows + 1, dtype=torch.long, device=row_ids.device)
+    if row_ids.numel():
+        torch.cumsum(torch.bincount(row_ids.long(), minlength=n_rows), 0, out=offsets[1:])
+    return offsets
+
+
 def to_csr(values: Tensor, indices: Tensor, row_ids: Tensor, n_rows: int, d_sae: int):
     """Sort entries by (row, latent) and build CSR offsets [n_rows + 1] (int64)."""
     keys = row_ids.long() * d_sae + indices.long()
     order = torch.sort(keys).indices
     row_ids = row_ids[order].to(torch.int32)
-    counts = torch.bincount(row_ids.long(), minlength=n_rows) if row_ids.numel() else torch.zeros(
-        n_rows, dtype=torch.long, device=values.device)
-    offsets = torch.zeros(n_rows + 1, dtype=torch.long, device=values.device)
-    offsets[1:] = torch.cumsum(counts, 0)
-    return values[order], indices[order].to(torch.int32), row_ids, offsets
+    return values[order], indices[order].to(torch.int32), row_ids, csr_offsets(row_ids, n_rows)
+
+
+def finish_codes(values: Tensor, indices: Tensor, row_ids: Tensor, n_rows: int, d_sae: int):
+    """The codes of a backend's encode (see ``saefast.backend``) from the chosen entries in any
+    order: (values, indices int32, row_ids int32, offsets int64 [n_rows + 1], kept_min fp32)."""
+    values, indices, row_ids, offsets = to_csr(values, indices, row_ids, n_rows, d_sae)
+    kept_min = values.float().min() if values.numel() else torch.zeros((), device=values.device)
+    return values, indices, row_ids, offsets, kept_min.float()

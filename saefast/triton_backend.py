@@ -1,5 +1,6 @@
-"""The Triton implementation of the ops, with the same functions and semantics as
-``saefast.reference`` (which documents them). Imported lazily by ``saefast.ops``.
+"""The Triton backend: the backend contract (``saefast.backend``) on the kernels of
+``saefast.kernels``, with the semantics of ``saefast.torch_backend``. Imported lazily by
+``saefast.ops``.
 
 Exact top-k without the dense matrix. The encode kernel keeps only entries above a threshold
 ``t`` while it computes the GEMM tiles. For BatchTopK the answer is contained in the candidates
@@ -7,9 +8,9 @@ exactly when ``t`` is at most the true cut, i.e. when at least B*k candidates su
 positive entry survived); TopK checks the same per row. ``t`` is estimated from a small dense
 sample of rows (evenly spaced, so no RNG is consumed) aiming at about twice the needed count.
 When the estimate was too high the step reruns lower; when the candidate buffer overflowed it
-reruns with the exact size the kernel counted; rows that still fail fall back to the reference
-on those rows alone. The final choice among candidates uses ``saefast.selection``, so results
-and tie-breaking are identical to the reference's.
+reruns with the exact size the kernel counted; rows that still fail go through the PyTorch
+backend's ``encode_forward`` on those rows alone. The final choice among candidates uses
+``saefast.selection``, so results and tie-breaking are identical on both backends.
 """
 from __future__ import annotations
 
@@ -23,10 +24,10 @@ from saefast.kernels import decoder_norm as _norm_k
 from saefast.kernels import sparse_decode as _sparse_k
 from saefast.kernels import topk_encode as _encode_k
 
-from . import reference
-from .selection import select_batch_top, select_row_top
+from . import torch_backend
+from .backend import NORM_EPS
+from .selection import csr_offsets, finish_codes, select_batch_top, select_row_top
 
-NORM_EPS = reference.NORM_EPS
 SAMPLE_ROWS = 64          # rows of the dense sample used to estimate the threshold
 CANDIDATE_MARGIN = 2.0    # aim for this many times the needed candidates
 CAPACITY_FACTOR = 4.0     # candidate buffer, as a multiple of the needed count
@@ -37,7 +38,9 @@ def _sample_pre(xc: Tensor, W_enc: Tensor, b_enc: Optional[Tensor]) -> Tuple[Ten
     B = xc.shape[0]
     m = min(B, SAMPLE_ROWS)
     rows = torch.linspace(0, B - 1, m, device=xc.device).round().long()
-    pre = reference._pre(xc[rows], W_enc, b_enc).float().clamp_min_(0)
+    sample = xc[rows]
+    pre = torch.addmm(b_enc, sample, W_enc) if b_enc is not None else sample @ W_enc
+    pre = pre.float().clamp_min_(0)
     return rows, pre
 
 
@@ -64,9 +67,9 @@ def _encode_batch(xc, W_enc, b_enc, k):
         vals, lats, rws, _, row_pos = _run(xc, W_enc, b_enc, row_thr, None, CAPACITY_FACTOR * n_keep)
         if vals.numel() >= n_keep or vals.numel() == int(row_pos.sum()):
             chosen = select_batch_top(vals, rws, lats, d_sae, n_keep)
-            return reference._finish(vals[chosen], lats[chosen], rws[chosen], B, d_sae)
+            return finish_codes(vals[chosen], lats[chosen], rws[chosen], B, d_sae)
         thr = 0.0 if thr <= 0 else thr * 0.25
-    return reference.encode_forward(xc, W_enc, b_enc, mode="batch", k=k)
+    return torch_backend.encode_forward(xc, W_enc, b_enc, mode="batch", k=k)
 
 
 def _encode_row(xc, W_enc, b_enc, k):
@@ -84,12 +87,12 @@ def _encode_row(xc, W_enc, b_enc, k):
     failed = ((row_count < k) & (row_count < row_pos)).nonzero().flatten()
     if failed.numel():
         keep = ~torch.isin(rws, failed.to(torch.int32))
-        redo = reference.encode_forward(xc[failed], W_enc, b_enc, mode="row", k=k)
+        redo = torch_backend.encode_forward(xc[failed], W_enc, b_enc, mode="row", k=k)
         vals = torch.cat([vals[keep], redo[0]])
         lats = torch.cat([lats[keep], redo[1]])
         rws = torch.cat([rws[keep], failed.to(torch.int32)[redo[2].long()]])
     chosen = select_row_top(vals, rws, lats, k)
-    return reference._finish(vals[chosen], lats[chosen], rws[chosen], B, d_sae)
+    return finish_codes(vals[chosen], lats[chosen], rws[chosen], B, d_sae)
 
 
 def _encode_threshold(xc, W_enc, b_enc, threshold):
@@ -98,14 +101,14 @@ def _encode_threshold(xc, W_enc, b_enc, threshold):
     frac = float((pre > threshold[None, :]).float().mean())
     capacity = math.ceil(1.5 * frac * B * d_sae) + 1024
     vals, lats, rws, _, _ = _run(xc, W_enc, b_enc, None, threshold, capacity)
-    return reference._finish(vals, lats, rws, B, d_sae)
+    return finish_codes(vals, lats, rws, B, d_sae)
 
 
 def encode_forward(xc: Tensor, W_enc: Tensor, b_enc: Optional[Tensor], *, mode: str, k: int = 0,
                    threshold: Optional[Tensor] = None):
-    """See ``reference.encode_forward``."""
+    """See ``saefast.backend``; ``torch_backend.encode_forward``."""
     if xc.shape[0] == 0 or (mode != "threshold" and k == 0):
-        return reference.encode_forward(xc, W_enc, b_enc, mode=mode, k=k, threshold=threshold)
+        return torch_backend.encode_forward(xc, W_enc, b_enc, mode=mode, k=k, threshold=threshold)
     if mode == "batch":
         return _encode_batch(xc, W_enc, b_enc, k)
     if mode == "row":
@@ -116,28 +119,19 @@ def encode_forward(xc: Tensor, W_enc: Tensor, b_enc: Optional[Tensor], *, mode: 
 def _by_latent(indices: Tensor, row_ids: Tensor, d_sae: int):
     """Permutation sorting pairs by latent (stable), the sorted latents/rows, segment starts."""
     order = torch.sort(indices, stable=True).indices
-    counts = torch.bincount(indices.long(), minlength=d_sae)
-    seg = torch.zeros(d_sae + 1, dtype=torch.long, device=indices.device)
-    torch.cumsum(counts, 0, out=seg[1:])
-    return order, indices[order].contiguous(), row_ids[order].contiguous(), seg
-
-
-def _row_offsets(row_ids: Tensor, n_rows: int) -> Tensor:
-    offsets = torch.zeros(n_rows + 1, dtype=torch.long, device=row_ids.device)
-    if row_ids.numel():
-        torch.cumsum(torch.bincount(row_ids.long(), minlength=n_rows), 0, out=offsets[1:])
-    return offsets
+    lat_sorted = indices[order].contiguous()
+    return order, lat_sorted, row_ids[order].contiguous(), csr_offsets(lat_sorted, d_sae)
 
 
 def encode_backward(grad_values: Tensor, xc: Tensor, W_enc: Tensor, indices: Tensor, row_ids: Tensor,
                     need_xc: bool, need_W: bool):
-    """See ``reference.encode_backward``."""
+    """See ``saefast.backend``; ``torch_backend.encode_backward``."""
     d_in, d_sae = W_enc.shape
     grad_xc = grad_W = None
     if need_xc:
         grad_xc = torch.empty_like(xc)
         # W_enc [d_in, d_sae] read as [d_sae, d_in]: latent stride 1, feature stride d_sae.
-        _sparse_k.csr_gather_sum(_row_offsets(row_ids, xc.shape[0]), indices, grad_values, W_enc,
+        _sparse_k.csr_gather_sum(csr_offsets(row_ids, xc.shape[0]), indices, grad_values, W_enc,
                                  1, d_sae, d_in, grad_xc)
     order, lat_sorted, rows_sorted, seg = _by_latent(indices, row_ids, d_sae)
     grad_b = torch.empty(d_sae, dtype=torch.float32, device=xc.device)
@@ -150,7 +144,7 @@ def encode_backward(grad_values: Tensor, xc: Tensor, W_enc: Tensor, indices: Ten
 
 def decode_forward(values: Tensor, indices: Tensor, offsets: Tensor, row_ids: Tensor, W_dec: Tensor,
                    b_dec: Optional[Tensor]) -> Tensor:
-    """See ``reference.decode_forward``."""
+    """See ``saefast.backend``; ``torch_backend.decode_forward``."""
     n_rows, d_in = offsets.numel() - 1, W_dec.shape[1]
     out = torch.empty((n_rows, d_in), dtype=W_dec.dtype, device=W_dec.device)
     return _sparse_k.csr_gather_sum(offsets, indices, values, W_dec, d_in, 1, d_in, out, bias=b_dec)
@@ -158,7 +152,7 @@ def decode_forward(values: Tensor, indices: Tensor, offsets: Tensor, row_ids: Te
 
 def decode_backward(grad_out: Tensor, values: Tensor, indices: Tensor, row_ids: Tensor, W_dec: Tensor,
                     need_values: bool, need_W: bool):
-    """See ``reference.decode_backward``."""
+    """See ``saefast.backend``; ``torch_backend.decode_backward``."""
     grad_values = grad_W = None
     if need_values:
         grad_values = _sparse_k.pair_dot(row_ids, indices, grad_out, W_dec, torch.empty_like(values))

@@ -1,7 +1,16 @@
-"""Shared helpers for the kernel tests: tolerances per dtype, dense oracles, data makers."""
+"""Shared helpers for the kernel tests: the one tolerance table, dense oracles, data makers.
+
+Every kernel test compares with the tolerances of :data:`TOL` (per dtype, for values accumulated
+in fp32 and rounded to the output dtype), scaled where a test sums many terms.
+"""
 from __future__ import annotations
 
 import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16]
+# (B, d_in, d_sae, k): one row, k = 1, k = d_sae, non-powers of two, more than one block of rows.
+SHAPES = [(1, 7, 33, 1), (1, 16, 10, 10), (37, 48, 200, 5), (70, 33, 129, 17)]
 
 # (rtol, atol) per dtype, for values accumulated in fp32 and rounded to the output dtype.
 TOL = {
@@ -36,6 +45,31 @@ def make_problem(B, d_in, d_sae, dtype, seed, *, b_enc=True, ties=False, device=
         be = (0.1 * torch.randn(d_sae, generator=g)).to(dtype) if b_enc else None
     out = [t.to(device) if t is not None else None for t in (x, W, bd, be)]
     return out
+
+
+def problem(B, d_in, d_sae, dtype, seed, **kw):
+    """:func:`make_problem` on the test device."""
+    return make_problem(B, d_in, d_sae, dtype, seed, device=DEVICE, **kw)
+
+
+def poisoned(shape, dtype):
+    """An output buffer full of NaN, so that any element a kernel fails to write shows."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+
+
+def dense_loss_grads(x, W, bd, be, keys, g_vals, W_dec, g_out):
+    """float64 autograd through the dense computation restricted to the kept entries ``keys``
+    (flat row * d_sae + latent): gradients of x, W_enc, b_dec, b_enc, W_dec for the loss
+    sum(values * g_vals) + sum(decode * g_out)."""
+    leaves = [t.detach().double().requires_grad_() for t in (x, W, bd, be, W_dec)]
+    x_, W_, bd_, be_, Wd_ = leaves
+    pre = torch.relu((x_ - bd_) @ W_ + be_)
+    vals = pre.flatten()[keys]
+    dense = torch.zeros_like(pre).flatten().index_put((keys,), vals).reshape(pre.shape)
+    recon = dense @ Wd_ + bd_
+    loss = (vals * g_vals).sum() + (recon * g_out).sum()
+    loss.backward()
+    return [t.grad for t in leaves]
 
 
 def dense_pre(xc, W_enc, b_enc):

@@ -1,4 +1,4 @@
-"""The SAE classes train identically on the Triton kernels and on the PyTorch reference: a short
+"""The SAE classes train identically on the Triton kernels and on the PyTorch backend: a short
 Adam loop with aux-K active (dead latents from the first batches), decoder projection and
 renormalisation, compared weight by weight."""
 import pytest

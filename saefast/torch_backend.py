@@ -1,6 +1,8 @@
-"""PyTorch semantics of every saefast op: the CPU path, the fallback, and the tests' oracle.
+"""The PyTorch backend: every op of the backend contract (``saefast.backend``) in PyTorch.
 
-Notation: B rows (tokens), d_in input width, d_sae latents, k active latents per row.
+It runs on every device (the CPU path, and the path for anything that is not CUDA) and states
+the semantics the Triton backend must reproduce. Notation: B rows (tokens), d_in input width,
+d_sae latents, k active latents per row.
 
 * encode: ``pre = (x - b_dec) @ W_enc (+ b_enc)``; keep positive entries of ``pre`` chosen by
   ``mode``: ``"batch"`` the B*k largest over the whole batch (BatchTopK), ``"row"`` the k largest
@@ -34,25 +36,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .selection import row_topk_mask, select_batch_top, to_csr
+from .backend import NORM_EPS, EncodeOut, acc_dtype
+from .selection import csr_offsets, finish_codes, row_topk_mask, select_batch_top
 
 CHUNK_ELEMENTS = 1 << 24
 # Devices whose backward passes use torch.sparse CSR products (multi-threaded sparse BLAS; profiled
-# on the CPU, where it is 5-20x faster than gathers and scatters). Elsewhere the reference is the
-# tests' oracle beside the Triton kernels, and uses plain gathers and index_add_ scatters.
+# on the CPU, where it is 5-20x faster than gathers and scatters). Elsewhere this backend uses plain
+# gathers and index_add_ scatters.
 SPARSE_BLAS_DEVICES = ("cpu",)
 # The CPU weight gradients S.T @ dense are computed this many output elements at a time.
 LATENT_BLOCK_ELEMENTS = 1 << 19
-NORM_EPS = 1e-12
 # Candidates kept per row before the global BatchTopK choice, as a multiple of k. Rows that
 # may hold more of the global top than that are recomputed, so this only affects speed.
 BATCH_ROW_CANDIDATES = 4
-
-EncodeOut = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _chunks(n: int, width: int) -> Iterator[Tuple[int, int]]:
@@ -80,12 +76,6 @@ def _empty_codes(xc: Tensor, W_enc: Tensor):
     dev = xc.device
     return (torch.empty(0, dtype=W_enc.dtype, device=dev), torch.empty(0, dtype=torch.int32, device=dev),
             torch.empty(0, dtype=torch.int32, device=dev))
-
-
-def _finish(values: Tensor, indices: Tensor, row_ids: Tensor, n_rows: int, d_sae: int) -> EncodeOut:
-    values, indices, row_ids, offsets = to_csr(values, indices, row_ids, n_rows, d_sae)
-    kept_min = values.float().min() if values.numel() else torch.zeros((), device=values.device)
-    return values, indices, row_ids, offsets, kept_min.float()
 
 
 def _masked_entries(pre: Tensor, mask: Tensor, row0: int):
@@ -132,7 +122,7 @@ def _encode_batch(xc: Tensor, W_enc: Tensor, b_enc: Optional[Tensor], k: int) ->
             rows.append(redo[s:e][r.long()])
         values, indices, row_ids = torch.cat(vals), torch.cat(lats), torch.cat(rows)
     chosen = select_batch_top(values, row_ids, indices, d_sae, n_keep)
-    return _finish(values[chosen], indices[chosen], row_ids[chosen], n_rows, d_sae)
+    return finish_codes(values[chosen], indices[chosen], row_ids[chosen], n_rows, d_sae)
 
 
 def _encode_row(xc: Tensor, W_enc: Tensor, b_enc: Optional[Tensor], k: int) -> EncodeOut:
@@ -160,7 +150,7 @@ def _encode_row(xc: Tensor, W_enc: Tensor, b_enc: Optional[Tensor], k: int) -> E
             vals.append(v)
             lats.append(lat)
             rows.append(row_idx[redo][r.long()])
-    return _finish(torch.cat(vals), torch.cat(lats), torch.cat(rows), n_rows, d_sae)
+    return finish_codes(torch.cat(vals), torch.cat(lats), torch.cat(rows), n_rows, d_sae)
 
 
 def _encode_masked(xc: Tensor, W_enc: Tensor, b_enc: Optional[Tensor], mask_fn) -> EncodeOut:
@@ -172,15 +162,15 @@ def _encode_masked(xc: Tensor, W_enc: Tensor, b_enc: Optional[Tensor], mask_fn) 
         lats.append(lat)
         rows.append(r)
     if not vals:
-        return _finish(*_empty_codes(xc, W_enc), n_rows, d_sae)
-    return _finish(torch.cat(vals), torch.cat(lats), torch.cat(rows), n_rows, d_sae)
+        return finish_codes(*_empty_codes(xc, W_enc), n_rows, d_sae)
+    return finish_codes(torch.cat(vals), torch.cat(lats), torch.cat(rows), n_rows, d_sae)
 
 
 def encode_forward(xc: Tensor, W_enc: Tensor, b_enc: Optional[Tensor], *, mode: str, k: int = 0,
                    threshold: Optional[Tensor] = None) -> EncodeOut:
     """Sparse codes of ``xc = x - b_dec``: (values, indices, row_ids, offsets, smallest kept value)."""
     if xc.shape[0] == 0 or (mode != "threshold" and k == 0):
-        return _finish(*_empty_codes(xc, W_enc), xc.shape[0], W_enc.shape[1])
+        return finish_codes(*_empty_codes(xc, W_enc), xc.shape[0], W_enc.shape[1])
     if mode == "batch":
         return _encode_batch(xc, W_enc, b_enc, k)
     if mode == "row":
@@ -192,34 +182,19 @@ def encode_forward(xc: Tensor, W_enc: Tensor, b_enc: Optional[Tensor], *, mode: 
     return _encode_masked(xc, W_enc, b_enc, lambda pre: (pre.to(acc) > thr) & (pre > 0))
 
 
-def matvec_acc(W: Tensor, v: Tensor) -> Tensor:
-    """``W @ v`` for W [n, m] accumulated in fp32 (fp64 for fp64), in column chunks so that no
-    full-precision copy of W is made."""
-    acc = acc_dtype(W.dtype)
-    out = torch.zeros(W.shape[0], dtype=acc, device=W.device)
-    v = v.to(acc)
-    for s, e in _chunks(W.shape[1], W.shape[0]):
-        out += W[:, s:e].to(acc) @ v[s:e]
-    return out
-
-
-def _csr(counts: Tensor, col_indices: Tensor, values: Tensor, n_cols: int) -> Tensor:
-    """torch.sparse CSR matrix [len(counts), n_cols] from per-row entry counts and the entries'
+def _csr(offsets: Tensor, col_indices: Tensor, values: Tensor, n_cols: int) -> Tensor:
+    """torch.sparse CSR matrix [len(offsets) - 1, n_cols] from CSR row offsets and the entries'
     column indices and values (in row order)."""
     index_dtype = torch.int32 if values.numel() < 2 ** 31 else torch.int64
-    crow = torch.zeros(counts.numel() + 1, dtype=index_dtype, device=values.device)
-    crow[1:] = torch.cumsum(counts, 0)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, col_indices.to(index_dtype), values, (counts.numel(), n_cols),
-                                       check_invariants=False)
+        return torch.sparse_csr_tensor(offsets.to(index_dtype), col_indices.to(index_dtype), values,
+                                       (offsets.numel() - 1, n_cols), check_invariants=False)
 
 
 def _sparse_matrix(values: Tensor, indices: Tensor, row_ids: Tensor, n_rows: int, n_cols: int) -> Tensor:
     """The entries (sorted by row, then latent) as a torch.sparse CSR matrix [n_rows, n_cols]."""
-    counts = torch.bincount(row_ids.long(), minlength=n_rows) if values.numel() else torch.zeros(
-        n_rows, dtype=torch.long, device=values.device)
-    return _csr(counts, indices, values, n_cols)
+    return _csr(csr_offsets(row_ids, n_rows), indices, values, n_cols)
 
 
 def _latent_blocks(values: Tensor, indices: Tensor, row_ids: Tensor, n_rows: int, d_sae: int,
@@ -233,9 +208,7 @@ def _latent_blocks(values: Tensor, indices: Tensor, row_ids: Tensor, n_rows: int
     zero fill (latents without entries get zeros from their empty rows).
     """
     order = torch.argsort(indices, stable=True)
-    counts = torch.bincount(indices.long(), minlength=d_sae) if indices.numel() else torch.zeros(
-        d_sae, dtype=torch.long, device=indices.device)
-    ST = _csr(counts, row_ids[order], values[order], n_rows)
+    ST = _csr(csr_offsets(indices[order], d_sae), row_ids[order], values[order], n_rows)
     crow, cols, vals = ST.crow_indices(), ST.col_indices(), ST.values()
     block = max(1, LATENT_BLOCK_ELEMENTS // max(width, 1))
     starts = list(range(0, d_sae, block))

@@ -1,0 +1,106 @@
+"""The backend contract: what ``saefast.ops`` asks of a backend.
+
+Two backends implement it, as modules with these seven functions:
+
+* ``saefast.torch_backend``: PyTorch, every device; the semantics of record and the CPU path.
+* ``saefast.triton_backend``: the Triton kernels of ``saefast.kernels``; CUDA tensors (or the
+  CPU under ``TRITON_INTERPRET=1``), float32/bfloat16/float16.
+
+``saefast.ops`` picks one per call (``ops.backend_name``: CUDA -> Triton, anything else ->
+PyTorch, ``SAEFAST_BACKEND=torch|triton`` forces one), checks every argument at the public
+boundary and owns the autograd Functions. A backend computes values and gradients with plain
+tensors (no autograd graph, arguments already checked and contiguous) and uses only this module,
+``saefast.selection`` and its own code: no backend calls into another's private functions.
+
+Notation: B rows (tokens), d_in input width, d_sae latents, nnz kept (row, latent) pairs.
+Floating inputs of one call share a dtype (float32, bfloat16, float16; float64 on the PyTorch
+backend only); sums accumulate in :func:`acc_dtype`.
+
+**Codes** (:data:`EncodeOut`): ``(values [nnz] dtype, indices [nnz] int32 latent ids,
+row_ids [nnz] int32, offsets [B + 1] int64 CSR row offsets, kept_min fp32 0-d)``, sorted by
+(row, latent) without repeats, every value > 0; ``kept_min`` is the smallest kept value (0 when
+nothing is kept). :func:`saefast.selection.finish_codes` builds them from unsorted entries.
+
+Functions (every backend, same signatures):
+
+``encode_forward(xc, W_enc, b_enc, *, mode, k=0, threshold=None) -> EncodeOut``
+    ``pre = xc @ W_enc (+ b_enc)`` with xc [B, d_in] (``x - b_dec``), W_enc [d_in, d_sae],
+    b_enc [d_sae] or None, rounded to the dtype; keeps positive entries of ``pre``:
+    ``mode="batch"`` the B*k largest of the whole batch, ``"row"`` the k largest of each row,
+    ``"threshold"`` those with ``pre`` widened to fp32 (fp64 for fp64) ``> threshold`` (fp32
+    [d_sae]). Exact: the selected set is that of the dense matrix, ties going to the lower flat
+    index ``row * d_sae + latent`` (``saefast.selection``), so both backends select the same
+    set; values agree up to the GEMM's summation order. Never holds the whole [B, d_sae] matrix.
+
+``encode_backward(grad_values, xc, W_enc, indices, row_ids, need_xc, need_W) -> (grad_xc, grad_W_enc, lat_sum)``
+    With S [B, d_sae] the sparse matrix of ``grad_values`` at the kept pairs: ``grad_xc = S @
+    W_enc.T`` [B, d_in] (None unless ``need_xc``), ``grad_W_enc = xc.T @ S`` [d_in, d_sae]
+    (None unless ``need_W``), and ``lat_sum`` [d_sae] in acc_dtype, the per-latent sum of
+    ``grad_values`` (b_enc's gradient). O(nnz * d_in) work; deterministic.
+
+``decode_forward(values, indices, offsets, row_ids, W_dec, b_dec) -> x_hat``
+    ``x_hat[r] = sum over row r's pairs of values * W_dec[latent] (+ b_dec)``, [B, d_in] in
+    W_dec's dtype; W_dec [d_sae, d_in], b_dec [d_in] or None.
+
+``decode_backward(grad_out, values, indices, row_ids, W_dec, need_values, need_W) -> (grad_values, grad_W_dec)``
+    ``grad_values[j] = grad_out[row_j] . W_dec[latent_j]`` [nnz] and ``grad_W_dec = S.T @
+    grad_out`` [d_sae, d_in] (S the sparse matrix of values), each None unless asked for.
+
+``normalize_decoder_(W_dec)``, ``project_decoder_grad_(W_dec, grad)``, ``normalize_decoder_and_project_grad_(W_dec, grad)``
+    In place, per row of W_dec [d_sae, d_in]: scale to unit norm (norms at least
+    :data:`NORM_EPS`; a zero row stays zero); remove from ``grad`` its component along the row
+    (``grad -= (grad . W) / |W|^2 * W``, using the row before normalisation).
+"""
+from __future__ import annotations
+
+from typing import Optional, Protocol, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["Backend", "BACKEND_FUNCTIONS", "EncodeOut", "NORM_EPS", "acc_dtype", "matvec_acc"]
+
+NORM_EPS = 1e-12
+BACKEND_FUNCTIONS = ("encode_forward", "encode_backward", "decode_forward", "decode_backward",
+                     "normalize_decoder_", "project_decoder_grad_", "normalize_decoder_and_project_grad_")
+
+EncodeOut = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+class Backend(Protocol):
+    """The seven functions of the contract (see the module docstring)."""
+
+    def encode_forward(self, xc: Tensor, W_enc: Tensor, b_enc: Optional[Tensor], *, mode: str, k: int = 0,
+                       threshold: Optional[Tensor] = None) -> EncodeOut: ...
+
+    def encode_backward(self, grad_values: Tensor, xc: Tensor, W_enc: Tensor, indices: Tensor, row_ids: Tensor,
+                        need_xc: bool, need_W: bool) -> Tuple[Optional[Tensor], Optional[Tensor], Tensor]: ...
+
+    def decode_forward(self, values: Tensor, indices: Tensor, offsets: Tensor, row_ids: Tensor, W_dec: Tensor,
+                       b_dec: Optional[Tensor]) -> Tensor: ...
+
+    def decode_backward(self, grad_out: Tensor, values: Tensor, indices: Tensor, row_ids: Tensor, W_dec: Tensor,
+                        need_values: bool, need_W: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]: ...
+
+    def normalize_decoder_(self, W_dec: Tensor) -> None: ...
+
+    def project_decoder_grad_(self, W_dec: Tensor, grad: Tensor) -> None: ...
+
+    def normalize_decoder_and_project_grad_(self, W_dec: Tensor, grad: Tensor) -> None: ...
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype for inputs of ``dtype``: float32, or float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def matvec_acc(W: Tensor, v: Tensor, chunk_elements: int = 1 << 24) -> Tensor:
+    """``W @ v`` for W [n, m] accumulated in :func:`acc_dtype`, over column chunks so that no
+    full-precision copy of W is made."""
+    acc = acc_dtype(W.dtype)
+    out = torch.zeros(W.shape[0], dtype=acc, device=W.device)
+    v = v.to(acc)
+    step = max(1, chunk_elements // max(W.shape[0], 1))
+    for s in range(0, W.shape[1], step):
+        out += W[:, s:s + step].to(acc) @ v[s:s + step]
+    return out
