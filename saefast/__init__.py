@@ -15,8 +15,8 @@ from .ops import (
     topk_encode,
 )
 from .sae import BatchTopKSAE, JumpReLUSAE, TopKSAE, VanillaSAE, create_sae
+from .version import __version__
 
-__version__ = "0.1.0"
 
 __all__ = [
     "SparseActs", "topk_encode", "threshold_encode", "auxk_encode", "sparse_decode",

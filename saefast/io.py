@@ -17,10 +17,14 @@ Native folder (the SAELens v6 layout, so SAELens and tools built on it load saef
   by saefast only. ``history.json`` when a history is given, ``sparsity.safetensors`` (key
   "sparsity": log10 firing frequency per latent, as SAELens writes it) when given.
 
+What differs between variants (BatchTopK's global threshold, TopK's ``k``, JumpReLU's fp32
+threshold) each SAE class declares itself (``saelens_export`` / ``saelens_import``); this module
+never imports the SAE classes: it finds them through the variant registry of ``saefast.config``.
+
 Converters: SAELens folders (v6 nested ``metadata`` and pre-6 flat configs), sparsify folders
 (``cfg.json`` + ``sae.safetensors`` with ``encoder.weight [d_sae, d_in]``, ``encoder.bias``,
 ``W_dec [d_sae, d_in]``, ``b_dec``), and the BatchTopK reference code's state dict + config dict
-(or its checkpoint folder, ``config.json`` + ``sae.pt``).
+(or its checkpoint folder, ``config.json`` + ``sae.pt``; see ``saefast.batchtopk_compat``).
 
 Saving never replaces an existing SAE unless ``overwrite=True``, and writes into a temporary
 folder first, then renames (the whole folder when the target is new, file by file otherwise).
@@ -28,9 +32,7 @@ folder first, then renames (the whole folder when the target is new, file by fil
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -40,10 +42,13 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
-from .config import SAEConfig, dtype_name, parse_dtype
-from .sae import SAE_CLASSES, BaseSAE, BatchTopKSAE, JumpReLUSAE, TopKSAE, VanillaSAE
+from .batchtopk_compat import (REFERENCE_CFG_FILENAME, REFERENCE_WEIGHTS_FILENAME, from_reference_state_dict,
+                               is_reference_checkpoint, load_reference_checkpoint, to_reference_state_dict)
+from .config import SAEConfig, dtype_name, parse_dtype, variant_class, variant_classes
+from .utils import check_finite, fill_weights, parse_hook, read_json, without_rng, write_json
+from .version import __version__
 
 __all__ = [
     "save_sae", "load_sae", "load_saelens", "load_sparsify", "save_sparsify", "from_reference_state_dict",
@@ -61,51 +66,19 @@ STATE_FILENAME = "saefast_state.safetensors"
 HISTORY_FILENAME = "history.json"
 SPARSITY_FILENAME = "sparsity.safetensors"
 SPARSIFY_WEIGHTS_FILENAME = "sae.safetensors"
-REFERENCE_CFG_FILENAME = "config.json"
-REFERENCE_WEIGHTS_FILENAME = "sae.pt"
 SAELENS_FORMAT_VERSION = "6.0.0"
+_SHARED_WEIGHTS = ("W_enc", "b_enc", "W_dec", "b_dec")
+_COUNTERS = ("num_batches_not_active", "ever_fired")
 _NATIVE_FILES = (CFG_FILENAME, WEIGHTS_FILENAME, STATE_FILENAME, HISTORY_FILENAME)
-_SAELENS_ARCH = {"batchtopk": "jumprelu", "jumprelu": "jumprelu", "topk": "topk", "relu": "standard"}
-_REFERENCE_TYPES = {"batchtopk": BatchTopKSAE, "topk": TopKSAE, "vanilla": VanillaSAE}
-
-
-def _saefast_version() -> str:
-    from . import __version__
-    return __version__
-
-
-# ----------------------------------------------------------------------------------------------
-# Small helpers
-# ----------------------------------------------------------------------------------------------
-
-def _read_json(path: Path) -> Dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    if hasattr(value, "tolist"):  # numpy scalars and arrays
-        return value.tolist()
-    if isinstance(value, (torch.dtype, torch.device, Path)):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
-
-
-def _write_json(data: Dict[str, Any], path: Path) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, default=_jsonable)
 
 
 def _cpu(t: Tensor) -> Tensor:
     return t.detach().to("cpu").contiguous()
+
+
+def _is_sae(obj: Any) -> bool:
+    return isinstance(obj, nn.Module) and isinstance(getattr(obj, "config", None), SAEConfig) \
+        and callable(getattr(obj, "saelens_export", None))
 
 
 def _atomic_folder(path: PathLike, writers: Dict[str, Callable[[Path], None]], guarded: Tuple[str, ...],
@@ -113,8 +86,8 @@ def _atomic_folder(path: PathLike, writers: Dict[str, Callable[[Path], None]], g
     """Write ``writers`` (file name -> writer) into a temporary sibling folder, then rename.
 
     Refuses (FileExistsError) when ``path`` already holds one of ``guarded`` and not overwrite.
-    A new folder is renamed into place whole; an existing one gets each file by os.replace, and
-    the ``stale`` files this save does not write are removed.
+    A new folder is renamed into place whole; an existing one gets each file by os.replace (other
+    files there are left alone), and the ``stale`` files this save does not write are removed.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -143,53 +116,17 @@ def _atomic_folder(path: PathLike, writers: Dict[str, Callable[[Path], None]], g
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _check_shape(where: str, name: str, tensor: Tensor, expected: Tuple[int, ...], hint: str) -> None:
-    if tuple(tensor.shape) != expected:
-        raise ValueError(f"{where}: {name} has shape {tuple(tensor.shape)} but the config says {hint}, "
-                         f"so it must be {list(expected)}")
-
-
-def _check_finite(where: str, name: str, tensor: Tensor) -> None:
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise ValueError(f"{where}: {name} holds {bad} NaN or inf value(s); the weights are damaged (or were saved "
-                         "from a diverged run): load an earlier checkpoint or re-train")
-
-
-def _fill_weights(sae: BaseSAE, weights: Dict[str, Tensor], where: str) -> None:
-    """Copy W_enc, b_enc, W_dec, b_dec (and JumpReLU's threshold) into ``sae`` after checking shapes."""
-    d_in, d_sae = sae.d_in, sae.d_sae
-    hint = f"d_in={d_in}, d_sae={d_sae}"
-    expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
-    if isinstance(sae, JumpReLUSAE):
-        expected["threshold"] = (d_sae,)
-    missing = [name for name in expected if name not in weights]
-    if missing:
-        raise ValueError(f"{where}: the weights lack {missing}; a {type(sae).__name__} needs {list(expected)}")
-    with torch.no_grad():
-        for name, shape in expected.items():
-            _check_shape(where, name, weights[name], shape, hint)
-            _check_finite(where, name, weights[name])
-            param = getattr(sae, name)
-            param.copy_(weights[name].to(device=param.device, dtype=param.dtype))
-
-
-def _no_rng(build: Callable[[], BaseSAE]) -> BaseSAE:
-    """Build an SAE whose weights are about to be overwritten without touching the global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        return build()
+def _fill(sae: nn.Module, weights: Dict[str, Tensor], where: str) -> None:
+    fill_weights(sae, weights, sae.weight_shapes(), where, f"d_in={sae.d_in}, d_sae={sae.d_sae}")
 
 
 def _hook_fields(hook_spec: Optional[str], hook_layer: Any = None) -> Dict[str, Any]:
     if not hook_spec:
         return {}
-    match = re.match(r"blocks\.(\d+)\.(.+)$", hook_spec)
-    if match:
-        return {"hook_layer": int(match.group(1)) if hook_layer is None else hook_layer,
-                "hook_name": match.group(2), "hook_spec": hook_spec}
-    out: Dict[str, Any] = {"hook_name": hook_spec, "hook_spec": hook_spec}
-    if hook_layer is not None:
-        out["hook_layer"] = hook_layer
+    layer, name = parse_hook(hook_spec)
+    out: Dict[str, Any] = {"hook_name": name, "hook_spec": hook_spec}
+    if hook_layer is not None or layer is not None:
+        out["hook_layer"] = layer if hook_layer is None else hook_layer
     return out
 
 
@@ -197,10 +134,12 @@ def _hook_fields(hook_spec: Optional[str], hook_layer: Any = None) -> Dict[str, 
 # Native (SAELens layout) save / load
 # ----------------------------------------------------------------------------------------------
 
-def _native_cfg(sae: BaseSAE) -> Dict[str, Any]:
+def _native_files(sae: nn.Module) -> Tuple[Dict[str, Any], Dict[str, Tensor], Dict[str, Tensor]]:
+    """(cfg.json, sae_weights.safetensors, saefast_state.safetensors) of ``sae``."""
     c = dataclasses.replace(sae.config, dtype=dtype_name(sae.dtype), device=str(sae.device))
+    extras = sae.saelens_export()
     cfg: Dict[str, Any] = {
-        "architecture": _SAELENS_ARCH[sae.architecture],
+        "architecture": sae.saelens_architecture,
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
         "dtype": c.dtype,
@@ -208,10 +147,8 @@ def _native_cfg(sae: BaseSAE) -> Dict[str, Any]:
         "apply_b_dec_to_input": c.apply_b_dec_to_input,
         "normalize_activations": "layer_norm" if c.input_unit_norm else "none",
         "reshape_activations": "none",
+        **extras.cfg,
     }
-    if sae.architecture == "topk":
-        cfg["k"] = c.top_k
-        cfg["rescale_acts_by_decoder_norm"] = False
     cfg["metadata"] = {
         "sae_lens_version": SAELENS_FORMAT_VERSION,
         "sae_lens_training_version": None,
@@ -221,32 +158,17 @@ def _native_cfg(sae: BaseSAE) -> Dict[str, Any]:
         "prepend_bos": c.prepend_bos,
         "context_size": c.context_size,
         "dataset_path": c.dataset_path,
-        "saefast_version": _saefast_version(),
+        "saefast_version": __version__,
     }
-    section: Dict[str, Any] = {"format_version": 1, "config": c.to_dict()}
-    if isinstance(sae, BatchTopKSAE):
-        section["topk_threshold"] = float(sae.topk_threshold)
-    cfg["saefast"] = section
-    return cfg
+    cfg["saefast"] = {"format_version": 1, "config": c.to_dict(), **extras.section}
+    weights = {name: _cpu(getattr(sae, name)) for name in _SHARED_WEIGHTS}
+    weights.update({name: _cpu(t) for name, t in extras.weights.items()})
+    state = {name: _cpu(getattr(sae, name)) for name in _COUNTERS}
+    state.update({name: _cpu(t) for name, t in extras.state.items()})
+    return cfg, weights, state
 
 
-def _native_weights(sae: BaseSAE) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
-    weights = {name: _cpu(getattr(sae, name)) for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    state = {"num_batches_not_active": _cpu(sae.num_batches_not_active), "ever_fired": _cpu(sae.ever_fired)}
-    if isinstance(sae, BatchTopKSAE):
-        threshold = sae.inference_threshold
-        if threshold is None:
-            logger.warning("saving a BatchTopKSAE that was never trained: its threshold is unset, so SAELens "
-                           "will run it as a plain ReLU SAE (threshold 0)")
-            threshold = 0.0
-        weights["threshold"] = torch.full((sae.d_sae,), threshold, dtype=torch.float32).to(sae.dtype)
-    elif isinstance(sae, JumpReLUSAE):
-        weights["threshold"] = _cpu(sae.threshold).to(sae.dtype)
-        state["threshold"] = _cpu(sae.threshold)
-    return weights, state
-
-
-def save_sae(sae: BaseSAE, path: PathLike, history: Optional[Dict[str, Any]] = None,
+def save_sae(sae: nn.Module, path: PathLike, history: Optional[Dict[str, Any]] = None,
              overwrite: bool = False, log_sparsity: Optional[Tensor] = None) -> Path:
     """Save ``sae`` to the folder ``path`` (see the module docstring for the files).
 
@@ -254,24 +176,23 @@ def save_sae(sae: BaseSAE, path: PathLike, history: Optional[Dict[str, Any]] = N
     ``sparsity.safetensors`` under the key "sparsity", as SAELens does.
     Raises FileExistsError if ``path`` already holds an SAE and ``overwrite`` is False.
     """
-    if not isinstance(sae, BaseSAE):
+    if not _is_sae(sae):
         raise TypeError(f"sae must be a saefast SAE, got {type(sae).__name__}")
     if history is not None and not isinstance(history, dict):
         raise TypeError(f"history must be a dict (e.g. {{'loss': [...]}}) or None, got {type(history).__name__}")
     if log_sparsity is not None and (not isinstance(log_sparsity, Tensor) or log_sparsity.shape != (sae.d_sae,)):
         raise ValueError(f"log_sparsity must be a tensor of shape [{sae.d_sae}] (d_sae)")
-    cfg = _native_cfg(sae)
-    weights, state = _native_weights(sae)
+    cfg, weights, state = _native_files(sae)
     writers: Dict[str, Callable[[Path], None]] = {
         WEIGHTS_FILENAME: lambda p: save_file(weights, str(p)),
         STATE_FILENAME: lambda p: save_file(state, str(p)),
     }
     if history is not None:
-        writers[HISTORY_FILENAME] = lambda p: _write_json(history, p)
+        writers[HISTORY_FILENAME] = lambda p: write_json(history, p)
     if log_sparsity is not None:
         sparsity = {"sparsity": _cpu(log_sparsity).float()}
         writers[SPARSITY_FILENAME] = lambda p: save_file(sparsity, str(p))
-    writers[CFG_FILENAME] = lambda p: _write_json(cfg, p)
+    writers[CFG_FILENAME] = lambda p: write_json(cfg, p)
     return _atomic_folder(path, writers, guarded=(CFG_FILENAME, WEIGHTS_FILENAME),
                           stale=_NATIVE_FILES + (SPARSITY_FILENAME,), overwrite=overwrite)
 
@@ -279,7 +200,7 @@ def save_sae(sae: BaseSAE, path: PathLike, history: Optional[Dict[str, Any]] = N
 def read_history(path: PathLike) -> Optional[Dict[str, Any]]:
     """The folder's history.json as a dict, or None when it has none."""
     file = Path(path) / HISTORY_FILENAME
-    return _read_json(file) if file.exists() else None
+    return read_json(file) if file.exists() else None
 
 
 def read_log_sparsity(path: PathLike) -> Optional[Tensor]:
@@ -288,7 +209,7 @@ def read_log_sparsity(path: PathLike) -> Optional[Tensor]:
     return load_file(str(file))["sparsity"] if file.exists() else None
 
 
-def load_sae(path: PathLike, device: str = "cpu", dtype: Optional[Union[str, torch.dtype]] = None) -> BaseSAE:
+def load_sae(path: PathLike, device: str = "cpu", dtype: Optional[Union[str, torch.dtype]] = None) -> nn.Module:
     """Load any SAE folder saefast understands, returning the right class:
     saefast / SAELens (``cfg.json`` + ``sae_weights.safetensors``), sparsify (``cfg.json`` +
     ``sae.safetensors``) or the BatchTopK reference code's checkpoint (``config.json`` + ``sae.pt``).
@@ -303,13 +224,18 @@ def load_sae(path: PathLike, device: str = "cpu", dtype: Optional[Union[str, tor
         return load_saelens(path, device=device, dtype=dtype)
     if (path / CFG_FILENAME).exists() and (path / SPARSIFY_WEIGHTS_FILENAME).exists():
         return load_sparsify(path, device=device, dtype=dtype)
-    if (path / REFERENCE_CFG_FILENAME).exists() and (path / REFERENCE_WEIGHTS_FILENAME).exists():
+    if is_reference_checkpoint(path):
         sae = load_reference_checkpoint(path, device=device)
         return sae if dtype is None else sae.to(parse_dtype(dtype))
     found = sorted(p.name for p in path.iterdir())[:10]
     raise ValueError(f"{path} is not an SAE folder: expected {CFG_FILENAME} + {WEIGHTS_FILENAME} (saefast / "
                      f"SAELens), {CFG_FILENAME} + {SPARSIFY_WEIGHTS_FILENAME} (sparsify) or {REFERENCE_CFG_FILENAME} "
                      f"+ {REFERENCE_WEIGHTS_FILENAME} (BatchTopK reference code); found {found}")
+
+
+def _saelens_variants() -> Dict[str, type]:
+    """SAELens architecture name -> the SAE class that reads it."""
+    return {name: cls for cls in variant_classes() for name in cls.reads_saelens}
 
 
 def _saelens_to_config(cfg: Dict[str, Any], where: Path) -> SAEConfig:
@@ -320,19 +246,15 @@ def _saelens_to_config(cfg: Dict[str, Any], where: Path) -> SAEConfig:
     meta = cfg["metadata"] if isinstance(cfg.get("metadata"), dict) else cfg
     arch = cfg.get("architecture", "standard")
     activation = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
-    k = cfg.get("k")
     if activation == "topk":
         arch = "topk"
-        k = (cfg.get("activation_fn_kwargs") or {}).get("k", k)
     if arch == "standard" and activation not in ("relu", None):
         raise ValueError(f"{where}: SAELens activation_fn={activation!r} is not supported; saefast reads ReLU, "
                          "TopK and JumpReLU SAEs")
-    names = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
-    if arch not in names:
-        raise ValueError(f"{where}: SAELens architecture {arch!r} is not supported; saefast reads 'standard', "
-                         "'topk' and 'jumprelu' folders")
-    if arch == "topk" and k is None:
-        raise ValueError(f"{where}: a topk cfg.json needs 'k' (or activation_fn_kwargs.k)")
+    readers = _saelens_variants()
+    if arch not in readers:
+        raise ValueError(f"{where}: SAELens architecture {arch!r} is not supported; saefast reads "
+                         f"{', '.join(repr(a) for a in readers)} folders")
     if cfg.get("rescale_acts_by_decoder_norm"):
         raise ValueError(f"{where}: rescale_acts_by_decoder_norm=True is not supported; fold the decoder norms "
                          "into the encoder with SAELens first")
@@ -348,25 +270,26 @@ def _saelens_to_config(cfg: Dict[str, Any], where: Path) -> SAEConfig:
     if cfg.get("reshape_activations", "none") not in ("none", None):
         raise ValueError(f"{where}: reshape_activations={cfg['reshape_activations']!r} is not supported; "
                          "saefast SAEs take flat [..., d_in] inputs")
+    cls = readers[arch]
     hook_spec = meta.get("hook_name") or cfg.get("hook_point")
     hook_layer = cfg.get("hook_layer", cfg.get("hook_point_layer"))
     return SAEConfig(
         d_in=cfg["d_in"], d_sae=cfg["d_sae"], dtype=dtype_name(parse_dtype(cfg.get("dtype", "float32"))),
-        device="cpu", architecture=names[arch], top_k=k if arch == "topk" else None,
-        input_unit_norm=norm == "layer_norm", apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
-        train_b_enc=True, model_name=meta.get("model_name"), dataset_path=meta.get("dataset_path"),
+        device="cpu", architecture=cls.architecture, input_unit_norm=norm == "layer_norm",
+        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)), train_b_enc=True,
+        model_name=meta.get("model_name"), dataset_path=meta.get("dataset_path"),
         context_size=meta.get("context_size"), prepend_bos=bool(meta.get("prepend_bos", True)),
-        **_hook_fields(hook_spec, hook_layer))
+        **cls.saelens_config_values(cfg, str(where)), **_hook_fields(hook_spec, hook_layer))
 
 
-def load_saelens(path: PathLike, device: str = "cpu", dtype: Optional[Union[str, torch.dtype]] = None) -> BaseSAE:
-    """Load a saefast folder, or a SAELens folder (v6 or pre-6 config; standard, topk and
-    jumprelu architectures), onto ``device``."""
+def load_saelens(path: PathLike, device: str = "cpu", dtype: Optional[Union[str, torch.dtype]] = None) -> nn.Module:
+    """Load a saefast folder, or a SAELens folder (v6 or pre-6 config; the architectures the
+    SAE classes read), onto ``device``."""
     path = Path(path)
     for name in (CFG_FILENAME, WEIGHTS_FILENAME):
         if not (path / name).exists():
             raise ValueError(f"{path} is not a saefast/SAELens SAE folder: {name} is missing")
-    cfg = _read_json(path / CFG_FILENAME)
+    cfg = read_json(path / CFG_FILENAME)
     native = isinstance(cfg.get("saefast"), dict)
     if native:
         if "config" not in cfg["saefast"]:
@@ -386,40 +309,36 @@ def load_saelens(path: PathLike, device: str = "cpu", dtype: Optional[Union[str,
             del weights[name]
     if "log_threshold" in weights and "threshold" not in weights:
         weights["threshold"] = weights.pop("log_threshold").float().exp()
-    allowed = {"W_enc", "b_enc", "W_dec", "b_dec"} | ({"threshold"} if config.architecture in
-                                                      ("jumprelu", "batchtopk") else set())
+    cls = variant_class(config.architecture)
+    sae = without_rng(lambda: cls(config))
+    allowed = set(sae.weight_shapes()) | set(cls.saelens_weights)
     unknown = sorted(set(weights) - allowed)
     if unknown:
         raise ValueError(f"{where}: unexpected tensors {unknown} for architecture {config.architecture!r}")
     if "b_enc" not in weights:
         weights["b_enc"] = torch.zeros(config.d_sae)
-    sae = _no_rng(lambda: SAE_CLASSES[config.architecture](config))
-    _fill_weights(sae, weights, where)
+    _fill(sae, weights, where)
+    state: Dict[str, Tensor] = {}
     state_file = path / STATE_FILENAME
     if native and state_file.exists():
         state = load_file(str(state_file), device="cpu")
         with torch.no_grad():
-            for name in ("num_batches_not_active", "ever_fired"):
+            for name in _COUNTERS:
                 if name in state:
-                    _check_shape(str(state_file), name, state[name], (sae.d_sae,), f"d_sae={sae.d_sae}")
+                    if tuple(state[name].shape) != (sae.d_sae,):
+                        raise ValueError(f"{state_file}: {name} has shape {tuple(state[name].shape)}, expected "
+                                         f"[{sae.d_sae}] (d_sae)")
                     getattr(sae, name).copy_(state[name])
-            if isinstance(sae, JumpReLUSAE) and "threshold" in state:
-                _check_shape(str(state_file), "threshold", state["threshold"], (sae.d_sae,), f"d_sae={sae.d_sae}")
-                _check_finite(str(state_file), "threshold", state["threshold"])
-                sae.threshold.copy_(state["threshold"])
-    if isinstance(sae, BatchTopKSAE):
-        threshold = cfg["saefast"].get("topk_threshold", -1.0) if native else -1.0
-        if not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
-            raise ValueError(f"{path / CFG_FILENAME}: saefast.topk_threshold={threshold!r} must be a finite number")
-        sae.topk_threshold.fill_(float(threshold))
+    section = cfg["saefast"] if native else {}
+    sae.saelens_import(weights, state, section, str(path / (STATE_FILENAME if native else WEIGHTS_FILENAME)))
     return sae.to(device)
 
 
 # ----------------------------------------------------------------------------------------------
-# sparsify
+# sparsify (per-token TopK SAEs)
 # ----------------------------------------------------------------------------------------------
 
-def load_sparsify(path: PathLike, device: str = "cpu", dtype: Optional[Union[str, torch.dtype]] = None) -> TopKSAE:
+def load_sparsify(path: PathLike, device: str = "cpu", dtype: Optional[Union[str, torch.dtype]] = None) -> nn.Module:
     """Load a sparsify (EleutherAI) TopK SAE folder: ``cfg.json`` (d_in, k, num_latents or
     expansion_factor) + ``sae.safetensors`` (encoder.weight [d_sae, d_in], encoder.bias, W_dec
     [d_sae, d_in], b_dec). Returns a TopKSAE whose b_enc is trained."""
@@ -427,7 +346,7 @@ def load_sparsify(path: PathLike, device: str = "cpu", dtype: Optional[Union[str
     for name in (CFG_FILENAME, SPARSIFY_WEIGHTS_FILENAME):
         if not (path / name).exists():
             raise ValueError(f"{path} is not a sparsify SAE folder: {name} is missing")
-    cfg = _read_json(path / CFG_FILENAME)
+    cfg = read_json(path / CFG_FILENAME)
     where = str(path / CFG_FILENAME)
     missing = [key for key in ("d_in", "k") if key not in cfg]
     if missing:
@@ -447,21 +366,24 @@ def load_sparsify(path: PathLike, device: str = "cpu", dtype: Optional[Union[str
     if missing:
         raise ValueError(f"{wfile} lacks {missing}; a sparsify SAE holds {list(expected)}")
     for name, shape in expected.items():
-        _check_shape(wfile, name, weights[name], shape, f"d_in={d_in}, d_sae={d_sae}")
+        if tuple(weights[name].shape) != shape:
+            raise ValueError(f"{wfile}: {name} has shape {tuple(weights[name].shape)} but the config says "
+                             f"d_in={d_in}, d_sae={d_sae}, so it must be {list(shape)}")
+        check_finite(wfile, name, weights[name])
     weight_dtype = dtype_name(parse_dtype(dtype)) if dtype is not None else dtype_name(weights["encoder.weight"].dtype)
     match = re.search(r"layers[._](\d+)", path.name)
     hook = {"hook_layer": int(match.group(1)), "hook_name": "hook_resid_post"} if match else {}
     config = SAEConfig(d_in=d_in, d_sae=d_sae, dtype=weight_dtype, device="cpu", architecture="topk",
                        top_k=cfg["k"], train_b_enc=True, **hook)
-    sae = _no_rng(lambda: TopKSAE(config))
-    _fill_weights(sae, {"W_enc": weights["encoder.weight"].t(), "b_enc": weights["encoder.bias"],
-                        "W_dec": weights["W_dec"], "b_dec": weights["b_dec"]}, wfile)
+    sae = without_rng(lambda: variant_class("topk")(config))
+    _fill(sae, {"W_enc": weights["encoder.weight"].t(), "b_enc": weights["encoder.bias"],
+                "W_dec": weights["W_dec"], "b_dec": weights["b_dec"]}, wfile)
     return sae.to(device)
 
 
-def save_sparsify(sae: BaseSAE, path: PathLike, overwrite: bool = False) -> Path:
+def save_sparsify(sae: nn.Module, path: PathLike, overwrite: bool = False) -> Path:
     """Write a TopKSAE as a sparsify folder (cfg.json + sae.safetensors)."""
-    if not isinstance(sae, TopKSAE):
+    if not isinstance(sae, variant_class("topk")):
         raise ValueError(f"sparsify stores per-token TopK SAEs only; got {type(sae).__name__}")
     c = sae.config
     if c.input_unit_norm or not c.apply_b_dec_to_input:
@@ -473,65 +395,6 @@ def save_sparsify(sae: BaseSAE, path: PathLike, overwrite: bool = False) -> Path
     weights = {"encoder.weight": _cpu(sae.W_enc.t()), "encoder.bias": _cpu(sae.b_enc),
                "W_dec": _cpu(sae.W_dec), "b_dec": _cpu(sae.b_dec)}
     writers = {SPARSIFY_WEIGHTS_FILENAME: lambda p: save_file(weights, str(p)),
-               CFG_FILENAME: lambda p: _write_json(cfg, p)}
+               CFG_FILENAME: lambda p: write_json(cfg, p)}
     return _atomic_folder(path, writers, guarded=(CFG_FILENAME, SPARSIFY_WEIGHTS_FILENAME), stale=(),
                           overwrite=overwrite)
-
-
-# ----------------------------------------------------------------------------------------------
-# The BatchTopK reference code
-# ----------------------------------------------------------------------------------------------
-
-def from_reference_state_dict(state_dict: Dict[str, Tensor], cfg: Dict[str, Any]) -> BaseSAE:
-    """Build the SAE the reference code would (its dict config, ``cfg["sae_type"]`` in
-    batchtopk / topk / vanilla, default batchtopk) holding ``state_dict`` (W_enc, b_enc, W_dec,
-    b_dec). The result runs in reference mode (dict outputs); the global RNG is left alone."""
-    if not isinstance(cfg, dict):
-        raise TypeError(f"cfg must be the reference code's config dict, got {type(cfg).__name__}")
-    if not isinstance(state_dict, dict):
-        raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
-    sae_type = cfg.get("sae_type", "batchtopk")
-    if sae_type not in _REFERENCE_TYPES:
-        raise ValueError(f"sae_type={sae_type!r} is not supported; saefast converts {sorted(_REFERENCE_TYPES)}")
-    cls = _REFERENCE_TYPES[sae_type]
-    sae = _no_rng(lambda: cls(dict(cfg)))
-    unknown = sorted(set(state_dict) - {"W_enc", "b_enc", "W_dec", "b_dec", "num_batches_not_active"})
-    if unknown:
-        raise ValueError(f"unexpected tensors {unknown} in the reference state dict")
-    _fill_weights(sae, state_dict, "reference state dict")
-    return sae
-
-
-def to_reference_state_dict(sae: BaseSAE) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
-    """``(state_dict, cfg)`` in the reference code's format for a BatchTopK, TopK or ReLU SAE."""
-    kinds = {"batchtopk": "batchtopk", "topk": "topk", "relu": "vanilla"}
-    if sae.architecture not in kinds:
-        raise ValueError(f"the reference code has no {type(sae).__name__} in a convertible form")
-    c = sae.config
-    if not c.apply_b_dec_to_input:
-        raise ValueError("the reference code always subtracts b_dec before encoding; this SAE does not")
-    if sae.architecture in ("batchtopk", "topk") and bool(sae.b_enc.detach().ne(0).any()):
-        raise ValueError("the reference code's TopK variants ignore b_enc, but this SAE's b_enc is nonzero")
-    state_dict = {name: getattr(sae, name).detach().clone() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    if sae.reference_mode:
-        return state_dict, dict(sae.cfg)
-    cfg = {"act_size": c.d_in, "dict_size": c.d_sae, "top_k": c.top_k, "top_k_aux": c.top_k_aux,
-           "aux_penalty": c.aux_penalty, "n_batches_to_dead": c.n_batches_to_dead,
-           "input_unit_norm": c.input_unit_norm, "l1_coeff": c.l1_coefficient,
-           "seed": c.seed if c.seed is not None else 0, "dtype": sae.dtype, "device": str(sae.device),
-           "sae_type": kinds[sae.architecture], "hook_point": c.hook_spec}
-    return state_dict, cfg
-
-
-def load_reference_checkpoint(path: PathLike, device: Optional[str] = None) -> BaseSAE:
-    """Load a reference-code checkpoint folder (``config.json`` + ``sae.pt``). ``sae.pt`` is read
-    with ``torch.load(weights_only=True)``, which refuses anything but tensors."""
-    path = Path(path)
-    for name in (REFERENCE_CFG_FILENAME, REFERENCE_WEIGHTS_FILENAME):
-        if not (path / name).exists():
-            raise ValueError(f"{path} is not a reference-code checkpoint: {name} is missing")
-    cfg = _read_json(path / REFERENCE_CFG_FILENAME)
-    if device is not None:
-        cfg["device"] = device
-    state_dict = torch.load(path / REFERENCE_WEIGHTS_FILENAME, map_location="cpu", weights_only=True)
-    return from_reference_state_dict(state_dict, cfg)

@@ -32,11 +32,13 @@ from torch import Tensor
 
 from . import torch_backend
 from .backend import acc_dtype, matvec_acc
+from .selection import csr_offsets
 
 __all__ = [
     "SparseActs", "backend_name", "topk_encode", "threshold_encode", "auxk_encode", "topk_encode_with_aux",
     "stack_rows", "sparse_decode",
     "normalize_decoder_", "project_decoder_grad_", "normalize_decoder_and_project_grad_",
+    "above_threshold", "jumprelu", "jumprelu_step",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -84,6 +86,15 @@ class SparseActs(NamedTuple):
     def l0(self) -> Tensor:
         """Mean number of active latents per row (fp32 scalar)."""
         return torch.tensor(self.nnz / max(self.n_rows, 1), dtype=torch.float32)
+
+    def select(self, keep: Tensor) -> "SparseActs":
+        """The entries where ``keep`` [nnz] (bool) is True, order kept, offsets and kept_min rebuilt
+        (differentiable in the values)."""
+        row_ids = self.row_ids[keep]
+        values = self.values[keep]
+        kept_min = values.detach().float().min() if values.numel() else torch.zeros((), device=values.device)
+        return SparseActs(values, self.indices[keep], row_ids, csr_offsets(row_ids, self.n_rows), kept_min,
+                          self.d_sae)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -511,3 +522,61 @@ def normalize_decoder_and_project_grad_(W_dec: Tensor, grad: Tensor) -> None:
     W = W_dec.data if isinstance(W_dec, torch.nn.Parameter) else W_dec
     _check_decoder(W, grad, True)
     _backend(W.device).normalize_decoder_and_project_grad_(W, grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# JumpReLU: straight-through estimators over sparse entries
+# ----------------------------------------------------------------------------------------------
+
+def above_threshold(z: Tensor, theta: Tensor) -> Tensor:
+    """``z > theta`` with the ops' threshold rule: z (any float dtype) widened exactly to float32
+    (float64 for float64) against the float32 threshold, never the threshold rounded to z's dtype."""
+    acc = acc_dtype(z.dtype)
+    return z.to(acc) > theta.to(acc)
+
+
+def _rectangle(u: Tensor) -> Tensor:
+    return ((u > -0.5) & (u < 0.5)).float()
+
+
+class _JumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.bandwidth = bandwidth
+        return z * above_threshold(z, theta)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        z, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_z = g * above_threshold(z, theta)
+        grad_theta = -(theta / eps) * _rectangle((z.float() - theta) / eps) * g.float()
+        return grad_z, grad_theta, None
+
+
+class _JumpReLUStep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.bandwidth = bandwidth
+        return above_threshold(z, theta).float()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        z, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        return None, -(1.0 / eps) * _rectangle((z.float() - theta) / eps) * g.float(), None
+
+
+def jumprelu(z: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+    """``z * (z > theta)`` over sparse entries, z and theta [nnz] (theta: each entry's latent
+    threshold, float32). Backward: ``dz = (z > theta) * g`` and the straight-through estimator
+    ``dtheta = -(theta / bandwidth) * rect((z - theta) / bandwidth) * g`` (rect: 1 on (-1/2, 1/2))."""
+    return _JumpReLU.apply(z, theta, bandwidth)
+
+
+def jumprelu_step(z: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+    """``(z > theta)`` as float32 [nnz] (each entry's contribution to L0); gradient to theta only:
+    ``-(1 / bandwidth) * rect((z - theta) / bandwidth) * g``."""
+    return _JumpReLUStep.apply(z, theta, bandwidth)

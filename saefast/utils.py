@@ -1,19 +1,30 @@
 """Small helpers shared across saefast, one home each.
 
-* :func:`output_folder`: write a folder of results under a temporary name and move it into place
-  at the end, replacing an earlier one only when saefast wrote it and the caller allows it.
+* Files: :func:`output_folder` (a folder of results written under a temporary name and moved
+  into place, replacing an earlier one only when saefast wrote it and the caller allows it),
+  :func:`write_atomic` (one file, via a temporary sibling), :func:`fsync_path`,
+  :func:`read_json` / :func:`write_json`.
+* Modules: :func:`eval_mode` (eval() for a block, the previous mode restored after).
+* SAE weights: :func:`fill_weights` (copy named tensors into an SAE with shape and finiteness
+  checks), :func:`without_rng` (build without consuming the global RNG).
+* Hook names: :func:`parse_hook` (``"blocks.8.hook_resid_pre"`` -> layer 8, name ``"hook_resid_pre"``).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterator, List, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, TypeVar, Union
 
-__all__ = ["OUTPUT_MARKER", "output_folder"]
+import torch
+from torch import Tensor, nn
+
+__all__ = ["OUTPUT_MARKER", "output_folder", "write_atomic", "fsync_path", "read_json", "write_json", "eval_mode",
+           "fill_weights", "check_finite", "without_rng", "parse_hook"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -87,3 +98,118 @@ def output_folder(out: PathLike, kind: str, overwrite: bool = False, argument: s
             tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fsync_path(path: Union[str, os.PathLike]) -> None:
+    """Flush a file's (or a folder's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: PathLike, write: Callable[[Path], None], fsync: bool = False) -> Path:
+    """Write one file through ``write(tmp_path)`` into a temporary sibling, then rename it over
+    ``path``: readers see the old file or the new one, never half of it."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        write(tmp)
+        if fsync:
+            fsync_path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if hasattr(value, "tolist"):  # numpy scalars and arrays
+        return value.tolist()
+    if isinstance(value, (torch.dtype, torch.device, Path)):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def write_json(data: Any, path: PathLike) -> None:
+    """``data`` as indented JSON (tensors, numpy values, dtypes and paths converted)."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, default=_jsonable)
+        f.write("\n")
+
+
+def read_json(path: PathLike) -> Dict[str, Any]:
+    """The JSON object in ``path``; a ValueError naming the file when it is not valid JSON or not
+    an object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module.eval()`` inside the block; its previous train/eval mode afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+def check_finite(where: str, name: str, tensor: Tensor) -> None:
+    """Raise a ValueError naming ``where`` and ``name`` when a float tensor holds NaN or inf."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"{where}: {name} holds {bad} NaN or inf value(s); the weights are damaged (or were saved "
+                         "from a diverged run): load an earlier checkpoint or re-train")
+
+
+def fill_weights(module: nn.Module, weights: Mapping[str, Tensor], expected: Mapping[str, Tuple[int, ...]],
+                 where: str, hint: str) -> None:
+    """Copy ``weights[name]`` into ``module.<name>`` for every name of ``expected`` (its shape),
+    converting device and dtype; a missing, misshapen or non-finite tensor raises a ValueError
+    naming ``where`` (the file) and the tensor. ``hint`` says where the shapes come from."""
+    missing = [name for name in expected if name not in weights]
+    if missing:
+        raise ValueError(f"{where}: the weights lack {missing}; a {type(module).__name__} needs {list(expected)}")
+    with torch.no_grad():
+        for name, shape in expected.items():
+            tensor = weights[name]
+            if tuple(tensor.shape) != tuple(shape):
+                raise ValueError(f"{where}: {name} has shape {tuple(tensor.shape)} but the config says {hint}, "
+                                 f"so it must be {list(shape)}")
+            check_finite(where, name, tensor)
+            target = getattr(module, name)
+            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+
+
+T = TypeVar("T")
+
+
+def without_rng(build: Callable[[], T]) -> T:
+    """``build()`` without consuming the global RNG (for objects whose random initial weights are
+    about to be overwritten)."""
+    with torch.random.fork_rng(devices=[]):
+        return build()
+
+
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def parse_hook(hook: str) -> Tuple[Optional[int], str]:
+    """``"blocks.8.hook_resid_pre"`` -> ``(8, "hook_resid_pre")``; a hook outside the blocks
+    (``"hook_embed"``, ``"ln_final.hook_normalized"``) -> ``(None, hook)``."""
+    match = _HOOK_RE.match(hook)
+    if match:
+        return int(match.group(1)), match.group(2)
+    return None, hook
