@@ -9,7 +9,6 @@ rank, and the synthetic stream of each rank is an independent stream over the sa
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 from .config import TrainConfig
 from .distributed import DistInfo, dist_info
 
-__all__ = ["RunInputs", "build_sae", "build_inputs", "sae_config_values", "TokenBatches", "SYNTHETIC_D_IN"]
+__all__ = ["RunInputs", "build_sae", "build_inputs", "TokenBatches", "SYNTHETIC_D_IN"]
 
 log = logging.getLogger(__name__)
 
@@ -74,43 +73,15 @@ def _torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def sae_config_values(cfg: TrainConfig, d_in: int, device: torch.device) -> Dict[str, Any]:
-    """The SAEConfig keyword arguments a TrainConfig implies (only fields SAEConfig has)."""
-    from ..config import SAEConfig
-
-    d_sae = cfg.d_sae if cfg.d_sae is not None else cfg.expansion_factor * d_in
-    if cfg.top_k > d_sae:
-        raise ValueError(f"top_k={cfg.top_k} must be at most d_sae={d_sae}")
-    values: Dict[str, Any] = {
-        "architecture": cfg.architecture, "d_in": d_in, "d_sae": d_sae, "top_k": cfg.top_k,
-        "top_k_aux": cfg.top_k_aux, "n_batches_to_dead": cfg.n_batches_to_dead, "aux_penalty": cfg.aux_penalty,
-        "l1_coefficient": cfg.l1_coefficient, "dtype": cfg.dtype, "device": str(device),
-        "input_unit_norm": cfg.input_unit_norm,
-        "jumprelu_bandwidth": cfg.jumprelu_bandwidth, "jumprelu_init_threshold": cfg.jumprelu_init_threshold,
-        "seed": cfg.seed,
-    }
-    if cfg.model is not None:
-        values.update(model_name=cfg.model, dataset_path=cfg.dataset, context_size=cfg.context_size,
-                      prepend_bos=cfg.prepend_bos)
-    if cfg.top_k_aux is None:
-        values.pop("top_k_aux")
-    if cfg.hook is not None:
-        values["hook_spec"] = cfg.hook
-        parts = cfg.hook.split(".")
-        if len(parts) >= 3 and parts[0] == "blocks" and parts[1].isdigit():
-            values["hook_layer"], values["hook_name"] = parts[1], ".".join(parts[2:])
-        else:
-            values["hook_name"] = cfg.hook
-    names = {f.name for f in dataclasses.fields(SAEConfig)}
-    return {k: v for k, v in values.items() if k in names}
-
-
 def build_sae(cfg: TrainConfig, d_in: int, device: torch.device) -> nn.Module:
     """A freshly initialised SAE (seeded by ``cfg.seed``) for ``d_in``-wide activations on ``device``."""
-    from ..config import SAEConfig
     from ..sae import create_sae
 
-    sae_cfg = SAEConfig(**sae_config_values(cfg, d_in, device))
+    metadata: Dict[str, Any] = {}
+    if cfg.model is not None:
+        metadata = dict(model_name=cfg.model, dataset_path=cfg.dataset, context_size=cfg.context_size,
+                        prepend_bos=cfg.prepend_bos)
+    sae_cfg = cfg.sae_config(d_in, device, **metadata)
     torch.manual_seed(cfg.seed)
     return create_sae(sae_cfg).to(device)
 

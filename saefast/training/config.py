@@ -1,8 +1,11 @@
 """TrainConfig: every option of a training run, loadable from YAML/JSON and from the command line.
 
 Each field carries its help text in ``metadata["help"]``; ``saefast train --help`` is generated
-from these, so the dataclass below is the single list of options. Precedence when the CLI builds a
-config: dataclass defaults < config file (``--config run.yaml``) < command-line flags.
+from these. The run's own options are declared below; the SAE's options are not declared here
+but taken from :class:`saefast.config.SAEConfig` and the variants' config classes (the fields
+marked ``metadata["train"]``), with their defaults and help, so each is declared once.
+Precedence when the CLI builds a config: defaults < config file (``--config run.yaml``) <
+command-line flags.
 """
 from __future__ import annotations
 
@@ -16,9 +19,11 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
-__all__ = ["TrainConfig", "ARCHITECTURES", "NORMALIZATIONS", "SYNTHETIC_DEFAULTS"]
+from ..config import SAEConfig, architectures, canonical_architecture, variant_class, variant_classes, variant_options
+from ..utils import parse_hook
 
-ARCHITECTURES = ("batchtopk", "topk", "relu", "jumprelu")
+__all__ = ["TrainConfig", "NORMALIZATIONS", "SYNTHETIC_DEFAULTS"]
+
 NORMALIZATIONS = ("none", "dataset_scale", "dataset_center_scale")
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -41,24 +46,14 @@ def _opt(default: Any, help: str, group: str, resume_safe: bool = False) -> Any:
 
 
 @dataclass
-class TrainConfig:
-    """All options of ``saefast train``; see each field's help (``saefast train --help``)."""
+class _RunOptions:
+    """The options of a training run besides the SAE's own (see :class:`TrainConfig`)."""
 
-    # --- SAE -----------------------------------------------------------------------------------
-    architecture: str = _opt("batchtopk", "SAE variant: batchtopk, topk, relu (L1 penalty) or jumprelu.", "sae")
+    # --- SAE sizing and placement ---------------------------------------------------------------
     d_in: Optional[int] = _opt(None, "Input width. Default: the hook's width for model runs, 64 for the synthetic default; "
                                      "a value that disagrees with the hook is an error.", "sae")
     d_sae: Optional[int] = _opt(None, "Number of latents (dictionary size). Default: expansion_factor * d_in.", "sae")
     expansion_factor: int = _opt(8, "d_sae = expansion_factor * d_in when d_sae is not given.", "sae")
-    top_k: int = _opt(8, "Active latents per token (batchtopk: on average over the batch; topk: per token).", "sae")
-    top_k_aux: Optional[int] = _opt(None, "Dead latents used by the aux-K loss per token. Default: max(1, top_k // 2).", "sae")
-    n_batches_to_dead: int = _opt(200, "A latent that has not fired for this many optimizer steps counts as dead.", "sae")
-    aux_penalty: float = _opt(1 / 32, "Weight of the aux-K loss that revives dead latents.", "sae")
-    l1_coefficient: float = _opt(1e-3, "Sparsity penalty weight: L1 for relu SAEs, L0 for jumprelu; unused by (batch)topk.", "sae")
-    jumprelu_bandwidth: float = _opt(1e-3, "JumpReLU: width of the straight-through rectangle kernel.", "sae")
-    jumprelu_init_threshold: float = _opt(1e-3, "JumpReLU: initial per-latent threshold.", "sae")
-    input_unit_norm: bool = _opt(False, "Standardise each token inside the SAE (per-token mean/std), undone on output.", "sae")
-    dtype: str = _opt("float32", "SAE parameter dtype: float32, bfloat16 or float16.", "sae")
     device: Optional[str] = _opt(None, "Device for the SAE and the model (cuda, cuda:1, cpu). Default: cuda if available. "
                                        "Under torchrun each rank uses cuda:<LOCAL_RANK>.", "sae")
 
@@ -150,20 +145,19 @@ class TrainConfig:
                     and not math.isfinite(value):
                 flag = "--" + f.name.replace("_", "-")
                 raise ValueError(f"{f.name}={value} ({flag}) must be a finite number")
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"architecture={self.architecture!r} must be one of {ARCHITECTURES}")
+        self.architecture = canonical_architecture(self.architecture)
+        self._check_sae_options()
         if self.normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize={self.normalize!r} must be one of {NORMALIZATIONS}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype={self.dtype!r} must be one of {_DTYPES}")
-        positive_ints = ("batch_size", "grad_accum_steps", "expansion_factor", "top_k", "n_batches_to_dead",
-                         "context_size", "model_batch_size", "buffer_tokens", "eval_batches", "log_every",
+        positive_ints = ("batch_size", "grad_accum_steps", "expansion_factor", "n_batches_to_dead", "context_size", "model_batch_size", "buffer_tokens", "eval_batches", "log_every",
                          "keep_checkpoints", "synthetic_features", "e2e_batch_size")
         for name in positive_ints:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
-        for name in ("d_in", "d_sae", "train_steps", "top_k_aux", "cpu_threads"):
+        for name in ("d_in", "d_sae", "train_steps", "top_k", "top_k_aux", "cpu_threads"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}={value!r} must be a positive integer or unset")
@@ -184,9 +178,10 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if not 0 < self.dense_threshold <= 1:
             raise ValueError(f"dense_threshold={self.dense_threshold} must be in (0, 1]")
-        if self.d_in is not None and self.d_sae is None and self.d_in * self.expansion_factor < self.top_k:
+        if self.top_k is not None and self.d_in is not None and self.d_sae is None \
+                and self.d_in * self.expansion_factor < self.top_k:
             raise ValueError(f"top_k={self.top_k} exceeds d_sae={self.d_in * self.expansion_factor}")
-        if self.d_sae is not None and self.top_k > self.d_sae:
+        if self.top_k is not None and self.d_sae is not None and self.top_k > self.d_sae:
             raise ValueError(f"top_k={self.top_k} must be at most d_sae={self.d_sae}")
         if self.input_unit_norm and self.normalize != "none":
             raise ValueError("input_unit_norm=True already standardises each token; set normalize='none'")
@@ -203,6 +198,40 @@ class TrainConfig:
             raise ValueError("e2e_block_mse_weight > 0 needs e2e_downstream_hooks (the later hooks to compare)")
         if self.synthetic_active <= 0:
             raise ValueError(f"synthetic_active={self.synthetic_active} must be positive")
+
+    def _check_sae_options(self) -> None:
+        """Options of another architecture than the chosen one must keep their defaults: a flag
+        that would have no effect is refused rather than ignored."""
+        for cls in variant_classes():
+            if cls.architecture == self.architecture:
+                continue
+            for f in variant_options(cls):
+                if f.metadata.get("train") and getattr(self, f.name) != f.default:
+                    flag = "--" + f.name.replace("_", "-")
+                    raise ValueError(f"{f.name}={getattr(self, f.name)!r} ({flag}) is an option of architecture="
+                                     f"{cls.architecture!r}; it has no effect on architecture={self.architecture!r}: "
+                                     f"drop it, or pass --architecture {cls.architecture}")
+
+    def sae_config(self, d_in: int, device: Any, **metadata: Any) -> SAEConfig:
+        """The SAEConfig this run trains: its SAE options, ``d_in``, ``d_sae`` (or
+        ``expansion_factor * d_in``), ``device``, the seed, the hook and ``metadata`` (model_name,
+        dataset_path, ...). A missing or bad value raises a ValueError naming the flag."""
+        d_sae = self.d_sae if self.d_sae is not None else self.expansion_factor * d_in
+        names = {f.name for f in _sae_option_fields(variant_class(self.architecture))}
+        values: Dict[str, Any] = {name: getattr(self, name) for name in names}
+        values.update(d_in=d_in, d_sae=d_sae, device=str(device), seed=self.seed, **metadata)
+        if self.hook is not None:
+            layer, name = parse_hook(self.hook)
+            values.update(hook_spec=self.hook, hook_name=name)
+            if layer is not None:
+                values["hook_layer"] = layer
+        if variant_class(self.architecture).needs_top_k and self.top_k is None:
+            raise ValueError(f"architecture={self.architecture!r} needs top_k, the active latents per token: pass "
+                             "--top-k (e.g. --top-k 32)")
+        try:
+            return SAEConfig(**values)
+        except ValueError as err:
+            raise ValueError(f"{err} (from the training options: set it with the flag of that name)") from None
 
     @property
     def uses_e2e(self) -> bool:
@@ -312,3 +341,33 @@ def load_config_file(path: Union[str, Path]) -> Dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of option names to values")
     return data
+
+
+def _sae_option_fields(cls: Optional[type] = None) -> List[dataclasses.Field]:
+    """The SAE options of ``saefast train``: SAEConfig's fields marked ``train``, then every
+    variant's own (or only ``cls``'s variant)."""
+    fields = [f for f in dataclasses.fields(SAEConfig) if f.metadata.get("train")]
+    for variant in (variant_classes() if cls is None else (cls,)):
+        fields += [f for f in variant_options(variant) if f.metadata.get("train")]
+    return fields
+
+
+def _train_config_class() -> type:
+    owners = {}
+    for cls in variant_classes():
+        for f in variant_options(cls):
+            owners[f.name] = cls.config_class
+    fields = []
+    for f in _sae_option_fields():
+        owner = owners.get(f.name, SAEConfig)
+        hints = typing.get_type_hints(owner)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = "SAE variant: " + ", ".join(architectures()) + "." if f.name == "architecture" else f.metadata["help"]
+        fields.append((f.name, hints[f.name], field(default=default, metadata={
+            "help": help_text, "group": "sae", "resume_safe": False, "sae_option": True})))
+    namespace = {"__doc__": """All options of ``saefast train`` (see ``saefast train --help``): the run's own options
+    and the SAE's, taken from SAEConfig and the variants' config classes.""", "__module__": __name__}
+    return dataclasses.make_dataclass("TrainConfig", fields, bases=(_RunOptions,), namespace=namespace)
+
+
+TrainConfig = _train_config_class()

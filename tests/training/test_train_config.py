@@ -76,3 +76,37 @@ def test_non_finite_numeric_flags_are_refused_naming_the_flag(flag, value, capsy
     assert main(["train", flag, value]) == 2
     err = capsys.readouterr().err
     assert flag in err and "finite" in err
+
+
+def test_sae_options_are_declared_once_with_one_default():
+    from saefast.config import SAEConfig, variant_classes, variant_options
+    from saefast.training.config import _RunOptions
+    sae_fields = {f.name: f for f in dataclasses.fields(SAEConfig) if f.metadata.get("train")}
+    for cls in variant_classes():
+        sae_fields.update({f.name: f for f in variant_options(cls)})
+    run_fields = {f.name for f in dataclasses.fields(_RunOptions)}
+    assert not run_fields & set(sae_fields), "an SAE option is declared again among the run's options"
+    train_fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for name, f in sae_fields.items():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        assert train_fields[name].default == default, name
+        if name != "architecture":
+            assert train_fields[name].metadata["help"] == f.metadata["help"], name
+    cfg = TrainConfig(architecture="jumprelu", top_k=3, jumprelu_bandwidth=0.05, l1_coefficient=0.2)
+    sae_cfg = cfg.sae_config(16, "cpu")
+    assert (sae_cfg.jumprelu_bandwidth, sae_cfg.l1_coefficient, sae_cfg.d_sae) == (0.05, 0.2, 16 * cfg.expansion_factor)
+
+
+def test_options_of_another_architecture_are_refused(capsys):
+    from saefast.cli import main
+    assert main(["train", "--jumprelu-bandwidth", "0.1", "--train-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--jumprelu-bandwidth" in err and "architecture='jumprelu'" in err
+    TrainConfig(architecture="jumprelu", jumprelu_bandwidth=0.1)  # fine where it applies
+
+
+def test_topk_variants_need_top_k_named_by_its_flag():
+    cfg = TrainConfig(architecture="topk")
+    with pytest.raises(ValueError, match="needs top_k.*--top-k"):
+        cfg.sae_config(8, "cpu")
+    assert TrainConfig(architecture="relu").sae_config(8, "cpu").top_k is None
