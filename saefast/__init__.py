@@ -21,5 +21,5 @@ from .version import __version__
 __all__ = [
     "SparseActs", "topk_encode", "threshold_encode", "auxk_encode", "sparse_decode",
     "normalize_decoder_", "project_decoder_grad_", "normalize_decoder_and_project_grad_",
-    "SAEConfig", "BatchTopKSAE", "TopKSAE", "VanillaSAE", "JumpReLUSAE", "load_sae", "create_sae",
+    "SAEConfig", "BatchTopKSAE", "TopKSAE", "VanillaSAE", "JumpReLUSAE", "load_sae", "create_sae", "__version__",
 ]

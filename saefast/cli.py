@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import logging
 import sys
 import typing
@@ -132,16 +131,16 @@ def _add_analyze_parser(sub: Any) -> None:
 _NOT_CONFIG = ("command", "config", "resume", "run_dir", "batches", "output", "out", "n_tokens", "shard_tokens")
 
 
-def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+def _config_from_args(args: argparse.Namespace, saved: Optional[Dict[str, Any]] = None) -> TrainConfig:
+    """The run's options: defaults (or, on --resume, the run's ``saved`` config.json) < --config
+    file < flags."""
     flags = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
     values: Dict[str, Any] = {}
     resume = getattr(args, "resume", None)
     if resume:
-        run_dir = Path(resume)
-        saved = run_dir / "config.json"
-        if not saved.is_file():
-            raise ValueError(f"--resume {run_dir}: no config.json there; it is not a saefast run folder")
-        values.update(json.loads(saved.read_text()))
+        if saved is None:
+            saved = _read_resumed_config(resume)
+        values.update(saved)
     if args.config:
         values.update(load_config_file(args.config))
     values.update(flags)
@@ -149,6 +148,14 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         values["out_dir"], values["run_name"] = str(Path(resume).parent), Path(resume).name
         return TrainConfig.from_dict(values)
     return TrainConfig.with_defaults_for_source(values)
+
+
+def _read_resumed_config(run_dir: str) -> Dict[str, Any]:
+    from .training.run_folder import read_run_config
+    try:
+        return read_run_config(run_dir)
+    except ValueError as err:
+        raise ValueError(f"--resume {run_dir}: {err}") from None
 
 
 def _format_metrics(metrics: Dict[str, Any]) -> str:
@@ -160,16 +167,17 @@ def _format_metrics(metrics: Dict[str, Any]) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .training.distributed import init_distributed
-    from .training.trainer import preflight, resolve_device
+    from .training.distributed import init_distributed, resolve_device
+    from .training.run_folder import RunFolder
 
-    cfg = _config_from_args(args)
     resume = bool(args.resume)
+    saved = _read_resumed_config(args.resume) if resume else None  # the run's config.json, read once
+    cfg = _config_from_args(args, saved)
     info = init_distributed(cfg.device)
-    preflight(cfg, resume)
+    run = RunFolder.prepare(cfg, resume, saved=saved)  # before the model or data are loaded
     device = resolve_device(cfg.device, info)
     with _cpu_threads(cfg.cpu_threads if device.type == "cpu" else None):
-        return _run_training(cfg, resume, device, info)
+        return _run_training(cfg, run, device, info)
 
 
 @contextlib.contextmanager
@@ -186,13 +194,13 @@ def _cpu_threads(n: Optional[int]) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _run_training(cfg: TrainConfig, resume: bool, device: Any, info: Any) -> int:
+def _run_training(cfg: TrainConfig, run: Any, device: Any, info: Any) -> int:
     from .training.build import build_inputs, build_sae
     from .training.trainer import Trainer, TrainingDiverged
 
     inputs = build_inputs(cfg, device, info)
     sae = build_sae(cfg, inputs.d_in, device)
-    trainer = Trainer(sae, inputs.source, cfg, resume=resume, **inputs.trainer_kwargs())
+    trainer = Trainer(sae, inputs.source, cfg, resume=run.resume, run=run, **inputs.trainer_kwargs())
     try:
         metrics = trainer.train()
     except TrainingDiverged as err:
@@ -201,12 +209,9 @@ def _run_training(cfg: TrainConfig, resume: bool, device: Any, info: Any) -> int
     finally:
         inputs.close()
     if info.is_main:
-        from .analysis.plots import plot_training_curves
-
-        curves = plot_training_curves(trainer.run_dir, trainer.run_dir / "training_curves.png")
-        head = f"saefast: trained {trainer.step} steps ({trainer.tokens_seen:,} tokens); SAE saved to {trainer.run_dir / 'sae'}"
-        if curves is not None:
-            head += f"\ntraining curves: {curves}; browse the features with: saefast analyze {trainer.run_dir}"
+        head = f"saefast: trained {trainer.step} steps ({trainer.tokens_seen:,} tokens); SAE saved to {run.sae_dir}"
+        if trainer.curves is not None:
+            head += f"\ntraining curves: {trainer.curves}; browse the features with: saefast analyze {run.path}"
         if "feature_recovery" in metrics:
             head += ("\nplanted-feature recovery (mean over planted features of the max cosine similarity "
                      "with a decoder row) next to reconstruction metrics on held-out activations:")
@@ -215,7 +220,7 @@ def _run_training(cfg: TrainConfig, resume: bool, device: Any, info: Any) -> int
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .training.trainer import evaluate_run
+    from .training.evaluate import evaluate_run
 
     metrics = evaluate_run(args.run_dir, device=args.device, n_batches=args.batches, output=args.output)
     print(f"saefast eval {args.run_dir}:\n" + _format_metrics(metrics))
@@ -225,7 +230,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_cache(args: argparse.Namespace) -> int:
     from .data.cache import cache_activations
     from .training.build import build_inputs
-    from .training.trainer import resolve_device
+    from .training.distributed import resolve_device
 
     cfg = _config_from_args(args)
     if cfg.source_kind != "model":

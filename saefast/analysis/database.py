@@ -41,6 +41,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..selection import csr_offsets
+from ..utils import eval_mode
+
 __all__ = ["ActivationDatabase", "build_database", "build_database_from_activations",
            "build_database_from_cache", "DB_FORMAT"]
 
@@ -176,9 +179,7 @@ class ActivationDatabase:
     def token_offsets(self) -> Tensor:
         """CSR offsets [n_tokens + 1]: token t owns entries ``token_offsets[t]:token_offsets[t + 1]``."""
         if self._token_offsets is None:
-            offsets = torch.zeros(self.n_tokens + 1, dtype=torch.long)
-            offsets[1:] = torch.cumsum(torch.bincount(self.token_index, minlength=self.n_tokens), 0)
-            self._token_offsets = offsets
+            self._token_offsets = csr_offsets(self.token_index, self.n_tokens)
         return self._token_offsets
 
     def feature_index(self) -> Tuple[Tensor, Tensor]:
@@ -189,9 +190,7 @@ class ActivationDatabase:
             by_value = torch.sort(self.values, descending=True, stable=True).indices
             by_feature = torch.sort(self.feature_ids[by_value].long(), stable=True).indices
             order = by_value[by_feature]
-            offsets = torch.zeros(self.d_sae + 1, dtype=torch.long)
-            offsets[1:] = torch.cumsum(self.feature_counts(), 0)
-            self._by_feature = (order, offsets)
+            self._by_feature = (order, csr_offsets(self.feature_ids[order], self.d_sae))
         return self._by_feature
 
     def _check_feature(self, feature: int) -> int:
@@ -410,20 +409,6 @@ def _check_n_tokens(n_tokens: Optional[int]) -> None:
         raise ValueError(f"n_tokens={n_tokens!r} must be a positive integer or None")
 
 
-class _EvalMode:
-    """``with _EvalMode(sae):`` the SAE in eval mode (inference encoding), restored after."""
-
-    def __init__(self, sae: nn.Module) -> None:
-        self.sae, self.was_training = sae, sae.training
-
-    def __enter__(self) -> nn.Module:
-        self.sae.eval()
-        return self.sae
-
-    def __exit__(self, *exc: Any) -> None:
-        self.sae.train(self.was_training)
-
-
 def _window_batches(tokens: Any, batch_size: int, pad_token_id: Optional[int]):
     """(window ids [b], tokens [b, seq], n_real [b]) batches from a tensor or a TokenWindows."""
     from ..data.tokens import TokenWindows
@@ -504,7 +489,7 @@ def build_database(sae: nn.Module, model: nn.Module, tokens: Any, hook_name: Opt
     window_parts: List[Tensor] = []
     wid_parts: List[Tensor] = []
     bar = tqdm(total=n_tokens, desc="activation database", unit="tok", disable=not progress)
-    with _EvalMode(sae):
+    with eval_mode(sae):
         for wids, rows, n_real in _window_batches(tokens, batch_size, pad_token_id):
             acts_in = run_to_hook(model, rows, hook_name)  # [b, seq, d_in]
             rows_cpu = rows.cpu()
@@ -568,7 +553,7 @@ def build_database_from_activations(sae: nn.Module, batches: Iterable[Any], *, n
     _check_n_tokens(n_tokens)
     collector = _Collector(sae.d_sae, min_activation)
     bar = tqdm(total=n_tokens, desc="activation database", unit="tok", disable=not progress)
-    with _EvalMode(sae):
+    with eval_mode(sae):
         for batch in batches:
             if isinstance(batch, ActivationBatch):
                 x, meta = batch.acts, (batch.token_ids, batch.window_ids, batch.positions)
@@ -602,9 +587,7 @@ def build_database_from_cache(sae: nn.Module, cache_dir: PathLike, *, n_tokens: 
     Token ids, window ids and positions (and so contexts) are kept when the cache has them
     (caches written from a source with ``with_tokens=True``); otherwise tokens are anonymous.
     """
-    from safetensors import safe_open
-
-    from ..data.cache import read_manifest
+    from ..data.cache import read_cache_rows, read_manifest
     from ..data.source import ActivationBatch
 
     manifest = read_manifest(cache_dir)
@@ -615,19 +598,12 @@ def build_database_from_cache(sae: nn.Module, cache_dir: PathLike, *, n_tokens: 
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
     meta_columns = ("token_ids", "window_ids", "positions")
     with_tokens = all(c in manifest["columns"] for c in meta_columns)
-    folder = Path(cache_dir)
 
     def batches():
-        # shard by shard in stored order, every row (the training reader drops a ragged tail)
-        for shard in manifest["shards"]:
-            with safe_open(str(folder / shard["file"]), framework="pt", device="cpu") as f:
-                for lo in range(0, shard["n_tokens"], batch_size):
-                    hi = min(lo + batch_size, shard["n_tokens"])
-                    acts = f.get_slice("activations")[lo:hi].float()
-                    if with_tokens:
-                        yield ActivationBatch(acts, *(f.get_slice(c)[lo:hi] for c in meta_columns))
-                    else:
-                        yield acts
+        # in stored order, every row (the training reader drops a ragged tail)
+        columns = ("activations",) + (meta_columns if with_tokens else ())
+        for parts in read_cache_rows(cache_dir, columns, chunk_rows=batch_size):
+            yield ActivationBatch(*parts) if with_tokens else parts[0]
 
     info = {"source": "cache", "cache_dir": str(cache_dir), **manifest.get("metadata", {}), **(metadata or {})}
     return build_database_from_activations(sae, batches(), n_tokens=n_tokens, min_activation=min_activation,

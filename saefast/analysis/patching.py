@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import SparseActs
+from ..selection import csr_offsets
+from ..utils import eval_mode
 
 __all__ = ["edit_acts", "feature_patch_hook", "patch_features", "ablation_study"]
 
@@ -109,9 +111,7 @@ def edit_acts(acts: SparseActs, *, ablate: Optional[Collection[int]] = None,
         row_ids = torch.cat([row_ids, sel_rows.repeat_interleave(feats.numel())])
         order = torch.argsort(row_ids * d_sae + idx)
         values, idx, row_ids = values[order], idx[order], row_ids[order]
-    offsets = torch.zeros(B + 1, dtype=acts.offsets.dtype, device=device)
-    offsets[1:] = torch.cumsum(torch.bincount(row_ids, minlength=B), 0)
-    return SparseActs(values, idx.to(acts.indices.dtype), row_ids.to(acts.row_ids.dtype), offsets,
+    return SparseActs(values, idx.to(acts.indices.dtype), row_ids.to(acts.row_ids.dtype), csr_offsets(row_ids, B),
                       acts.kept_min, d_sae)
 
 
@@ -191,13 +191,8 @@ def patch_features(model: nn.Module, sae: nn.Module, hook_name: Optional[str] = 
     check_hook(model, hook_name)
     fn = feature_patch_hook(sae, ablate=ablate, scale=scale, set_values=set_values, positions=positions,
                             keep_error=keep_error)
-    was_training = sae.training
-    sae.eval()
-    try:
-        with model_lock(model), model.hooks(fwd_hooks=[(hook_name, fn)]):
-            yield model
-    finally:
-        sae.train(was_training)
+    with eval_mode(sae), model_lock(model), model.hooks(fwd_hooks=[(hook_name, fn)]):
+        yield model
 
 
 def _ce_sum(logits: Tensor, tokens: Tensor, real: Tensor) -> float:

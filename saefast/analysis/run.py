@@ -148,21 +148,9 @@ def _load_tokenizer_offline(name: Optional[str]) -> Any:
 
 def _cache_rows(cache_dir: str, n: int) -> List[Tensor]:
     """The first n activation rows of a cache, in stored order."""
-    from safetensors import safe_open
+    from ..data.cache import read_cache_rows
 
-    from ..data.cache import read_manifest
-
-    manifest = read_manifest(cache_dir)
-    rows: List[Tensor] = []
-    left = n
-    for shard in manifest["shards"]:
-        if left <= 0:
-            break
-        with safe_open(str(Path(cache_dir) / shard["file"]), framework="pt", device="cpu") as f:
-            part = f.get_slice("activations")[:min(left, shard["n_tokens"])].float()
-        rows.append(part)
-        left -= part.shape[0]
-    return rows
+    return [acts for (acts,) in read_cache_rows(cache_dir, n_tokens=n)]
 
 
 def _jsonable(value: Any) -> Any:

@@ -34,7 +34,7 @@ from ..utils import output_folder
 from .buffer import ShuffleBuffer
 from .source import ActivationBatch
 
-__all__ = ["cache_activations", "CachedActivationSource", "read_manifest"]
+__all__ = ["cache_activations", "CachedActivationSource", "read_manifest", "read_cache_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +230,29 @@ class _ShardChunks:
         b = lo + (hi - lo) * (self.rank + 1) // self.world_size
         handle = self._open(shard["file"])
         return tuple(handle.get_slice(c)[a:b] for c in self.columns)
+
+
+def read_cache_rows(path: Union[str, os.PathLike], columns: Tuple[str, ...] = ("activations",),
+                    chunk_rows: int = 8192, n_tokens: Optional[int] = None) -> Iterator[Tuple[Tensor, ...]]:
+    """The cache's rows in stored order (shard 0 first, every row), ``chunk_rows`` at a time, as
+    one tensor per column (activations as float32); stops after ``n_tokens`` rows when given."""
+    from safetensors import safe_open
+
+    folder = Path(path)
+    manifest = read_manifest(folder)
+    missing = [c for c in columns if c not in manifest["columns"]]
+    if missing:
+        raise ValueError(f"the cache {folder} has no {missing} column(s); it holds {manifest['columns']}")
+    left = manifest["n_tokens"] if n_tokens is None else n_tokens
+    for shard in manifest["shards"]:
+        with safe_open(str(folder / shard["file"]), framework="pt", device="cpu") as f:
+            for lo in range(0, min(shard["n_tokens"], left), chunk_rows):
+                hi = min(lo + chunk_rows, shard["n_tokens"], left)
+                yield tuple(f.get_slice(c)[lo:hi].float() if c == "activations" else f.get_slice(c)[lo:hi]
+                            for c in columns)
+        left -= min(shard["n_tokens"], left)
+        if left <= 0:
+            return
 
 
 class CachedActivationSource:

@@ -23,6 +23,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ..utils import parse_hook
+
 __all__ = [
     "tl_has_hooked_transformer", "load_model", "tiny_model", "model_device", "model_tokenizer",
     "hook_names", "check_hook", "hook_layer", "stop_layer_for", "run_to_hook", "hook_d_in",
@@ -171,9 +173,9 @@ def check_hook(model: nn.Module, hook_name: str) -> None:
 def hook_layer(hook_name: str) -> Optional[int]:
     """The block index of a ``blocks.<i>.`` hook; -1 for embedding hooks; None for hooks after the
     last block (``ln_final``, ``unembed``)."""
-    m = _BLOCK_RE.match(hook_name)
-    if m:
-        return int(m.group(1))
+    layer, _ = parse_hook(hook_name)
+    if layer is not None:
+        return layer
     if hook_name.startswith(_EMBED_HOOK_PREFIXES):
         return -1
     return None

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.models import check_hook, hook_layer, model_device, model_lock, stop_layer_for
+from ..utils import eval_mode
 
 __all__ = ["sae_reconstruct", "spliced_ce_eval", "e2e_losses"]
 
@@ -133,13 +134,9 @@ def spliced_ce_eval(model: nn.Module, sae: nn.Module, tokens: Union[Tensor, Iter
     ``n_tokens`` (predictions counted).
     """
     check_hook(model, hook_name)
-    was_training = sae.training
-    sae.eval()
-    try:
+    with eval_mode(sae):
         return _spliced_ce_eval(model, sae, tokens, hook_name, batch_size, input_scale, exclude_token_ids,
                                 pad_token_id)
-    finally:
-        sae.train(was_training)
 
 
 def _spliced_ce_eval(model: nn.Module, sae: nn.Module, tokens: Union[Tensor, Iterable[Tensor]], hook_name: str,

@@ -27,17 +27,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..utils import fsync_path
+
 __all__ = ["CheckpointManager", "capture_rng_state", "restore_rng_state"]
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def capture_rng_state() -> Dict[str, Any]:
@@ -94,27 +88,27 @@ class CheckpointManager:
         self._barrier()
         rank_file = tmp / f"rank{self.rank}.pt"
         torch.save(rank_state, rank_file)
-        _fsync_path(rank_file)
+        fsync_path(rank_file)
         if self.rank == 0:
             save_file({k: v.detach().cpu().contiguous() for k, v in sae_state.items()}, str(tmp / "sae.safetensors"))
             torch.save(trainer_state, tmp / "trainer.pt")
             for f in ("sae.safetensors", "trainer.pt"):
-                _fsync_path(tmp / f)
+                fsync_path(tmp / f)
         self._barrier()
         if self.rank == 0:
-            _fsync_path(tmp)
+            fsync_path(tmp)
             if final.exists():  # left by a killed run past the checkpoint we resumed from
                 stale = self.dir / f".stale-{name}"
                 shutil.rmtree(stale, ignore_errors=True)
                 final.rename(stale)
                 shutil.rmtree(stale)
             tmp.rename(final)
-            _fsync_path(self.dir)
+            fsync_path(self.dir)
             pointer = self.dir / ".latest.tmp"
             pointer.write_text(name + "\n")
-            _fsync_path(pointer)
+            fsync_path(pointer)
             os.replace(pointer, self.dir / "latest")
-            _fsync_path(self.dir)
+            fsync_path(self.dir)
             self._prune(keep_name=name)
         self._barrier()
         return final

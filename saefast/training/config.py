@@ -212,6 +212,13 @@ class _RunOptions:
                                      f"{cls.architecture!r}; it has no effect on architecture={self.architecture!r}: "
                                      f"drop it, or pass --architecture {cls.architecture}")
 
+    def check_trainable(self) -> None:
+        """What can only be checked once a run starts (TrainConfig() itself stays buildable):
+        the chosen architecture's required options are set."""
+        if variant_class(self.architecture).needs_top_k and self.top_k is None:
+            raise ValueError(f"architecture={self.architecture!r} needs top_k, the active latents per token: pass "
+                             "--top-k (e.g. --top-k 32)")
+
     def sae_config(self, d_in: int, device: Any, **metadata: Any) -> SAEConfig:
         """The SAEConfig this run trains: its SAE options, ``d_in``, ``d_sae`` (or
         ``expansion_factor * d_in``), ``device``, the seed, the hook and ``metadata`` (model_name,
@@ -225,9 +232,7 @@ class _RunOptions:
             values.update(hook_spec=self.hook, hook_name=name)
             if layer is not None:
                 values["hook_layer"] = layer
-        if variant_class(self.architecture).needs_top_k and self.top_k is None:
-            raise ValueError(f"architecture={self.architecture!r} needs top_k, the active latents per token: pass "
-                             "--top-k (e.g. --top-k 32)")
+        self.check_trainable()
         try:
             return SAEConfig(**values)
         except ValueError as err:

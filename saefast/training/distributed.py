@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["DistInfo", "init_distributed", "dist_info", "all_reduce_sum", "broadcast_object", "barrier"]
+__all__ = ["DistInfo", "init_distributed", "dist_info", "all_reduce_sum", "broadcast_object", "barrier",
+           "resolve_device"]
 
 
 @dataclass(frozen=True)
@@ -81,3 +82,14 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 def barrier() -> None:
     if dist_info().enabled:
         dist.barrier()
+
+
+def resolve_device(device: Optional[str], info: Optional[DistInfo] = None) -> torch.device:
+    """``device`` or the default (CUDA when available); under torchrun, CUDA uses cuda:<LOCAL_RANK>."""
+    info = info or dist_info()
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and info.enabled:
+        dev = torch.device("cuda", info.local_rank)
+    return dev

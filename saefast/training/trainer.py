@@ -19,18 +19,20 @@ Activation sources follow one protocol: an iterable of [batch, d_in] tensors wit
 The first ``eval_batches`` batches are held out for evals and input normalisation and never trained
 on. ``SAEFAST_KILL_AFTER_STEP=N`` (tests only) ends the process with ``os._exit`` right after step N
 to emulate a crash.
+
+The trainer owns its run folder (:mod:`saefast.training.run_folder`: checked once, config
+written once, curves drawn at the end) and delegates the metrics log
+(:mod:`saefast.training.metrics_log`) and the evals (:mod:`saefast.training.evaluate`).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import math
 import os
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional
 
@@ -38,13 +40,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..evals.metrics import feature_recovery, reconstruction_metrics
-from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from .checkpoint import capture_rng_state, restore_rng_state
 from .config import TrainConfig
-from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, dist_info
+from .distributed import all_reduce_sum, barrier, dist_info
+from .evaluate import evaluate_sae
+from .metrics_log import MetricLogger
+from .run_folder import RunFolder
 from .schedule import make_scheduler
 
-__all__ = ["Trainer", "TrainingDiverged", "resolve_device", "preflight", "evaluate_run"]
+__all__ = ["Trainer", "TrainingDiverged"]
 
 log = logging.getLogger(__name__)
 
@@ -54,59 +58,6 @@ _TERMS = ("loss", "mse_loss", "aux_loss", "sparsity_loss", "l0", "e2e_kl_loss", 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the run stopped before the weights changed."""
-
-
-def resolve_device(device: Optional[str], info: Optional[DistInfo] = None) -> torch.device:
-    """``device`` or the default (CUDA when available); under torchrun, CUDA uses cuda:<LOCAL_RANK>."""
-    info = info or dist_info()
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and info.enabled:
-        dev = torch.device("cuda", info.local_rank)
-    return dev
-
-
-def _model_eval_means(model: nn.Module, sae: nn.Module, eval_tokens: Tensor, cfg: TrainConfig,
-                      eval_kwargs: Dict[str, Any]) -> Dict[str, float]:
-    """CE loss clean / spliced / zero-ablated, CE loss recovered and KL with ``sae`` spliced in."""
-    from ..evals.model_evals import spliced_ce_eval
-    return spliced_ce_eval(model, sae, eval_tokens, cfg.hook, batch_size=cfg.model_batch_size, **eval_kwargs)
-
-
-def preflight(cfg: TrainConfig, resume: bool) -> Path:
-    """Check the run folder before any work and return it: a new run must not reuse a non-empty
-    folder; a resumed run needs a complete checkpoint and the same config (up to logging and
-    checkpoint cadence). Sets ``cfg.run_name`` when it is unset (the same on every process)."""
-    if cfg.run_name is None:
-        if resume:
-            raise ValueError("resume needs run_name (the run folder to continue)")
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        cfg.run_name = broadcast_object(f"{cfg.source_kind}-{cfg.architecture}-{stamp}")
-    run_dir = Path(cfg.out_dir) / cfg.run_name
-    if resume:
-        if not run_dir.is_dir():
-            raise ValueError(f"--resume: run folder {run_dir} does not exist")
-        saved_path = run_dir / "config.json"
-        if not saved_path.is_file():
-            raise ValueError(f"--resume: {run_dir} has no config.json; it is not a saefast run folder")
-        saved = TrainConfig.from_dict(json.loads(saved_path.read_text()))
-        diff = saved.differences(cfg)
-        if diff:
-            lines = "; ".join(f"{k}: run has {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
-            raise ValueError(f"--resume: {run_dir} was trained with a different config ({lines}). "
-                             "Resume with the run's own config, or start a new run_name.")
-        if CheckpointManager(run_dir).latest() is None:
-            raise ValueError(f"--resume: {run_dir} has no complete checkpoint to resume from")
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise ValueError(f"run folder {run_dir} already exists and is not empty; pick another run_name, "
-                         f"or pass --resume {run_dir} to continue it")
-    if cfg.wandb:
-        try:
-            import wandb  # noqa: F401
-        except ImportError as e:
-            raise ValueError("wandb=True but wandb is not installed: pip install wandb, or drop --wandb") from e
-    return run_dir
 
 
 class _TrainingStep(nn.Module):
@@ -154,12 +105,14 @@ class Trainer:
             losses, with ``state_dict()/load_state_dict()``.
         model_eval_kwargs: ``exclude_token_ids`` / ``pad_token_id`` for the model evals and the
             end-to-end losses (``saefast.training.build`` sets BOS and padding).
+        run: the run folder when the caller has already checked it (``RunFolder.prepare``, as
+            ``saefast train`` does before building the model); otherwise the trainer checks it.
     """
 
     def __init__(self, sae: nn.Module, source: Iterable[Tensor], cfg: TrainConfig, *, resume: bool = False,
                  model: Optional[nn.Module] = None, eval_tokens: Optional[Tensor] = None,
                  e2e_tokens: Optional[Iterator[Tensor]] = None,
-                 model_eval_kwargs: Optional[Dict[str, Any]] = None) -> None:
+                 model_eval_kwargs: Optional[Dict[str, Any]] = None, run: Optional[RunFolder] = None) -> None:
         if not isinstance(cfg, TrainConfig):
             raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
         for name in ("training_forward", "update_inactive_features", "project_decoder_gradients",
@@ -186,10 +139,12 @@ class Trainer:
         self.device = next(sae.parameters()).device
         self.total_steps = cfg.steps_for(self.dist.world_size)
         self.tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * self.dist.world_size
-        self.run_dir = preflight(cfg, resume)
+        if run is not None and (run.cfg is not cfg or run.resume != resume):
+            raise ValueError("run= must be the RunFolder prepared for this cfg and resume")
+        self.run = run if run is not None else RunFolder.prepare(cfg, resume)
+        self.run_dir = self.run.path
         barrier()  # every process checks the folder before rank 0 writes into it
-        self.checkpoints = CheckpointManager(self.run_dir, keep=cfg.keep_checkpoints, rank=self.dist.rank,
-                                             barrier=barrier)
+        self.checkpoints = self.run.checkpoints(cfg.keep_checkpoints, self.dist.rank)
         self._resume_from: Optional[Path] = None
         if resume:
             self._resume_from = self.checkpoints.latest()
@@ -220,6 +175,7 @@ class Trainer:
         self.heldout: List[Tensor] = []
         self.history: Dict[str, List[float]] = {}
         self.final_metrics: Dict[str, Any] = {}
+        self.curves: Optional[Path] = None  # training_curves.png, drawn at the end
 
     # ------------------------------------------------------------------------------------------
     # setup
@@ -393,25 +349,12 @@ class Trainer:
                     sae.b_enc.sub_(mean @ sae.W_enc)
                 sae.b_dec.add_(mean)
 
-    def evaluate(self, sae: Optional[nn.Module] = None, model_evals: bool = True) -> Dict[str, float]:
+    def evaluate(self, sae: Optional[nn.Module] = None) -> Dict[str, float]:
         """Reconstruction metrics on the held-out batches (raw activations, SAE in eval mode), the
         planted-feature recovery for synthetic sources, and the CE/KL evals when a model is set."""
         sae = sae if sae is not None else self.export_sae()
-        was_training = sae.training
-        sae.eval()
-        try:
-            metrics = reconstruction_metrics(sae, self.heldout, dense_threshold=self.cfg.dense_threshold)
-            planted = getattr(self.source, "true_features", None)
-            if planted is not None:
-                metrics["feature_recovery"] = feature_recovery(sae.W_dec, planted)
-            if model_evals and self.model is not None and self.eval_tokens is not None and self.eval_tokens.numel():
-                metrics.update(self._model_evals(sae))
-        finally:
-            sae.train(was_training)
-        return metrics
-
-    def _model_evals(self, sae: nn.Module) -> Dict[str, float]:
-        return _model_eval_means(self.model, sae, self.eval_tokens, self.cfg, self.model_eval_kwargs)
+        return evaluate_sae(sae, self.heldout, self.cfg, self.source, self.model, self.eval_tokens,
+                            self.model_eval_kwargs)
 
     # ------------------------------------------------------------------------------------------
     # the run
@@ -422,16 +365,14 @@ class Trainer:
         the final metrics."""
         cfg = self.cfg
         if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if self._resume_from is None:
-                cfg.save(self.run_dir / "config.json")
+            self.run.start()
         barrier()
         rank_state = self._load_checkpoint()
         self._prepare_data(rank_state)
         if rank_state is None:
             self._estimate_normalization()
         self._step_inner.input_scale = self.norm_scale
-        logger = _MetricLogger(self.run_dir, cfg, self.dist.is_main, resume_step=self.step if rank_state else None)
+        logger = MetricLogger(self.run_dir, cfg, self.dist.is_main, resume_step=self.step if rank_state else None)
         self.history = logger.history
         kill_after = int(os.environ.get("SAEFAST_KILL_AFTER_STEP", "0"))
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress_bar and self.dist.is_main),
@@ -474,123 +415,20 @@ class Trainer:
             logger.close()
         return self.final_metrics
 
-    def _finish(self, logger: "_MetricLogger") -> None:
+    def _finish(self, logger: MetricLogger) -> None:
         if self.dist.is_main:
             if self.cfg.normalize != "none":
                 self._fold(self.sae)
             metrics = self.evaluate(self.sae)
             metrics.update(step=self.step, tokens=self.tokens_seen)
             logger.log_eval(self.step, metrics)
-            self.sae.save(str(self.run_dir / "sae"), history=logger.history, overwrite=True)
-            (self.run_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            self.sae.save(str(self.run.sae_dir), history=logger.history, overwrite=True)
+            self.run.write_eval(metrics)
             self.final_metrics = metrics
-            log.info("finished %d steps; SAE saved to %s; %s", self.step, self.run_dir / "sae",
+            self.curves = self.run.draw_curves()
+            log.info("finished %d steps; SAE saved to %s; %s", self.step, self.run.sae_dir,
                      ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
         else:
             if self.cfg.normalize != "none":
                 self._fold(self.sae)
         barrier()
-
-
-class _MetricLogger:
-    """metrics.jsonl (+ TensorBoard, + wandb) on the main process; keeps a history for sae.save."""
-
-    def __init__(self, run_dir: Path, cfg: TrainConfig, enabled: bool, resume_step: Optional[int]) -> None:
-        self.enabled = enabled
-        self.history: Dict[str, List[float]] = {}
-        self.path = run_dir / "metrics.jsonl"
-        self._tb = None
-        self._wandb = None
-        if not enabled:
-            return
-        rows = []
-        if resume_step is not None and self.path.is_file():
-            # Drop what a killed run logged after the checkpoint we resume from.
-            rows = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        for r in rows:
-            if r.get("kind") == "train":
-                self._remember(r)
-        self._file = self.path.open("a")
-        if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resume_step)
-        if cfg.wandb:
-            import wandb
-            self._wandb = wandb.init(project=cfg.wandb_project, name=cfg.run_name, id=cfg.run_name, resume="allow",
-                                     config=cfg.to_dict(), dir=str(run_dir))
-
-    def _remember(self, row: Dict[str, Any]) -> None:
-        for k, v in row.items():
-            if k != "kind" and isinstance(v, (int, float)):
-                self.history.setdefault(k, []).append(v)
-
-    def _write(self, kind: str, step: int, values: Dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        row = {"kind": kind, "step": step, **{k: v for k, v in values.items() if k != "step"}}
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
-        scalars = {f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and k != "step"
-                   and math.isfinite(v)}
-        if self._tb is not None:
-            for k, v in scalars.items():
-                self._tb.add_scalar(k, v, step)
-        if self._wandb is not None:
-            self._wandb.log(scalars, step=step)
-        if kind == "train":
-            self._remember(row)
-
-    def log_train(self, step: int, values: Dict[str, Any]) -> None:
-        self._write("train", step, values)
-
-    def log_eval(self, step: int, values: Dict[str, Any]) -> None:
-        self._write("eval", step, values)
-
-    def close(self) -> None:
-        if not self.enabled:
-            return
-        self._file.close()
-        if self._tb is not None:
-            self._tb.close()
-        if self._wandb is not None:
-            self._wandb.finish()
-
-
-def evaluate_run(run_dir: str, device: Optional[str] = None, n_batches: Optional[int] = None,
-                 output: Optional[str] = None) -> Dict[str, Any]:
-    """Evaluate ``<run_dir>/sae`` on the run's held-out activations (the first ``eval_batches``
-    batches of a freshly built source, exactly those the trainer held out), plus planted-feature
-    recovery (synthetic runs) and the CE/KL evals (model runs). Writes ``eval.json`` (or ``output``)."""
-    from ..io import load_sae
-    from .build import build_inputs
-
-    run = Path(run_dir)
-    cfg_path = run / "config.json"
-    if not cfg_path.is_file():
-        raise ValueError(f"{run} has no config.json; pass a folder written by saefast train")
-    if not (run / "sae" / "cfg.json").is_file():
-        raise ValueError(f"{run}/sae holds no trained SAE yet (training has not finished); "
-                         f"resume it with saefast train --resume {run}")
-    cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
-    if n_batches is not None:
-        if n_batches < 1:
-            raise ValueError(f"n_batches={n_batches} must be positive")
-        cfg.eval_batches = n_batches
-    dev = resolve_device(device if device is not None else cfg.device, DistInfo())
-    inputs = build_inputs(cfg, dev, DistInfo())
-    sae = load_sae(str(run / "sae"), device=str(dev))
-    try:
-        it = iter(inputs.source)
-        heldout = [next(it) for _ in range(cfg.eval_batches)]
-    finally:
-        inputs.close()
-    sae.eval()
-    metrics: Dict[str, Any] = reconstruction_metrics(sae, heldout, dense_threshold=cfg.dense_threshold)
-    planted = getattr(inputs.source, "true_features", None)
-    if planted is not None:
-        metrics["feature_recovery"] = feature_recovery(sae.W_dec, planted)
-    if inputs.model is not None and inputs.eval_tokens is not None:
-        metrics.update(_model_eval_means(inputs.model, sae, inputs.eval_tokens, cfg, inputs.model_eval_kwargs or {}))
-    Path(output or run / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics

@@ -158,3 +158,29 @@ def test_run_folder_and_resume_errors(tmp_path):
     with pytest.raises(ValueError, match="d_in=16 activations but the SAE has d_in=8"):
         Trainer(build_sae(tiny_config(tmp_path, run_name="x"), 8, torch.device("cpu")), source,
                 tiny_config(tmp_path, run_name="x"))
+
+
+def test_the_trainer_owns_its_run_folder(tmp_path, monkeypatch):
+    """One check of the folder per run, config.json written once and read once on resume, and the
+    training curves drawn by the trainer itself (no CLI involved)."""
+    from saefast.cli import main
+    from saefast.training import run_folder
+    cfg = tiny_config(tmp_path, train_steps=6, checkpoint_every=3)
+    sae, source = synthetic_run(cfg)
+    trainer = Trainer(sae, source, cfg)
+    trainer.train()
+    run = tmp_path / "run"
+    assert trainer.curves == run / "training_curves.png" and trainer.curves.is_file()
+    assert json.loads((run / "config.json").read_text()) == cfg.to_dict()
+
+    prepares, config_reads = [], []
+    real_prepare, real_read = run_folder.RunFolder.prepare.__func__, run_folder.read_json
+    monkeypatch.setattr(run_folder.RunFolder, "prepare",
+                        classmethod(lambda cls, *a, **k: prepares.append(1) or real_prepare(cls, *a, **k)))
+    monkeypatch.setattr(run_folder, "read_json",
+                        lambda path: config_reads.append(str(path)) or real_read(path))
+    assert main(["train", "--resume", str(run), "--train-steps", "8"]) == 2  # a different option: refused
+    assert len(prepares) == 1 and config_reads == [str(run / "config.json")]
+    prepares.clear(), config_reads.clear()
+    assert main(["train", "--resume", str(run)]) == 0
+    assert len(prepares) == 1 and config_reads == [str(run / "config.json")]

@@ -1,0 +1,79 @@
+"""Evaluating a trained SAE: reconstruction metrics on held-out activations, planted-feature
+recovery for synthetic sources, and the CE / KL evals with the SAE spliced into the model.
+
+:func:`evaluate_sae` is what the trainer runs (during training and at the end);
+:func:`evaluate_run` is ``saefast eval``: the same metrics for a finished run folder, on exactly
+the batches its trainer held out.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from torch import Tensor, nn
+
+from ..evals.metrics import feature_recovery, reconstruction_metrics
+from ..utils import eval_mode
+from .config import TrainConfig
+from .distributed import DistInfo, resolve_device
+from .run_folder import SAE_DIRNAME, RunFolder, read_run_config
+
+__all__ = ["evaluate_sae", "evaluate_run", "model_eval_means"]
+
+
+def model_eval_means(model: nn.Module, sae: nn.Module, eval_tokens: Tensor, cfg: TrainConfig,
+                     eval_kwargs: Dict[str, Any]) -> Dict[str, float]:
+    """CE loss clean / spliced / zero-ablated, CE loss recovered and KL with ``sae`` spliced in."""
+    from ..evals.model_evals import spliced_ce_eval
+    return spliced_ce_eval(model, sae, eval_tokens, cfg.hook, batch_size=cfg.model_batch_size, **eval_kwargs)
+
+
+def evaluate_sae(sae: nn.Module, heldout: List[Tensor], cfg: TrainConfig, source: Any,
+                 model: Optional[nn.Module] = None, eval_tokens: Optional[Tensor] = None,
+                 model_eval_kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
+    """Reconstruction metrics of ``sae`` (in eval mode, raw activations) on ``heldout``, the
+    planted-feature recovery when ``source`` has planted features, and the CE/KL evals when a
+    model and eval tokens are given."""
+    with eval_mode(sae):
+        metrics = reconstruction_metrics(sae, heldout, dense_threshold=cfg.dense_threshold)
+        planted = getattr(source, "true_features", None)
+        if planted is not None:
+            metrics["feature_recovery"] = feature_recovery(sae.W_dec, planted)
+        if model is not None and eval_tokens is not None and eval_tokens.numel():
+            metrics.update(model_eval_means(model, sae, eval_tokens, cfg, model_eval_kwargs or {}))
+    return metrics
+
+
+def evaluate_run(run_dir: str, device: Optional[str] = None, n_batches: Optional[int] = None,
+                 output: Optional[str] = None) -> Dict[str, Any]:
+    """Evaluate ``<run_dir>/sae`` on the run's held-out activations (the first ``eval_batches``
+    batches of a freshly built source, exactly those the trainer held out), plus planted-feature
+    recovery (synthetic runs) and the CE/KL evals (model runs). Writes ``eval.json`` (or ``output``)."""
+    from ..io import load_sae
+    from .build import build_inputs
+
+    run = Path(run_dir)
+    cfg = TrainConfig.from_dict(read_run_config(run))
+    if not (run / SAE_DIRNAME / "cfg.json").is_file():
+        raise ValueError(f"{run}/{SAE_DIRNAME} holds no trained SAE yet (training has not finished); "
+                         f"resume it with saefast train --resume {run}")
+    if n_batches is not None:
+        if n_batches < 1:
+            raise ValueError(f"n_batches={n_batches} must be positive")
+        cfg.eval_batches = n_batches
+    dev = resolve_device(device if device is not None else cfg.device, DistInfo())
+    inputs = build_inputs(cfg, dev, DistInfo())
+    sae = load_sae(str(run / SAE_DIRNAME), device=str(dev))
+    try:
+        it = iter(inputs.source)
+        heldout = [next(it) for _ in range(cfg.eval_batches)]
+    finally:
+        inputs.close()
+    metrics = evaluate_sae(sae, heldout, cfg, inputs.source, inputs.model, inputs.eval_tokens,
+                           inputs.model_eval_kwargs)
+    if output is not None:
+        from ..utils import write_atomic, write_json
+        write_atomic(Path(output), lambda p: write_json(metrics, p))
+    else:
+        RunFolder(run, cfg, resume=True).write_eval(metrics)
+    return metrics
