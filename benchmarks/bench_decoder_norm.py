@@ -12,7 +12,7 @@ from conftest import SIZES, dtype_name, problem, run_contender
 from op_cases import grad_like, op_params, use_impl
 from saefast import normalize_decoder_, normalize_decoder_and_project_grad_, project_decoder_grad_
 
-IMPLS = ("dense", "reference", "saefast-fused", "saefast")
+IMPLS = ("dense", "saefast-torch", "saefast-fused", "saefast")
 CASES = [pytest.param(impl, dtype, id=f"{impl}-{dtype_name(dtype)}") for dtype in SIZES.dtypes for impl in IMPLS]
 
 

@@ -1,6 +1,6 @@
 """Sparse decode ``x_hat = sum values * W_dec[indices] + b_dec``, forward and forward +
 backward (gradients of the values and of W_dec), against the dense decode of the same codes
-(``acts_dense @ W_dec + b_dec``) and saefast's PyTorch reference path."""
+(``acts_dense @ W_dec + b_dec``) and saefast's PyTorch backend."""
 from __future__ import annotations
 
 import pytest

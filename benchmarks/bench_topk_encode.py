@@ -1,7 +1,7 @@
 """Fused encode + top-k: ``topk_encode`` in BatchTopK ("batch") and TopK ("row") modes,
 forward alone and forward + backward, against dense PyTorch (dense matmul, ReLU, ``torch.topk``
 over the flattened batch or each row, scatter into a dense [B, d_sae] matrix) and against
-saefast's own PyTorch reference path."""
+saefast's own PyTorch backend."""
 from __future__ import annotations
 
 import pytest

@@ -1,8 +1,8 @@
-"""Shared pieces of the per-op benchmarks: contenders, inputs and the reference switch.
+"""Shared pieces of the per-op benchmarks: contenders, inputs and the backend switch.
 
 Each op is timed three ways on the same inputs: ``saefast`` (the public op with its default
-dispatch: Triton on CUDA, the PyTorch reference elsewhere), ``reference`` (the same op forced
-onto saefast's PyTorch reference with ``SAEFAST_BACKEND=torch``; only where that differs from
+dispatch: Triton on CUDA, the PyTorch backend elsewhere), ``saefast-torch`` (the same op forced
+onto saefast's PyTorch backend with ``SAEFAST_BACKEND=torch``; only where that differs from
 the default, i.e. on CUDA) and ``dense`` (what plain PyTorch code does: dense matmul, dense
 ``torch.topk``, scatter, dense decode).
 """
@@ -16,7 +16,7 @@ import torch
 from conftest import DEVICE, SIZES, dtype_name
 from saefast.ops import backend_name
 
-IMPLS = ("dense", "reference", "saefast")  # saefast last: its extra_info gets the speed-ups
+IMPLS = ("dense", "saefast-torch", "saefast")  # saefast last: its extra_info gets the speed-ups
 
 
 def cases(*axes: Tuple[str, Tuple]) -> list:
@@ -35,11 +35,11 @@ def cases(*axes: Tuple[str, Tuple]) -> list:
 
 
 def use_impl(impl: str, monkeypatch) -> None:
-    """Point saefast's dispatch at the contender (skips ``reference`` where it is the default)."""
-    if impl != "reference":
+    """Point saefast's dispatch at the contender (skips ``saefast-torch`` where it is the default)."""
+    if impl != "saefast-torch":
         return
     if backend_name(torch.device(DEVICE)) == "torch":
-        pytest.skip("saefast already runs its PyTorch reference on this device (same code as 'saefast')")
+        pytest.skip("saefast already runs its PyTorch backend on this device (same code as 'saefast')")
     monkeypatch.setenv("SAEFAST_BACKEND", "torch")
 
 

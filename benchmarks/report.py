@@ -21,7 +21,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
-IMPL_ORDER = ("saefast", "saefast-sae", "sparsify", "sae-lens", "dictionary-learning", "dense", "reference",
+IMPL_ORDER = ("saefast", "saefast-sae", "sparsify", "sae-lens", "dictionary-learning", "dense", "saefast-torch",
               "saefast-fused", "floor-gemm", "floor-adam")
 COLORS = {"saefast": "tab:blue", "saefast-sae": "tab:cyan", "dense": "tab:red", "sparsify": "tab:green",
           "sae-lens": "tab:purple", "dictionary-learning": "tab:brown", "floor-gemm": "tab:gray"}
@@ -201,11 +201,11 @@ def ops_table(doc: dict) -> List[str]:
         label = f["group"] + "".join(f" {p[k]}" for k in ("mode", "pass") if k in p)
         points[(label, p["dtype"])][f["impl"]] = f
     lines = ["", f"Single ops at {_shape(rows[0]['params']).rsplit(',', 1)[0]}:", "",
-             "| op | dtype | saefast | saefast reference | dense PyTorch | saefast vs dense |", "|---|---|---|---|---|---|"]
+             "| op | dtype | saefast | saefast torch backend | dense PyTorch | saefast vs dense |", "|---|---|---|---|---|---|"]
     for (label, dtype), by_impl in points.items():
         mine = by_impl.get("saefast") or by_impl.get("saefast-fused")
         dense = by_impl.get("dense")
-        ref = by_impl.get("reference")
+        ref = by_impl.get("saefast-torch", by_impl.get("reference"))  # older results files say "reference"
         ratio = (dense["value"] / mine["value"]) if (mine and dense and mine["value"] and dense["value"]) else None
         lines.append(f"| {label} | {dtype} | {fmt_time(mine['value']) if mine else '–'} | "
                      f"{fmt_time(ref['value']) if ref else 'same code'} | {fmt_time(dense['value']) if dense else '–'} | "

@@ -8,7 +8,7 @@ hook, and runs the rest of the model on it.
   ``(ce_zero - ce_spliced) / (ce_zero - ce_clean)`` (1 = as good as the clean model, 0 = as bad as
   zero ablation); and KL(clean || spliced) of the next-token distributions, averaged per token.
 * :func:`e2e_losses` (differentiable): KL(clean || patched) of the logits and the MSE of later-layer
-  activations (seed 000's "block MSE"), for end-to-end SAE training. Gradients reach the SAE's
+  activations (the "block MSE"), for end-to-end SAE training. Gradients reach the SAE's
   parameters only: the model's parameters are frozen during the forward pass and restored after.
 
 The SAE is called through ``sae.reconstruct`` (saefast SAEs: the sparse path, never a dense

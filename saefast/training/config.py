@@ -27,8 +27,8 @@ __all__ = ["TrainConfig", "NORMALIZATIONS", "SYNTHETIC_DEFAULTS"]
 NORMALIZATIONS = ("none", "dataset_scale", "dataset_center_scale")
 _DTYPES = ("float32", "bfloat16", "float16")
 
-# Defaults of the embedded synthetic run (no model, dataset or cache named), beneath the user's
-# file and flags: sized to recover the planted dictionary (mean max cosine > 0.99) in well under
+# Defaults of the embedded synthetic run (no model, dataset or cache named), beneath the config
+# file and the flags: sized to recover the planted dictionary (mean max cosine > 0.99) in well under
 # a minute on two CPU cores.
 SYNTHETIC_DEFAULTS: Dict[str, Any] = {
     "train_steps": 1500, "batch_size": 1024, "lr": 3e-3, "lr_warmup_steps": 50, "top_k": 4,
@@ -64,7 +64,7 @@ class _RunOptions:
     adam_eps: float = _opt(1e-8, "Adam epsilon.", "optim")
     lr_warmup_steps: int = _opt(100, "Linear LR warm-up from lr/warmup to lr over this many optimizer steps.", "optim")
     lr_decay_floor: float = _opt(0.1, "Cosine decay after warm-up ends at lr * lr_decay_floor on the last step "
-                                      "(0.5 in the user's notes, 0 for a full decay, 1 for a constant LR).", "optim")
+                                      "(0 for a full decay, 1 for a constant LR).", "optim")
     max_grad_norm: float = _opt(1.0, "Clip the global gradient norm to this value; 0 disables clipping.", "optim")
     batch_size: int = _opt(4096, "Activation rows (tokens) per micro-batch on each process.", "optim")
     grad_accum_steps: int = _opt(1, "Micro-batches accumulated per optimizer step.", "optim")

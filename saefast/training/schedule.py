@@ -1,4 +1,4 @@
-"""Learning-rate schedule: linear warm-up, then cosine decay to a floor (the user's notes, seed 002).
+"""Learning-rate schedule: linear warm-up, then cosine decay to a floor.
 
 For optimizer step ``s`` (0-based) of ``total_steps``, with ``w`` warm-up steps and floor ``f``
 (a fraction of the peak LR)::
