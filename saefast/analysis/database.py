@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..selection import csr_offsets
-from ..utils import eval_mode
+from ..utils import eval_mode, write_atomic
 
 __all__ = ["ActivationDatabase", "build_database", "build_database_from_activations",
            "build_database_from_cache", "DB_FORMAT"]
@@ -330,14 +330,8 @@ class ActivationDatabase:
         path.parent.mkdir(parents=True, exist_ok=True)
         header = {"format": DB_FORMAT, "version": _DB_VERSION, "n_tokens": str(self.n_tokens),
                   "d_sae": str(self.d_sae), "metadata": json.dumps(self.metadata)}
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            save_file(self._tensors(), str(tmp), metadata=header)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        return path
+        tensors = self._tensors()
+        return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
     @classmethod
     def load(cls, path: PathLike) -> "ActivationDatabase":
