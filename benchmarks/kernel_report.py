@@ -15,9 +15,11 @@ divisibility, constexprs, num_warps, num_stages), compiled with ``triton.compile
 registers, stack, shared memory, local loads/stores (LDL/STL: spills), matrix instructions
 (HGMMA on sm_90a, HMMA on sm_80, UTC*MMA on sm_100a) and FFMA, and the occupancy that follows.
 
-The gate (:func:`violations`): every kernel compiles for sm_80 and sm_90a; the hot kernels (encode,
+The gate (:func:`violations`), on sm_80 and sm_90a: every kernel compiles; the hot kernels (encode,
 sparse products, decoder norm) have no LDL/STL; every 16-bit or tf32 encode GEMM issues tensor-core
-instructions, and so does the one-hot product of ``segment_outer`` on 16-bit operands.
+instructions, and so does the one-hot product of ``segment_outer`` on 16-bit operands. Other
+architectures are reported, not gated (triton 3.6 cannot compile the encode kernel's tensor-core
+variants for sm_100a: its OptimizeTMemLayouts pass fails; triton 3.9 can).
 
 Compiling needs ``TRITON_INTERPRET`` unset (the interpreter replaces ``triton.jit`` functions); this
 module refuses to run otherwise, and the test suite runs it in a subprocess.
@@ -335,10 +337,11 @@ def violations(rows: List[dict], required_archs: Sequence[str] = REQUIRED_ARCHS)
     """Every broken gate rule, one line each (empty: the gate passes)."""
     bad = []
     for r in rows:
+        if r["arch"] not in required_archs:  # reported, not gated (triton 3.6 cannot build sm_100a MMA)
+            continue
         where = f"{r['kernel']} [{r['variant']}] on {r['arch']} (used by {', '.join(r['dtypes'])})"
         if not r["compiled"]:
-            if r["arch"] in required_archs:
-                bad.append(f"{where} does not compile: {r['error']}")
+            bad.append(f"{where} does not compile: {r['error']}")
             continue
         if r["hot"] and (r["ldl"] or r["stl"]):
             bad.append(f"{where} spills: {r['stl']} STL / {r['ldl']} LDL, {r['registers']} registers, "
