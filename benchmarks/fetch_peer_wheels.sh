@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Download, on a machine with PyPI access, the wheels a GPU machine without network needs to run
 # the peer benchmarks (eai-sparsify and what its import pulls in that the GPU image lacks), into
-# .whl/ (git-ignored). Name .whl in the device tool's `carry`; run_gpu_suite.sh installs them.
+# .whl/ (git-ignored). Name .whl in the device tool's `carry`; gpu_check.sh installs them.
 # sae-lens needs transformer-lens < 4 and dictionary-learning needs nnsight: both are left out.
 set -euo pipefail
 cd "$(dirname "$0")/.."

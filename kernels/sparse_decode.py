@@ -11,7 +11,8 @@ Active pairs j = 0..nnz-1 carry (row_j, latent_j, coef_j). Three kernels cover e
       the scatter-add into active rows of W_dec (X = grad_out, coef = values) and into columns of
       W_enc (X = xc, coef = grad of values; wsum is then the b_enc gradient). Pairs are sorted
       by latent; each program owns BLOCK_L latents x BLOCK_D features, folds its pairs in with a
-      one-hot matrix product and writes every element it owns (zeros included), so no output
+      one-hot matrix product (on the tensor cores when coef and X share a 16-bit dtype:
+      the products are exact) and writes every element it owns (zeros included), so no output
       needs zero-filling and the result is deterministic (fixed summation order, no atomics).
 
 Shapes: rows/latents int32, offsets/segments int64. W, A, X in fp32/bf16/fp16; accumulation in
@@ -19,6 +20,7 @@ fp32; outputs in the dtype of the given output tensor. All work is O(nnz * d_in)
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -75,7 +77,7 @@ def _pair_dot_kernel(
 def _segment_outer_kernel(
     seg_ptr, latent_ptr, rows_ptr, coef_ptr, x_ptr, out_ptr, wsum_ptr,
     L, D, stride_x, stride_ol, stride_od,
-    HAS_OUT: tl.constexpr, HAS_WSUM: tl.constexpr,
+    HAS_OUT: tl.constexpr, HAS_WSUM: tl.constexpr, MMA_16BIT: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_l = tl.program_id(0)
@@ -92,15 +94,21 @@ def _segment_outer_kernel(
         es = e0 + tl.arange(0, BLOCK_E)
         e_mask = es < seg_end
         lat = tl.load(latent_ptr + es, mask=e_mask, other=-1)
-        c = tl.load(coef_ptr + es, mask=e_mask, other=0.0).to(tl.float32)
-        weights = tl.where(lat[None, :] == ls[:, None], c[None, :], 0.0)  # [BLOCK_L, BLOCK_E]
+        c = tl.load(coef_ptr + es, mask=e_mask, other=0.0)
+        one_hot = lat[None, :] == ls[:, None]  # [BLOCK_L, BLOCK_E]: pair e belongs to latent l
         if HAS_OUT:
             row = tl.load(rows_ptr + es, mask=e_mask, other=0).to(tl.int64)
             xv = tl.load(x_ptr + row[:, None] * stride_x + ds[None, :],
-                         mask=e_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-            acc = tl.dot(weights, xv, acc, input_precision="ieee")
+                         mask=e_mask[:, None] & d_mask[None, :], other=0.0)
+            if MMA_16BIT:
+                # coef and X share a 16-bit dtype: the tensor cores form each product exactly
+                # (16 x 16 bits fit in fp32) and accumulate in fp32, like the FMA path.
+                acc = tl.dot(tl.where(one_hot, c[None, :], 0.0).to(xv.dtype), xv, acc)
+            else:
+                acc = tl.dot(tl.where(one_hot, c.to(tl.float32)[None, :], 0.0), xv.to(tl.float32), acc,
+                             input_precision="ieee")
         if HAS_WSUM:
-            wsum += tl.sum(weights, axis=1)
+            wsum += tl.sum(tl.where(one_hot, c.to(tl.float32)[None, :], 0.0), axis=1)
     if HAS_OUT:
         tl.store(out_ptr + ls.to(tl.int64)[:, None] * stride_ol + ds.to(tl.int64)[None, :] * stride_od,
                  acc.to(out_ptr.dtype.element_ty), mask=l_mask[:, None] & d_mask[None, :])
@@ -122,10 +130,12 @@ def csr_gather_sum(offsets: torch.Tensor, latents: torch.Tensor, coef: torch.Ten
         return out
     BLOCK_D = _block_d(D)
     grid = (n_rows, triton.cdiv(D, BLOCK_D))
+    # A gather waits on memory, so it wants many warps resident: 8 x 256 tiles on 8 warps take 64
+    # registers under triton 3.6 (32 under 3.9), where 16 x 256 on 4 warps took 220 (one block per SM).
     _csr_gather_sum_kernel[grid](
         offsets, latents, coef, W, bias if bias is not None else coef, out,
         D, stride_wl, stride_wd, out.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_E=16, BLOCK_D=BLOCK_D, num_warps=4,
+        HAS_BIAS=bias is not None, BLOCK_E=8, BLOCK_D=BLOCK_D, num_warps=8 if BLOCK_D >= 256 else 4,
     )
     return out
 
@@ -156,11 +166,15 @@ def segment_outer(seg: torch.Tensor, latents: torch.Tensor, rows: torch.Tensor, 
         return
     BLOCK_L, BLOCK_E = 16, 32
     BLOCK_D = min(128, _block_d(D)) if X is not None else 16
+    # 16-bit operands of one dtype go through the tensor cores exactly; the Triton interpreter
+    # mis-multiplies 16-bit dot operands, so there they take the fp32 path (the same products).
+    mma_16bit = (X is not None and X.dtype in (torch.bfloat16, torch.float16) and coef.dtype == X.dtype
+                 and os.environ.get("TRITON_INTERPRET") != "1")
     grid = (triton.cdiv(L, BLOCK_L), triton.cdiv(D, BLOCK_D) if X is not None else 1)
     _segment_outer_kernel[grid](
         seg, latents, rows, coef, X if X is not None else coef, out if out is not None else coef,
         wsum if wsum is not None else coef,
         L, D, X.stride(0) if X is not None else 0, stride_ol, stride_od,
-        HAS_OUT=out is not None, HAS_WSUM=wsum is not None,
+        HAS_OUT=out is not None, HAS_WSUM=wsum is not None, MMA_16BIT=mma_16bit,
         BLOCK_L=BLOCK_L, BLOCK_E=BLOCK_E, BLOCK_D=BLOCK_D, num_warps=4,
     )

@@ -17,12 +17,94 @@ dtypes: xc, W_enc, b_enc in fp32, bf16 or fp16 (all the same); thresholds fp32.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from . import _target
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    """Tile of one program ([BLOCK_M, BLOCK_N] of ``pre``, BLOCK_K deep per step) and its launch."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    num_warps: int
+    num_stages: int
+
+
+# Tiles per (architecture, operand kind), chosen from the cubins (benchmarks/kernel_report.py):
+# every one compiles without spills. 8 warps keep the fp32 accumulator of a 128x128 tile at 64
+# registers a thread, which leaves room for the epilogue's scans. K depth and stages fill the
+# shared memory a block can use with a 3-4 deep software pipeline (sm_80: 164 KiB; sm_90/100:
+# 227 KiB): 16-bit 128x128x64 x 3 stages = 96 KiB, tf32 128x128x32 x 3 = 96 KiB. fp32 under
+# "highest" precision multiplies on the FMA units (no tensor core is exact for fp32); a shallower
+# K keeps its operand fragments in registers.
+GEMM_CONFIGS = {
+    (80, "16bit"): GemmConfig(128, 128, 32, 8, 4),
+    (80, "tf32"): GemmConfig(128, 128, 32, 8, 3),
+    (80, "ieee"): GemmConfig(128, 128, 16, 8, 3),
+    (90, "16bit"): GemmConfig(128, 128, 64, 8, 3),
+    (90, "tf32"): GemmConfig(128, 128, 32, 8, 3),
+    (90, "ieee"): GemmConfig(128, 128, 16, 8, 3),
+}
+
+
+def gemm_config(capability: int, kind: str) -> GemmConfig:
+    """The tile for ``kind`` ("16bit", "tf32" or "ieee") on a GPU of this compute capability
+    (newer architectures take the newest table entry at or below them)."""
+    known = sorted({cap for cap, _ in GEMM_CONFIGS if cap <= capability}) or [min(cap for cap, _ in GEMM_CONFIGS)]
+    return GEMM_CONFIGS[(known[-1], kind)]
+
+
+@triton.jit
+def _column_quarters(x, QUARTER: tl.constexpr):
+    """The four [BLOCK_M, QUARTER] column blocks of x [BLOCK_M, 4 * QUARTER], left to right."""
+    halves = tl.permute(tl.reshape(x, (x.shape[0], 2, 2 * QUARTER)), (0, 2, 1))
+    left, right = tl.split(halves)
+    q0, q1 = tl.split(tl.permute(tl.reshape(left, (x.shape[0], 2, QUARTER)), (0, 2, 1)))
+    q2, q3 = tl.split(tl.permute(tl.reshape(right, (x.shape[0], 2, QUARTER)), (0, 2, 1)))
+    return q0, q1, q2, q3
+
+
+@triton.jit
+def _select_and_append(acc, rows, cols, row_mask, b_enc_ptr, row_thr_ptr, col_thr_ptr,
+                       out_val_ptr, out_col_ptr, out_row_ptr, counter_ptr, D_SAE, capacity,
+                       HAS_B_ENC: tl.constexpr, HAS_ROW_THR: tl.constexpr, HAS_COL_THR: tl.constexpr):
+    """Finish one column block of the tile: bias, rounding to the output dtype, the keep test,
+    and the append of the kept entries to the candidate lists in row-major order (one atomic
+    reserves the block's slots, an exclusive scan over the row counts places each row and a scan
+    along each row places each entry; int32 slots, as capacity < 2**31). Returns the per-row
+    counts of kept and of positive entries."""
+    col_mask = cols < D_SAE
+    if HAS_B_ENC:
+        acc += tl.load(b_enc_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    value = acc.to(out_val_ptr.dtype.element_ty)
+    vf = value.to(tl.float32)
+    positive = row_mask[:, None] & col_mask[None, :] & (vf > 0)
+    keep = positive
+    if HAS_ROW_THR:
+        keep = keep & (vf >= tl.load(row_thr_ptr + rows, mask=row_mask, other=0.0)[:, None])
+    if HAS_COL_THR:
+        keep = keep & (vf > tl.load(col_thr_ptr + cols, mask=col_mask, other=0.0)[None, :])
+    keep_i = keep.to(tl.int32)
+    row_keep = tl.sum(keep_i, axis=1)
+    n_keep = tl.sum(row_keep, axis=0)
+    if n_keep > 0:
+        base = tl.atomic_add(counter_ptr, n_keep)
+        row_start = base + tl.cumsum(row_keep, axis=0) - row_keep
+        slot = row_start[:, None] + tl.cumsum(keep_i, axis=1) - keep_i
+        write = keep & (slot < capacity)
+        tl.store(out_val_ptr + slot, value, mask=write)
+        tl.store(out_col_ptr + slot, cols[None, :] + tl.zeros_like(slot), mask=write)
+        tl.store(out_row_ptr + slot, rows[:, None] + tl.zeros_like(slot), mask=write)
+    return row_keep, tl.sum(positive.to(tl.int32), axis=1)
 
 
 @triton.jit
@@ -34,54 +116,48 @@ def _encode_candidates_kernel(
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # Row blocks vary fastest: the B / BLOCK_M programs that share one column block of W_enc run
+    # together, so W_enc streams from memory once while xc stays in L2.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < B
     col_mask = cols < D_SAE
-    rows64 = rows.to(tl.int64)
-    cols64 = cols.to(tl.int64)
 
+    a_ptrs = xc_ptr + rows.to(tl.int64)[:, None] * D_IN + tl.arange(0, BLOCK_K)[None, :]
+    b_ptrs = w_ptr + tl.arange(0, BLOCK_K).to(tl.int64)[:, None] * D_SAE + cols[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D_IN, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < D_IN
-        a = tl.load(xc_ptr + rows64[:, None] * D_IN + ks[None, :],
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(w_ptr + ks.to(tl.int64)[:, None] * D_SAE + cols64[None, :],
-                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        k_mask = (k0 + tl.arange(0, BLOCK_K)) < D_IN
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    if HAS_B_ENC:
-        acc += tl.load(b_enc_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    value = acc.to(out_val_ptr.dtype.element_ty)
-    vf = value.to(tl.float32)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * D_SAE
 
-    positive = row_mask[:, None] & col_mask[None, :] & (vf > 0)
-    keep = positive
-    if HAS_ROW_THR:
-        keep = keep & (vf >= tl.load(row_thr_ptr + rows, mask=row_mask, other=0.0)[:, None])
-    if HAS_COL_THR:
-        keep = keep & (vf > tl.load(col_thr_ptr + cols, mask=col_mask, other=0.0)[None, :])
-    keep_i = keep.to(tl.int32)
-    row_keep = tl.sum(keep_i, axis=1)
-    tl.atomic_add(row_count_ptr + rows, row_keep, mask=row_mask)
-    tl.atomic_add(row_pos_ptr + rows, tl.sum(positive.to(tl.int32), axis=1), mask=row_mask)
-    n_keep = tl.sum(row_keep, axis=0)
-    if n_keep > 0:
-        base = tl.atomic_add(counter_ptr, n_keep)
-        flat_keep = tl.reshape(keep_i, (BLOCK_M * BLOCK_N,))
-        slot = base + tl.cumsum(flat_keep, axis=0) - flat_keep
-        write = (flat_keep > 0) & (slot < capacity)
-        slot64 = slot.to(tl.int64)
-        row_grid = rows[:, None] + tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        col_grid = cols[None, :] + tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        tl.store(out_val_ptr + slot64, tl.reshape(value, (BLOCK_M * BLOCK_N,)), mask=write)
-        tl.store(out_col_ptr + slot64, tl.reshape(col_grid, (BLOCK_M * BLOCK_N,)), mask=write)
-        tl.store(out_row_ptr + slot64, tl.reshape(row_grid, (BLOCK_M * BLOCK_N,)), mask=write)
+    # The epilogue runs on quarters of the tile's columns: on a whole 128 x 128 tile its scans
+    # and scattered stores need more registers than a thread has (the cubins showed spills).
+    QUARTER: tl.constexpr = BLOCK_N // 4
+    q0, q1, q2, q3 = _column_quarters(acc, QUARTER)
+    c0 = pid_n * BLOCK_N + tl.arange(0, QUARTER)
+    keep0, pos0 = _select_and_append(q0, rows, c0, row_mask, b_enc_ptr, row_thr_ptr, col_thr_ptr,
+                                     out_val_ptr, out_col_ptr, out_row_ptr, counter_ptr, D_SAE, capacity,
+                                     HAS_B_ENC, HAS_ROW_THR, HAS_COL_THR)
+    keep1, pos1 = _select_and_append(q1, rows, c0 + QUARTER, row_mask, b_enc_ptr, row_thr_ptr, col_thr_ptr,
+                                     out_val_ptr, out_col_ptr, out_row_ptr, counter_ptr, D_SAE, capacity,
+                                     HAS_B_ENC, HAS_ROW_THR, HAS_COL_THR)
+    keep2, pos2 = _select_and_append(q2, rows, c0 + 2 * QUARTER, row_mask, b_enc_ptr, row_thr_ptr, col_thr_ptr,
+                                     out_val_ptr, out_col_ptr, out_row_ptr, counter_ptr, D_SAE, capacity,
+                                     HAS_B_ENC, HAS_ROW_THR, HAS_COL_THR)
+    keep3, pos3 = _select_and_append(q3, rows, c0 + 3 * QUARTER, row_mask, b_enc_ptr, row_thr_ptr, col_thr_ptr,
+                                     out_val_ptr, out_col_ptr, out_row_ptr, counter_ptr, D_SAE, capacity,
+                                     HAS_B_ENC, HAS_ROW_THR, HAS_COL_THR)
+    tl.atomic_add(row_count_ptr + rows, keep0 + keep1 + keep2 + keep3, mask=row_mask)
+    tl.atomic_add(row_pos_ptr + rows, pos0 + pos1 + pos2 + pos3, mask=row_mask)
 
 
 def _input_precision(dtype: torch.dtype):
@@ -119,19 +195,21 @@ def encode_candidates(
     counter = torch.zeros(1, dtype=torch.int32, device=dev)
     row_count = torch.zeros(B, dtype=torch.int32, device=dev)
     row_pos = torch.zeros(B, dtype=torch.int32, device=dev)
-    BLOCK_M, BLOCK_N, BLOCK_K = 64, 128, 32
     upcast = xc.dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") == "1"
-    grid = (triton.cdiv(B, BLOCK_M), triton.cdiv(d_sae, BLOCK_N))
+    precision = _input_precision(xc.dtype)
+    cfg = gemm_config(_target.compute_capability(dev), "16bit" if precision is None else precision)
+    grid = (triton.cdiv(B, cfg.BLOCK_M), triton.cdiv(d_sae, cfg.BLOCK_N))
     _encode_candidates_kernel[grid](
         xc, W_enc, b_enc if b_enc is not None else W_enc, row_thr if row_thr is not None else xc,
         col_thr if col_thr is not None else xc,
         values, latents, rows, counter, row_count, row_pos,
         B, d_in, d_sae, capacity,
         HAS_B_ENC=b_enc is not None, HAS_ROW_THR=row_thr is not None, HAS_COL_THR=col_thr is not None,
-        INPUT_PRECISION=_input_precision(xc.dtype) if not upcast else "ieee",
+        INPUT_PRECISION=precision if not upcast else "ieee",
         # The Triton interpreter mis-multiplies 16-bit dot operands; fp32 operands give the same
         # exact products (16-bit x 16-bit fits in fp32) with the same fp32 accumulation.
         UPCAST=upcast,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=3,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return values, latents, rows, int(counter.item()), row_count, row_pos
