@@ -131,7 +131,7 @@ def drive_backend(d_in: int, dtype_name: str, precision: str, seed: int = 0) -> 
     d_in on small CPU tensors (the kernels are recorders, so their outputs are never read as
     results)."""
     import torch
-    from saefast import reference
+    from saefast import torch_backend
     from saefast import triton_backend as tb
 
     dtype = getattr(torch, dtype_name)
@@ -150,7 +150,7 @@ def drive_backend(d_in: int, dtype_name: str, precision: str, seed: int = 0) -> 
             for mode in ("batch", "row"):
                 tb.encode_forward(xc, W_enc, bias, mode=mode, k=k)
             tb.encode_forward(xc, W_enc, bias, mode="threshold", threshold=threshold)
-        values, indices, row_ids, offsets, _ = reference.encode_forward(xc, W_enc, None, mode="batch", k=k)
+        values, indices, row_ids, offsets, _ = torch_backend.encode_forward(xc, W_enc, None, mode="batch", k=k)
         grad_values = torch.randn(values.shape, generator=gen).to(dtype)
         for need_xc, need_W in ((True, True), (False, True), (False, False)):
             tb.encode_backward(grad_values, xc, W_enc, indices, row_ids, need_xc, need_W)

@@ -4,7 +4,7 @@ element against dense PyTorch."""
 import pytest
 import torch
 
-from saefast import reference
+from saefast import torch_backend
 from saefast import triton_backend as tb
 from saefast.kernels import _target, sparse_decode, topk_encode
 from kernel_utils import assert_close, dense_pre, make_problem
@@ -69,12 +69,12 @@ def test_encode_candidates_on_every_tile(capability, dtype, matmul_precision, B,
 
 @pytest.mark.parametrize("capability", [80, 90], indirect=True)
 @pytest.mark.parametrize("mode", ["batch", "row"])
-def test_triton_encode_matches_reference_with_k_equal_to_d_sae(capability, mode):
+def test_triton_encode_matches_torch_backend_with_k_equal_to_d_sae(capability, mode):
     B, d_in, d_sae = 3, 19, 37
     x, W, bd, be = make_problem(B, d_in, d_sae, torch.float32, seed=41, ties=True, device=DEVICE)
     xc = (x - bd).contiguous()
     got = tb.encode_forward(xc, W, be, mode=mode, k=d_sae)
-    want = reference.encode_forward(xc.cpu(), W.cpu(), be.cpu(), mode=mode, k=d_sae)
+    want = torch_backend.encode_forward(xc.cpu(), W.cpu(), be.cpu(), mode=mode, k=d_sae)
     for a, b in zip(got[:4], want[:4]):
         assert torch.equal(a.cpu(), b)
 
