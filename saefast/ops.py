@@ -23,6 +23,8 @@ PyTorch backend for everything else. What a backend provides is written in ``sae
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from types import ModuleType
 from typing import NamedTuple, Optional, Tuple, Union
@@ -121,6 +123,26 @@ def _backend(device: torch.device) -> ModuleType:
         return torch_backend
     from . import triton_backend  # imported lazily: importing saefast never touches a GPU driver
     return triton_backend
+
+
+_AUTOCAST_DEVICES = tuple(d for d in ("cpu", "cuda") if torch.amp.is_autocast_available(d))
+
+
+def _autocast_off(fn):
+    """Run an autograd Function's forward or backward with torch.autocast switched off. The ops
+    cast their inputs to the autocast dtype themselves (:func:`_autocast`); nothing inside may be
+    recast, also when a caller runs ``backward()`` within an autocast region (which would turn the
+    fp32 sums of a backward into bf16 ones, or ask for a bf16 sparse CSR product that does not
+    exist)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for device_type in _AUTOCAST_DEVICES:
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,12 +244,14 @@ def _codes_backward(ctx, grad_values):
 
 class _Encode(torch.autograd.Function):
     @staticmethod
+    @_autocast_off
     def forward(ctx, x, W_enc, b_dec, b_enc, mode, k, threshold):
         xc = x - b_dec
         codes = _backend(x.device).encode_forward(xc, W_enc, b_enc, mode=mode, k=k, threshold=threshold)
         return _save_codes(ctx, xc, W_enc, b_enc, tuple(codes))
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, grad_values, *_):
         return _codes_backward(ctx, grad_values) + (None, None, None)
 
@@ -264,11 +288,13 @@ class _AuxEncode(torch.autograd.Function):
     the dead-column copy to expand afterwards)."""
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, x, W_enc, b_dec, b_enc, dead, k_aux):
         xc = x - b_dec
         return _save_codes(ctx, xc, W_enc, b_enc, _aux_forward(_backend(x.device), xc, W_enc, b_enc, dead, k_aux))
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, grad_values, *_):
         return _codes_backward(ctx, grad_values) + (None, None)
 
@@ -278,6 +304,7 @@ class _EncodeWithAux(torch.autograd.Function):
     of pairs into a single W_enc gradient (no second [d_in, d_sae] buffer)."""
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, x, W_enc, b_dec, b_enc, mode, k, dead, k_aux):
         impl = _backend(x.device)
         xc = x - b_dec
@@ -289,6 +316,7 @@ class _EncodeWithAux(torch.autograd.Function):
         return (*main, *aux)
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, grad_main, _i, _r, _o, _m, grad_aux, *_):
         xc, W_enc, main_idx, main_rows, aux_idx, aux_rows = ctx.saved_tensors
         d_sae = W_enc.shape[1]
@@ -306,6 +334,7 @@ class _EncodeWithAux(torch.autograd.Function):
 
 class _Decode(torch.autograd.Function):
     @staticmethod
+    @_autocast_off
     def forward(ctx, values, indices, row_ids, offsets, W_dec, b_dec):
         impl = _backend(W_dec.device)
         ctx.save_for_backward(values, indices, row_ids, W_dec)
@@ -313,6 +342,7 @@ class _Decode(torch.autograd.Function):
         return impl.decode_forward(values, indices, offsets, row_ids, W_dec, b_dec)
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, grad_out):
         values, indices, row_ids, W_dec = ctx.saved_tensors
         impl = _backend(W_dec.device)
@@ -400,11 +430,13 @@ class _EmptyCodes(torch.autograd.Function):
     gradients to the inputs that need one."""
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, x, W_enc, b_dec, b_enc):
         ctx.shapes = [(t.shape, t.dtype, t.device) if t is not None else None for t in (x, W_enc, b_dec, b_enc)]
         return W_enc.new_empty(0)
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, _grad):
         return tuple(torch.zeros(s[0], dtype=s[1], device=s[2]) if s is not None and need else None
                      for s, need in zip(ctx.shapes, ctx.needs_input_grad))
@@ -541,12 +573,14 @@ def _rectangle(u: Tensor) -> Tensor:
 
 class _JumpReLU(torch.autograd.Function):
     @staticmethod
+    @_autocast_off
     def forward(ctx, z: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
         ctx.save_for_backward(z, theta)
         ctx.bandwidth = bandwidth
         return z * above_threshold(z, theta)
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, g: Tensor):
         z, theta = ctx.saved_tensors
         eps = ctx.bandwidth
@@ -557,12 +591,14 @@ class _JumpReLU(torch.autograd.Function):
 
 class _JumpReLUStep(torch.autograd.Function):
     @staticmethod
+    @_autocast_off
     def forward(ctx, z: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
         ctx.save_for_backward(z, theta)
         ctx.bandwidth = bandwidth
         return above_threshold(z, theta).float()
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, g: Tensor):
         z, theta = ctx.saved_tensors
         eps = ctx.bandwidth

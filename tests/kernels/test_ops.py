@@ -108,3 +108,27 @@ def test_backends_implement_the_contract():
             assert list(inspect.signature(fn).parameters) == expected, f"{module.__name__}.{name}"
     source = inspect.getsource(triton_backend)
     assert "torch_backend._" not in source, "the Triton backend calls a private function of the PyTorch backend"
+
+
+def test_backward_inside_an_autocast_region(backend):
+    """loss.backward() called inside torch.autocast (as many training loops do) gives the same
+    gradients as outside: the backends never run under autocast."""
+    B, d_in, d_sae, k = 13, 20, 60, 3
+    x, W, bd, _ = problem(B, d_in, d_sae, torch.float32, seed=43)
+    W_dec = W.t().contiguous()
+    dead = (torch.arange(d_sae) % 4 == 0).to(DEVICE)
+    grads = []
+    for backward_inside in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (W, bd, W_dec)]
+        W_, bd_, Wd_ = leaves
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            main, aux = saefast.ops.topk_encode_with_aux(x, W_, bd_, k, dead, 4)
+            recon = saefast.sparse_decode(saefast.ops.stack_rows(main, aux), Wd_)
+            loss = recon.float().square().sum()
+            if backward_inside:
+                loss.backward()
+        if not backward_inside:
+            loss.backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
