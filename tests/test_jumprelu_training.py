@@ -214,3 +214,18 @@ def test_default_penalty_moves_thresholds_and_sparsifies(tmp_path):
     assert float(sae.threshold.detach().median()) > 50 * sae.config.jumprelu_init_threshold
     first = next(r for r in rows if r["kind"] == "train")
     assert metrics["l0"] < first["l0"] / 4 and metrics["explained_variance"] > 0.7
+    from saefast.cli import main
+    assert main(["analyze", str(tmp_path / "d"), "--n-tokens", "2048", "--features", "3"]) == 0
+    summary = json.loads((tmp_path / "d" / "analysis" / "summary.json").read_text())
+    assert summary["architecture"] == "jumprelu" and summary["reconstruction"]["l0"] == pytest.approx(metrics["l0"],
+                                                                                                        rel=0.2)
+
+
+def test_saelens_loads_a_target_l0_jumprelu(tmp_path):
+    sae_lens = pytest.importorskip("sae_lens")
+    sae = make_sae(jumprelu_target_l0=3.0, jumprelu_pre_act_coefficient=0.1).cpu().eval()
+    theirs = sae_lens.SAE.load_from_disk(str(sae.save(tmp_path / "j")))
+    x = 2 * torch.randn(16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode(x), sae.encode(x))
+        torch.testing.assert_close(theirs(x), sae.reconstruct(x))

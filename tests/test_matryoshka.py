@@ -308,6 +308,46 @@ def test_saelens_loads_saved_matryoshka_as_jumprelu(tmp_path):
         torch.testing.assert_close(theirs(x), sae.reconstruct(x))
 
 
+def test_saelens_matryoshka_checkpoints_round_trip(tmp_path):
+    """SAELens's own Matryoshka SAE, trained a few steps: its training checkpoint and its inference
+    folder load in saefast with SAELens's outputs, and saefast's save loads back in SAELens."""
+    sae_lens = pytest.importorskip("sae_lens")
+    from sae_lens.saes.matryoshka_batchtopk_sae import (MatryoshkaBatchTopKTrainingSAE,
+                                                        MatryoshkaBatchTopKTrainingSAEConfig)
+    from sae_lens.saes.sae import TrainStepInput
+    torch.manual_seed(0)
+    cfg = MatryoshkaBatchTopKTrainingSAEConfig(d_in=12, d_sae=40, k=4, matryoshka_widths=[5, 20, 40],
+                                               topk_threshold_lr=0.2, device="cpu")
+    theirs = MatryoshkaBatchTopKTrainingSAE(cfg)
+    opt = torch.optim.Adam(theirs.parameters(), lr=1e-2)
+    for _ in range(5):
+        out = theirs.training_forward_pass(TrainStepInput(sae_in=torch.randn(64, 12), coefficients={},
+                                                          dead_neuron_mask=None, n_training_steps=0,
+                                                          is_logging_step=False))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert float(theirs.topk_threshold) > 0
+    theirs.save_model(str(tmp_path / "ckpt"))
+    theirs.save_inference_model(str(tmp_path / "inference"))
+    inference = sae_lens.SAE.load_from_disk(str(tmp_path / "inference")).eval()
+    x = torch.randn(32, 12)
+    with torch.no_grad():
+        want_acts, want_out = inference.encode(x), inference(x)
+    assert (want_acts > 0).sum() > 10
+    for folder in ("ckpt", "inference"):
+        ours = load_sae(tmp_path / folder).eval()
+        assert type(ours).__name__ == ("MatryoshkaBatchTopKSAE" if folder == "ckpt" else "JumpReLUSAE")
+        torch.testing.assert_close(ours.encode(x), want_acts, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.reconstruct(x), want_out, rtol=1e-5, atol=1e-5)
+    ours = load_sae(tmp_path / "ckpt")
+    assert ours.config.prefix_sizes == (5, 20, 40) and ours.config.top_k == 4
+    again = sae_lens.SAE.load_from_disk(str(ours.save(tmp_path / "ours"))).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode(x), want_acts, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(again(x), want_out, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # saefast train on the synthetic default
 # ------------------------------------------------------------------------------------------------
@@ -336,3 +376,7 @@ def test_cli_trains_matryoshka_on_the_synthetic_default(tmp_path, capsys):
     train = [r for r in rows if r["kind"] == "train"]
     assert train[-1]["mse_loss"] < 0.5 * train[0]["mse_loss"]
     assert all(r["loss"] > r["mse_loss"] for r in train)  # the smaller prefixes reconstruct worse
+    assert main(["analyze", str(tmp_path / "m"), "--n-tokens", "2048", "--features", "3"]) == 0
+    summary = json.loads((tmp_path / "m" / "analysis" / "summary.json").read_text())
+    assert summary["architecture"] == "matryoshka_batchtopk"
+    assert summary["reconstruction"]["explained_variance_prefix_16"] < summary["reconstruction"]["explained_variance"]
