@@ -80,15 +80,14 @@ def dense_losses(sae, x):
     if c.jumprelu_target_l0 is None:
         sparsity = c.l1_coefficient * s
     else:
-        gap = s / c.jumprelu_target_l0 - 1
-        sparsity = torch.exp(PRICE_RATE * p["l0_price"]).detach() * gap
+        sparsity = torch.exp(PRICE_RATE * p["l0_price"]).detach() * (s / c.jumprelu_target_l0 - 1)
     aux = c.jumprelu_pre_act_coefficient * (torch.relu(p["threshold"] - h) * norms).sum(-1).mean()
     (mse + sparsity + aux).backward()
     grads = {n: t.grad for n, t in p.items()}
-    if c.jumprelu_target_l0 is not None:  # the price ascends: its gradient has the sign of -(s / target - 1)
-        grads["l0_price"] = -PRICE_GRAD_SCALE * torch.sign(gap.detach())
-    return {"mse_loss": mse, "sparsity_loss": sparsity, "aux_loss": aux, "acts": feats,
-            "l0": (feats > 0).sum(-1).double().mean(), "grads": grads}
+    l0 = (feats > 0).sum(-1).double().mean()
+    if c.jumprelu_target_l0 is not None:  # the price ascends: its gradient has the sign of -(L0 - target)
+        grads["l0_price"] = -PRICE_GRAD_SCALE * torch.sign(l0 - c.jumprelu_target_l0)
+    return {"mse_loss": mse, "sparsity_loss": sparsity, "aux_loss": aux, "acts": feats, "l0": l0, "grads": grads}
 
 
 OPTIONS = [
@@ -97,6 +96,8 @@ OPTIONS = [
     dict(jumprelu_pre_act_coefficient=0.02),
     dict(jumprelu_target_l0=3.0, l1_coefficient=0.05),
     dict(jumprelu_target_l0=30.0, jumprelu_sparsity_loss="tanh", jumprelu_pre_act_coefficient=0.01),
+    # the tanh measure (about 8) is below the target while the L0 (about 20) is above: the L0 steers
+    dict(jumprelu_target_l0=12.0, jumprelu_sparsity_loss="tanh", jumprelu_tanh_scale=0.3),
 ]
 
 

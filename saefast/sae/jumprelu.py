@@ -9,7 +9,7 @@ activations, ``n_i = ||W_dec[i]||`` (1 for saefast's unit decoder rows; not diff
     S = mean_tokens sum_i [a_i > 0]                      (jumprelu_sparsity_loss="step": the L0)
       = mean_tokens sum_i tanh(c * a_i * n_i)            ("tanh", c = jumprelu_tanh_scale)
     sparsity_loss = l1_coefficient * S                   (no jumprelu_target_l0)
-                  = price * (S / target - 1)             (jumprelu_target_l0=target)
+                  = price * (S / target - 1)             (jumprelu_target_l0=target, price adapts)
     aux_loss = jumprelu_pre_act_coefficient * mean_tokens sum_i relu(theta_i - h_i) * n_i
 
 Thresholds learn through the straight-through estimators of Rajamanoharan et al. (2024), with a
@@ -21,11 +21,12 @@ thresholds, so fewer die) are those of Anthropic's January 2025 JumpReLU update.
 
 **L0 target.** With ``jumprelu_target_l0`` the penalty's price adapts instead of being fixed: it
 starts at l1_coefficient and is a trained scalar (``l0_price``, price = exp(10 * l0_price)) whose
-gradient points uphill, so it rises while S is above the target and falls while S is below (dual
-ascent on the constraint S = target). Adam moves l0_price by about lr per step: log(price) by about
-10 * lr. The reached S follows the target when the target is below what reconstruction alone
-would use; a target above that is not forced (the price falls towards 0). ``sparsity_loss`` is
-then negative while S is below the target.
+gradient points uphill, so it rises while the L0 (the mean number of active latents per token,
+whichever measure S is) is above the target and falls while it is below: dual ascent on the
+constraint L0 = target. Adam moves l0_price by about lr per step: log(price) by about 10 * lr.
+The reached L0 follows the target when the target is below what reconstruction alone would use; a
+target above that is not forced (the price falls towards 0). ``sparsity_loss`` is negative while
+S is below the target.
 
 Sparse throughout: only entries with ``h > theta - eps/2`` (and h > 0) can get an estimator
 gradient, so only those are gathered (``threshold_encode`` at the lowered threshold). The
@@ -67,8 +68,8 @@ class JumpReLUConfig(SAEConfig):
                 "gradient also shrinks the activations).")
     jumprelu_tanh_scale: float = option(4.0, "JumpReLU: c in the 'tanh' sparsity measure tanh(c * a * ||W_dec row||).")
     jumprelu_target_l0: Optional[float] = option(
-        None, "JumpReLU: aim at this mean number of active latents per token (S): the penalty becomes price * "
-              "(S / target - 1), its price starting at l1_coefficient and rising while S is above the target, "
+        None, "JumpReLU: aim at this mean number of active latents per token (L0): the penalty becomes price * "
+              "(S / target - 1), its price starting at l1_coefficient and rising while the L0 is above the target, "
               "falling while below. None: the fixed penalty l1_coefficient * S.")
     jumprelu_pre_act_coefficient: float = option(
         0.0, "JumpReLU: weight of the pre-activation loss mean_tokens sum_latents relu(threshold - pre) * ||W_dec row|| "
@@ -101,18 +102,19 @@ PRICE_GRAD_SCALE = 1e-3
 
 class _PricedGap(torch.autograd.Function):
     """``exp(PRICE_RATE * u) * gap``. The gradient of gap is the usual one; that of u points
-    uphill (the price rises while gap > 0): dual ascent on the constraint gap = 0."""
+    uphill on ``excess`` (the price rises while excess > 0): dual ascent on the constraint
+    excess = 0, whatever measure gap penalises."""
 
     @staticmethod
-    def forward(ctx, u: Tensor, gap: Tensor) -> Tensor:
+    def forward(ctx, u: Tensor, gap: Tensor, excess: Tensor) -> Tensor:
         price = torch.exp(PRICE_RATE * u)
-        ctx.save_for_backward(price, gap)
+        ctx.save_for_backward(price, excess)
         return price * gap
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        price, gap = ctx.saved_tensors
-        return -PRICE_GRAD_SCALE * gap.detach().sign() * g.sign(), price * g
+        price, excess = ctx.saved_tensors
+        return -PRICE_GRAD_SCALE * excess.sign() * g.sign(), price * g, None
 
 
 class JumpReLUSAE(BaseSAE):
@@ -147,12 +149,14 @@ class JumpReLUSAE(BaseSAE):
         """fp32 [d_sae] norms of the decoder rows, without a gradient."""
         return torch.linalg.vector_norm(self.W_dec.detach(), dim=1, dtype=torch.float32)
 
-    def _penalty(self, s: Tensor) -> Tensor:
-        """The sparsity loss of the per-token sparsity measure ``s`` (fp32 scalar)."""
+    def _penalty(self, s: Tensor, l0: float) -> Tensor:
+        """The sparsity loss of the per-token sparsity measure ``s`` (fp32 scalar); ``l0``: the
+        mean number of active latents per token, which steers the price of an L0 target."""
         c = self.config
         if c.jumprelu_target_l0 is None:
             return c.l1_coefficient * s
-        return _PricedGap.apply(self.l0_price, s / c.jumprelu_target_l0 - 1.0)
+        excess = torch.tensor(l0 - c.jumprelu_target_l0, dtype=torch.float32, device=s.device)
+        return _PricedGap.apply(self.l0_price, s / c.jumprelu_target_l0 - 1.0, excess)
 
     def _tanh_measure(self, values: Tensor, indices: Tensor, n_rows: int) -> Tensor:
         scale = self.config.jumprelu_tanh_scale * self._decoder_norms()[indices.long()]
@@ -163,7 +167,7 @@ class JumpReLUSAE(BaseSAE):
             s = self._tanh_measure(acts.values, acts.indices, acts.n_rows)
         else:
             s = torch.tensor(acts.nnz / max(acts.n_rows, 1), dtype=torch.float32, device=self.device)
-        return self._penalty(s)
+        return self._penalty(s, acts.nnz / max(acts.n_rows, 1))
 
     def _encode_train(self, x_in: Tensor) -> Codes:
         eps = self.config.jumprelu_bandwidth
@@ -180,7 +184,7 @@ class JumpReLUSAE(BaseSAE):
         # acts keeps the raw pre-activations (same numbers as the decoded values, but no estimator
         # gradient to the thresholds), so losses built on them see only their own gradients.
         acts = band.select(ops.above_threshold(band.values, theta.detach()))
-        return Codes(band._replace(values=values), acts, self._penalty(s))
+        return Codes(band._replace(values=values), acts, self._penalty(s, acts.nnz / max(acts.n_rows, 1)))
 
     def _training_losses(self, x_in: Tensor, dead: Tensor) -> Tuple[Codes, Tensor, Dict[str, Tensor]]:
         codes, x_hat, terms = super()._training_losses(x_in, dead)
