@@ -2,8 +2,8 @@
 
 Native folder (the SAELens v6 layout, so SAELens and tools built on it load saefast SAEs):
 
-* ``cfg.json``: SAELens fields ``architecture`` (``"jumprelu"`` for BatchTopK and JumpReLU,
-  ``"topk"``, ``"standard"`` for ReLU), ``d_in``, ``d_sae``, ``dtype``, ``device``,
+* ``cfg.json``: SAELens fields ``architecture`` (``"jumprelu"`` for BatchTopK, Matryoshka
+  BatchTopK and JumpReLU, ``"topk"``, ``"standard"`` for ReLU), ``d_in``, ``d_sae``, ``dtype``, ``device``,
   ``apply_b_dec_to_input``, ``normalize_activations`` (``"layer_norm"`` for input_unit_norm, else
   ``"none"``), ``reshape_activations`` (``"none"``), ``k`` and ``rescale_acts_by_decoder_norm``
   (topk only), ``metadata`` (``sae_lens_version`` "6.0.0" marking the format, ``model_name``,
