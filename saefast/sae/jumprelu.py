@@ -93,10 +93,11 @@ class JumpReLUConfig(SAEConfig):
 # The L0 target's price is exp(PRICE_RATE * u) for the trained scalar u = l0_price: Adam moves u by
 # about lr per step, so log(price) moves by about PRICE_RATE * lr (3% a step at lr 3e-3).
 PRICE_RATE = 10.0
-# u's gradient is -PRICE_GRAD_SCALE * sign(S / target - 1). Its sign alone steers the price:
-# magnitudes that shrink by orders while the price settles would otherwise leave Adam's second
-# moment dominated by the first steps. The small scale keeps it out of the gradient norm that
-# clipping looks at (Adam's step does not depend on it).
+# u's gradient is -PRICE_GRAD_SCALE * sign(L0 - target) (times the weight of the loss, so that
+# accumulated micro-batches and DDP processes average). The sign alone steers the price: gaps that
+# shrink by orders while the price settles would otherwise leave Adam's second moment dominated by
+# the first steps. The small scale keeps it out of the gradient norm that clipping looks at (Adam's
+# step does not depend on it).
 PRICE_GRAD_SCALE = 1e-3
 
 
@@ -114,7 +115,7 @@ class _PricedGap(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         price, excess = ctx.saved_tensors
-        return -PRICE_GRAD_SCALE * excess.sign() * g.sign(), price * g, None
+        return -PRICE_GRAD_SCALE * excess.sign() * g, price * g, None
 
 
 class JumpReLUSAE(BaseSAE):
