@@ -281,6 +281,24 @@ def test_saelens_training_checkpoints_load(tmp_path, arch, rescale):
     torch.testing.assert_close(sae.reconstruct(x), out, rtol=1e-5, atol=1e-5)
 
 
+def test_saelens_topk_with_decoder_norm_rescaling_loads_folded(tmp_path):
+    """rescale_acts_by_decoder_norm is folded for every architecture, TopK's inference folder too."""
+    cfg, weights = saelens_checkpoint(tmp_path / "topk", "batchtopk", True)
+    del weights["topk_threshold"]
+    cfg.update(architecture="topk", k=5)
+    (tmp_path / "topk" / "cfg.json").write_text(json.dumps(cfg))
+    save_file(weights, str(tmp_path / "topk" / "sae_weights.safetensors"))
+    sae = load_sae(tmp_path / "topk")
+    x = torch.randn(30, 12, generator=torch.Generator().manual_seed(2))
+    norms = weights["W_dec"].norm(dim=1)
+    hidden = ((x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]) * norms
+    top = hidden.topk(5, dim=-1)
+    acts = torch.zeros_like(hidden).scatter(-1, top.indices, top.values.relu())
+    torch.testing.assert_close(sae.encode(x), acts, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae.reconstruct(x), (acts / norms) @ weights["W_dec"] + weights["b_dec"],
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_bad_saelens_checkpoints_raise_clear_errors(tmp_path):
     saelens_checkpoint(tmp_path / "k", "matryoshka_batchtopk", True, k=2.5)
     with pytest.raises(ValueError, match=r"needs k, a whole number .*k=2.5"):
