@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import re
 import sys
 import typing
 from pathlib import Path
@@ -158,10 +159,15 @@ def _read_resumed_config(run_dir: str) -> Dict[str, Any]:
         raise ValueError(f"--resume {run_dir}: {err}") from None
 
 
+def _natural_key(name: str) -> List[Any]:
+    """Sort key putting ``prefix_64`` before ``prefix_256``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def _format_metrics(metrics: Dict[str, Any]) -> str:
     order = ["feature_recovery", "mse", "explained_variance", "cosine_similarity", "l0", "dead_fraction",
              "dense_fraction", "ce_clean", "ce_spliced", "ce_zero_ablation", "ce_loss_recovered", "kl"]
-    keys = [k for k in order if k in metrics] + sorted(k for k in metrics if k not in order)
+    keys = [k for k in order if k in metrics] + sorted((k for k in metrics if k not in order), key=_natural_key)
     return "\n".join(f"  {k:<20} {v:.6g}" if isinstance(v, float) else f"  {k:<20} {v}" for k in keys
                      for v in [metrics[k]])
 

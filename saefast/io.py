@@ -2,8 +2,8 @@
 
 Native folder (the SAELens v6 layout, so SAELens and tools built on it load saefast SAEs):
 
-* ``cfg.json``: SAELens fields ``architecture`` (``"jumprelu"`` for BatchTopK and JumpReLU,
-  ``"topk"``, ``"standard"`` for ReLU), ``d_in``, ``d_sae``, ``dtype``, ``device``,
+* ``cfg.json``: SAELens fields ``architecture`` (``"jumprelu"`` for BatchTopK, Matryoshka
+  BatchTopK and JumpReLU, ``"topk"``, ``"standard"`` for ReLU), ``d_in``, ``d_sae``, ``dtype``, ``device``,
   ``apply_b_dec_to_input``, ``normalize_activations`` (``"layer_norm"`` for input_unit_norm, else
   ``"none"``), ``reshape_activations`` (``"none"``), ``k`` and ``rescale_acts_by_decoder_norm``
   (topk only), ``metadata`` (``sae_lens_version`` "6.0.0" marking the format, ``model_name``,
@@ -21,7 +21,8 @@ What differs between variants (BatchTopK's global threshold, TopK's ``k``, JumpR
 threshold) each SAE class declares itself (``saelens_export`` / ``saelens_import``); this module
 never imports the SAE classes: it finds them through the variant registry of ``saefast.config``.
 
-Converters: SAELens folders (v6 nested ``metadata`` and pre-6 flat configs), sparsify folders
+Converters: SAELens folders (v6 nested ``metadata`` and pre-6 flat configs; inference folders and
+training checkpoints, with ``rescale_acts_by_decoder_norm`` folded into unit decoder rows), sparsify folders
 (``cfg.json`` + ``sae.safetensors`` with ``encoder.weight [d_sae, d_in]``, ``encoder.bias``,
 ``W_dec [d_sae, d_in]``, ``b_dec``), and the BatchTopK reference code's state dict + config dict
 (or its checkpoint folder, ``config.json`` + ``sae.pt``; see ``saefast.batchtopk_compat``).
@@ -255,9 +256,6 @@ def _saelens_to_config(cfg: Dict[str, Any], where: Path) -> SAEConfig:
     if arch not in readers:
         raise ValueError(f"{where}: SAELens architecture {arch!r} is not supported; saefast reads "
                          f"{', '.join(repr(a) for a in readers)} folders")
-    if cfg.get("rescale_acts_by_decoder_norm"):
-        raise ValueError(f"{where}: rescale_acts_by_decoder_norm=True is not supported; fold the decoder norms "
-                         "into the encoder with SAELens first")
     norm = cfg.get("normalize_activations", "none")
     if isinstance(norm, bool) or norm is None:
         norm = "expected_average_only_in" if norm else "none"
@@ -280,6 +278,19 @@ def _saelens_to_config(cfg: Dict[str, Any], where: Path) -> SAEConfig:
         model_name=meta.get("model_name"), dataset_path=meta.get("dataset_path"),
         context_size=meta.get("context_size"), prepend_bos=bool(meta.get("prepend_bos", True)),
         **cls.saelens_config_values(cfg, str(where)), **_hook_fields(hook_spec, hook_layer))
+
+
+@torch.no_grad()
+def _fold_decoder_norms(sae: nn.Module) -> None:
+    """A SAELens SAE with ``rescale_acts_by_decoder_norm`` multiplies each pre-activation by its
+    decoder row's norm and divides the activation by it before decoding. Folding the norms (W_enc
+    columns and b_enc times the norm, W_dec rows divided by it) gives the same pre-activations,
+    selection and reconstruction with unit decoder rows; zero rows stay as they are."""
+    norms = sae.W_dec.float().norm(dim=1)
+    norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+    sae.W_dec.copy_(sae.W_dec.float() / norms[:, None])
+    sae.W_enc.copy_(sae.W_enc.float() * norms)
+    sae.b_enc.copy_(sae.b_enc.float() * norms)
 
 
 def load_saelens(path: PathLike, device: str = "cpu", dtype: Optional[Union[str, torch.dtype]] = None) -> nn.Module:
@@ -318,6 +329,8 @@ def load_saelens(path: PathLike, device: str = "cpu", dtype: Optional[Union[str,
     if "b_enc" not in weights:
         weights["b_enc"] = torch.zeros(config.d_sae)
     _fill(sae, weights, where)
+    if not native and cfg.get("rescale_acts_by_decoder_norm"):
+        _fold_decoder_norms(sae)
     state: Dict[str, Tensor] = {}
     state_file = path / STATE_FILENAME
     if native and state_file.exists():

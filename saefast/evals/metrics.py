@@ -11,6 +11,8 @@ so no [B, d_sae] tensor is built, and accumulated in float64 over any number of 
 * ``l0``: mean number of active latents per row; ``l1``: mean sum of activations per row.
 * ``dead_fraction``: latents that never fire on these rows; ``dense_fraction``: latents firing on
   more than ``dense_threshold`` of the rows.
+* SAEs with nested prefixes (``sae.decode_prefixes``, Matryoshka) add ``explained_variance_prefix_<p>``
+  for each prefix size p: the explained variance of the reconstruction from latents 0..p-1 alone.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ def reconstruction_metrics(sae: nn.Module, batches: Iterable[Tensor], dense_thre
     """Metrics of ``sae`` (in its current train/eval mode) on ``batches`` of [B, d_in] activations.
 
     Returns a dict of floats: mse, explained_variance, cosine_similarity, relative_mse, l0, l1,
-    dead_fraction, dense_fraction, n_rows. Batches are moved to the SAE's device and dtype.
+    dead_fraction, dense_fraction, n_rows (and explained_variance_prefix_<p> for nested-prefix
+    SAEs). Batches are moved to the SAE's device and dtype.
     """
     if not 0 < dense_threshold <= 1:
         raise ValueError(f"dense_threshold={dense_threshold} must be in (0, 1]")
@@ -39,6 +42,8 @@ def reconstruction_metrics(sae: nn.Module, batches: Iterable[Tensor], dense_thre
     nnz = 0
     counts = None
     d_in = None
+    decode_prefixes = getattr(sae, "decode_prefixes", None)
+    prefix_sq_err = None
     for x in batches:
         if not isinstance(x, Tensor) or x.dim() != 2:
             raise ValueError(f"each batch must be a [batch, d_in] tensor, got {getattr(x, 'shape', type(x))}")
@@ -49,6 +54,10 @@ def reconstruction_metrics(sae: nn.Module, batches: Iterable[Tensor], dense_thre
         xd, hd = x.double(), x_hat.double()
         diff2 = (xd - hd).pow(2).sum(dim=1)
         sq_err += diff2.sum().item()
+        if decode_prefixes is not None:
+            nested = decode_prefixes(acts, x) if unit_norm else decode_prefixes(acts)
+            err = (nested.double() - xd).pow(2).sum(dim=(1, 2))
+            prefix_sq_err = err if prefix_sq_err is None else prefix_sq_err + err
         sum_x = sum_x + xd.sum(dim=0)
         sum_x2 += xd.pow(2).sum().item()
         cos_sum += torch.nn.functional.cosine_similarity(xd, hd, dim=1, eps=1e-12).sum().item()
@@ -63,7 +72,7 @@ def reconstruction_metrics(sae: nn.Module, batches: Iterable[Tensor], dense_thre
     # total variance around the mean of all rows: sum ||x||^2 - n * ||mean||^2
     mean = sum_x / n_rows
     total_var = sum_x2 - n_rows * mean.pow(2).sum().item()
-    return {
+    metrics = {
         "mse": sq_err / (n_rows * d_in),
         "explained_variance": 1.0 - sq_err / total_var if total_var > 0 else float("nan"),
         "cosine_similarity": cos_sum / n_rows,
@@ -74,6 +83,10 @@ def reconstruction_metrics(sae: nn.Module, batches: Iterable[Tensor], dense_thre
         "dense_fraction": (counts > dense_threshold * n_rows).sum().item() / d_sae,
         "n_rows": n_rows,
     }
+    if prefix_sq_err is not None:
+        for size, err in zip(sae.config.prefix_sizes, prefix_sq_err.tolist()):
+            metrics[f"explained_variance_prefix_{size}"] = 1.0 - err / total_var if total_var > 0 else float("nan")
+    return metrics
 
 
 @torch.no_grad()

@@ -5,6 +5,8 @@
 * :class:`TopKSAE` (``"topk"``): the k largest activations of each token.
 * :class:`VanillaSAE` (``"relu"``): every positive activation, L1 penalty.
 * :class:`JumpReLUSAE` (``"jumprelu"``): learned per-latent thresholds, L0 penalty.
+* :class:`MatryoshkaBatchTopKSAE` (``"matryoshka_batchtopk"``): BatchTopK whose nested prefixes of
+  latents each reconstruct the input.
 
 Each class registers itself under its ``architecture`` when defined; :func:`create_sae` builds
 the class an SAEConfig names. See :class:`BaseSAE` for what a variant declares.
@@ -19,12 +21,15 @@ from .base import BaseSAE, Codes, SavedExtras
 from .topk import BatchTopKConfig, BatchTopKSAE, TopKSAE  # isort: skip
 from .relu import VanillaSAE  # isort: skip
 from .jumprelu import JumpReLUConfig, JumpReLUSAE  # isort: skip
+from .matryoshka import MatryoshkaBatchTopKConfig, MatryoshkaBatchTopKSAE  # isort: skip
 
-__all__ = ["BaseSAE", "Codes", "SavedExtras", "BatchTopKSAE", "TopKSAE", "VanillaSAE", "JumpReLUSAE", "BatchTopKConfig",
-           "JumpReLUConfig", "create_sae", "SAE_CLASSES"]
+__all__ = ["BaseSAE", "Codes", "SavedExtras", "BatchTopKSAE", "TopKSAE", "VanillaSAE", "JumpReLUSAE",
+           "MatryoshkaBatchTopKSAE", "BatchTopKConfig", "JumpReLUConfig", "MatryoshkaBatchTopKConfig", "create_sae",
+           "SAE_CLASSES"]
 
 # Registration order: also the order of the architectures in help texts.
-SAE_CLASSES: Dict[str, type] = {cls.architecture: cls for cls in (BatchTopKSAE, TopKSAE, VanillaSAE, JumpReLUSAE)}
+SAE_CLASSES: Dict[str, type] = {cls.architecture: cls for cls in (BatchTopKSAE, TopKSAE, VanillaSAE, JumpReLUSAE,
+                                                                    MatryoshkaBatchTopKSAE)}
 
 
 def create_sae(cfg: SAEConfig) -> BaseSAE:

@@ -73,7 +73,7 @@ class BaseSAE(nn.Module):
     ``ever_fired`` bool [d_sae]; both are in ``state_dict()``.
 
     Declaring a variant (class attributes; behaviour through the ``_encode`` / ``_encode_train`` /
-    ``_sparsity_loss`` / ``_init_variant`` hooks):
+    ``_sparsity_loss`` / ``_training_losses`` / ``_init_variant`` hooks):
 
     * ``architecture``: its name (``SAEConfig.architecture``, ``saefast train --architecture``,
       the ``saefast`` section of cfg.json); ``aliases``: other accepted spellings.
@@ -350,12 +350,15 @@ class BaseSAE(nn.Module):
     def training_forward(self, x: Tensor, update_stats: bool = True) -> Dict[str, Any]:
         """Sparse training step: no dense [B, d_sae] tensor is built.
 
-        Returns ``loss`` (= mse_loss + sparsity_loss + aux_loss), ``mse_loss`` (mean over all
-        elements, in the normalised space when input_unit_norm), ``sparsity_loss`` (L1 for relu, L0
-        for jumprelu, times l1_coefficient; 0 for the TopK variants), ``aux_loss`` (TopK variants:
-        aux_penalty * MSE of the top_k_aux dead latents' reconstruction of the detached residual;
-        latents dead before this batch), ``l0`` (mean active latents per token), ``x_recon``
-        (shaped like x), ``acts`` (SparseActs) and ``num_dead_features``.
+        Returns ``loss`` (= recon_loss + sparsity_loss + aux_loss), ``recon_loss`` (the
+        reconstruction term: mse_loss, or a variant's own such as Matryoshka's nested prefix
+        losses), ``mse_loss`` (mean over all elements, in the normalised space when
+        input_unit_norm), ``sparsity_loss`` (L1 for relu, L0 for jumprelu, times l1_coefficient; 0
+        for the TopK variants), ``aux_loss`` (TopK variants: aux_penalty * MSE of the top_k_aux
+        dead latents' reconstruction of the detached residual, latents dead before this batch;
+        jumprelu: its optional pre-activation loss), ``l0`` (mean active latents per token),
+        ``x_recon`` (shaped like x), ``acts`` (SparseActs), ``num_dead_features``, and any terms a
+        variant adds (see its class).
 
         With ``update_stats`` (and in training mode) the dead-latent counters and BatchTopK's
         running threshold are updated; otherwise the caller does it (after an all-reduce) with
@@ -364,7 +367,19 @@ class BaseSAE(nn.Module):
         x2, lead = self._flatten_input(x)
         self._check_not_empty(x2, "training_forward")
         x_in, mean, std = self._standardize(x2)
-        dead = self.dead_mask()
+        codes, x_hat, terms = self._training_losses(x_in, self.dead_mask())
+        loss = terms["recon_loss"] + codes.sparsity_loss + terms["aux_loss"]
+        if update_stats and self.training:
+            self.update_inactive_features(codes.acts)
+            self.update_threshold(codes.acts.kept_min)
+        x_recon = self._unstandardize(x_hat, mean, std).reshape(*lead, self.d_in)
+        return {"loss": loss, **terms, "sparsity_loss": codes.sparsity_loss, "l0": codes.acts.l0(),
+                "x_recon": x_recon, "acts": codes.acts, "num_dead_features": self.dead_mask().sum()}
+
+    def _training_losses(self, x_in: Tensor, dead: Tensor) -> Tuple[Codes, Tensor, Dict[str, Tensor]]:
+        """The codes, the reconstruction x_hat [N, d_in] and the loss terms of a training forward
+        on normalised input x_in [N, d_in]: ``recon_loss`` (the reconstruction term of the loss),
+        ``mse_loss``, ``aux_loss`` and any terms of the variant's own. ``dead``: bool [d_sae]."""
         if self.needs_top_k and self.training and torch.is_grad_enabled() and bool(dead.any()):
             codes, x_hat, aux_loss = self._train_codes_with_aux(x_in, dead)
         else:
@@ -372,14 +387,7 @@ class BaseSAE(nn.Module):
             x_hat = self._decode(codes.decode_acts)
             aux_loss = self._aux_loss(x_in, (x_in - x_hat).detach(), dead)
         mse_loss = (x_hat.float() - x_in.float()).pow(2).mean()
-        loss = mse_loss + codes.sparsity_loss + aux_loss
-        if update_stats and self.training:
-            self.update_inactive_features(codes.acts)
-            self.update_threshold(codes.acts.kept_min)
-        x_recon = self._unstandardize(x_hat, mean, std).reshape(*lead, self.d_in)
-        return {"loss": loss, "mse_loss": mse_loss, "sparsity_loss": codes.sparsity_loss,
-                "aux_loss": aux_loss, "l0": codes.acts.l0(), "x_recon": x_recon, "acts": codes.acts,
-                "num_dead_features": self.dead_mask().sum()}
+        return codes, x_hat, {"recon_loss": mse_loss, "mse_loss": mse_loss, "aux_loss": aux_loss}
 
     def _train_codes_with_aux(self, x_in: Tensor, dead: Tensor) -> Tuple[Codes, Tensor, Tensor]:
         """A TopK variant's training step with aux-K: main and aux codes from one fused encode,

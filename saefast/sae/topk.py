@@ -13,6 +13,7 @@ from torch import Tensor
 from .. import ops
 from ..config import SAEConfig, option
 from ..ops import SparseActs
+from ..utils import check_finite
 from .base import BaseSAE, SavedExtras
 
 __all__ = ["BatchTopKSAE", "TopKSAE", "BatchTopKConfig"]
@@ -35,7 +36,8 @@ class BatchTopKConfig(SAEConfig):
 class BatchTopKSAE(BaseSAE):
     """BatchTopK SAE (Bussmann et al. 2024): the B*k largest activations of the batch in training,
     ``pre > topk_threshold`` in eval mode. Extra buffer: ``topk_threshold`` fp32 scalar (-1 until
-    the first training batch). Saved for SAELens as a JumpReLU SAE with that global threshold."""
+    the first training batch). Saved for SAELens as a JumpReLU SAE with that global threshold;
+    SAELens training checkpoints (``architecture: "batchtopk"``, ``k``, ``topk_threshold``) load."""
 
     architecture = "batchtopk"
     aliases = ("batch_topk",)
@@ -44,7 +46,8 @@ class BatchTopKSAE(BaseSAE):
     trains_b_enc = False
     fp32_state = ("topk_threshold",)
     saelens_architecture = "jumprelu"
-    saelens_weights = ("threshold",)
+    saelens_weights = ("threshold", "topk_threshold")
+    reads_saelens = ("batchtopk",)
     reference_name = "batchtopk"
     topk_mode = "batch"
     summary = "the B*k largest activations of the batch (BatchTopK); a learned global threshold at inference"
@@ -94,10 +97,30 @@ class BatchTopKSAE(BaseSAE):
 
     def saelens_import(self, weights: Dict[str, Tensor], state: Dict[str, Tensor], section: Dict[str, Any],
                        where: str) -> None:
+        if not section and "topk_threshold" in weights:  # a SAELens training checkpoint
+            tensor = weights["topk_threshold"]
+            if tensor.numel() != 1:
+                raise ValueError(f"{where}: topk_threshold has shape {tuple(tensor.shape)}; expected a scalar")
+            check_finite(where, "topk_threshold", tensor)
+            self.topk_threshold.fill_(float(tensor))
+            return
         threshold = section.get("topk_threshold", -1.0)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
             raise ValueError(f"{where}: saefast.topk_threshold={threshold!r} must be a finite number")
         self.topk_threshold.fill_(float(threshold))
+
+    @classmethod
+    def saelens_config_values(cls, cfg: Dict[str, Any], where: str) -> Dict[str, Any]:
+        k = cfg.get("k")
+        if isinstance(k, float) and k.is_integer():
+            k = int(k)  # SAELens stores BatchTopK's k as a float
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise ValueError(f"{where}: a {cfg.get('architecture')} cfg.json needs k, a whole number of active "
+                             f"latents per token; got k={cfg.get('k')!r}")
+        values: Dict[str, Any] = {"top_k": k}
+        if "topk_threshold_lr" in cfg:
+            values["topk_threshold_lr"] = cfg["topk_threshold_lr"]
+        return values
 
 
 class TopKSAE(BaseSAE):

@@ -202,11 +202,12 @@ class _RunOptions:
     def _check_sae_options(self) -> None:
         """Options of another architecture than the chosen one must keep their defaults: a flag
         that would have no effect is refused rather than ignored."""
+        own = {f.name for f in variant_options(variant_class(self.architecture))}
         for cls in variant_classes():
             if cls.architecture == self.architecture:
                 continue
             for f in variant_options(cls):
-                if f.metadata.get("train") and getattr(self, f.name) != f.default:
+                if f.metadata.get("train") and f.name not in own and getattr(self, f.name) != _default(f):
                     flag = "--" + f.name.replace("_", "-")
                     raise ValueError(f"{f.name}={getattr(self, f.name)!r} ({flag}) is an option of architecture="
                                      f"{cls.architecture!r}; it has no effect on architecture={self.architecture!r}: "
@@ -326,11 +327,18 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         if isinstance(value, str):
             return value
     elif typing.get_origin(tp) is list:
-        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-            return list(value)
+        item = typing.get_args(tp)[0]
+        if isinstance(value, (list, tuple)):
+            try:
+                return [_coerce(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
+            except ValueError:
+                pass
     else:
         return value
-    type_name = getattr(tp, "__name__", str(tp))
+    if typing.get_origin(tp) is list:
+        type_name = f"list of {typing.get_args(tp)[0].__name__}"
+    else:
+        type_name = getattr(tp, "__name__", str(tp))
     raise ValueError(f"{name}={value!r} must be of type {type_name}")
 
 
@@ -350,11 +358,16 @@ def load_config_file(path: Union[str, Path]) -> Dict[str, Any]:
 
 def _sae_option_fields(cls: Optional[type] = None) -> List[dataclasses.Field]:
     """The SAE options of ``saefast train``: SAEConfig's fields marked ``train``, then every
-    variant's own (or only ``cls``'s variant)."""
-    fields = [f for f in dataclasses.fields(SAEConfig) if f.metadata.get("train")]
+    variant's own (or only ``cls``'s variant); an option several variants share (a config class
+    derived from another's) appears once."""
+    fields = {f.name: f for f in dataclasses.fields(SAEConfig) if f.metadata.get("train")}
     for variant in (variant_classes() if cls is None else (cls,)):
-        fields += [f for f in variant_options(variant) if f.metadata.get("train")]
-    return fields
+        fields.update((f.name, f) for f in variant_options(variant) if f.metadata.get("train") and f.name not in fields)
+    return list(fields.values())
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
 def _train_config_class() -> type:
@@ -366,10 +379,13 @@ def _train_config_class() -> type:
     for f in _sae_option_fields():
         owner = owners.get(f.name, SAEConfig)
         hints = typing.get_type_hints(owner)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = _default(f)
         help_text = "SAE variant: " + ", ".join(architectures()) + "." if f.name == "architecture" else f.metadata["help"]
-        fields.append((f.name, hints[f.name], field(default=default, metadata={
-            "help": help_text, "group": "sae", "resume_safe": False, "sae_option": True})))
+        meta = {"help": help_text, "group": "sae", "resume_safe": False, "sae_option": True}
+        if isinstance(default, list):
+            fields.append((f.name, hints[f.name], field(default_factory=lambda d=default: list(d), metadata=meta)))
+        else:
+            fields.append((f.name, hints[f.name], field(default=default, metadata=meta)))
     namespace = {"__doc__": """All options of ``saefast train`` (see ``saefast train --help``): the run's own options
     and the SAE's, taken from SAEConfig and the variants' config classes.""", "__module__": __name__}
     return dataclasses.make_dataclass("TrainConfig", fields, bases=(_RunOptions,), namespace=namespace)

@@ -87,9 +87,11 @@ def test_sae_options_are_declared_once_with_one_default():
     run_fields = {f.name for f in dataclasses.fields(_RunOptions)}
     assert not run_fields & set(sae_fields), "an SAE option is declared again among the run's options"
     train_fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    def default(f):
+        return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
     for name, f in sae_fields.items():
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        assert train_fields[name].default == default, name
+        assert default(train_fields[name]) == default(f), name
         if name != "architecture":
             assert train_fields[name].metadata["help"] == f.metadata["help"], name
     cfg = TrainConfig(architecture="jumprelu", top_k=3, jumprelu_bandwidth=0.05, l1_coefficient=0.2)

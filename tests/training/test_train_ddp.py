@@ -2,9 +2,10 @@
 
 Each process computes its loss on its own half of every global batch and DDP averages the
 gradients, so 2 processes x B rows equal one process accumulating 2 micro-batches of B rows
-(every variant; BatchTopK selects per process), and for per-token sparsity (TopK) also one
-process on the concatenated 2B rows. Dead-latent counters and BatchTopK's threshold are
-all-reduced, so the SAE buffers agree too.
+(every variant; BatchTopK and Matryoshka BatchTopK select per process), and for per-token
+sparsity (TopK, JumpReLU) also one process on the concatenated 2B rows. Dead-latent counters and
+BatchTopK's threshold are all-reduced, so the SAE buffers agree too; JumpReLU's L0-target price is
+a parameter, averaged like every gradient.
 """
 import os
 import socket
@@ -19,6 +20,11 @@ from saefast.training.build import build_sae
 from train_helpers import ListSource, tiny_config
 
 B, D_IN, STEPS = 32, 16, 4
+# run name -> architecture and options; the JumpReLU L0 target's price is a parameter like any other
+ARCHS = {"topk": {"architecture": "topk"}, "batchtopk": {"architecture": "batchtopk"},
+         "matryoshka": {"architecture": "matryoshka_batchtopk", "matryoshka_prefixes": [8, 24, 64]},
+         "jumprelu": {"architecture": "jumprelu", "jumprelu_target_l0": 3.0, "jumprelu_bandwidth": 0.1,
+                      "jumprelu_pre_act_coefficient": 1e-3}}
 
 
 def _global_batches():
@@ -27,10 +33,9 @@ def _global_batches():
     return [torch.randn(2 * B, D_IN, generator=g) * torch.linspace(0.2, 2.0, D_IN) for _ in range(STEPS + 1)]
 
 
-def _config(tmp_path, name, architecture, batch_size, accum=1):
-    return tiny_config(tmp_path, run_name=name, architecture=architecture, batch_size=batch_size,
-                       grad_accum_steps=accum, train_steps=STEPS, eval_batches=1, n_batches_to_dead=2,
-                       checkpoint_every=2)
+def _config(tmp_path, name, arch, batch_size, accum=1):
+    return tiny_config(tmp_path, run_name=name, batch_size=batch_size, grad_accum_steps=accum, train_steps=STEPS,
+                       eval_batches=1, n_batches_to_dead=2, checkpoint_every=2, **ARCHS[arch])
 
 
 def _result(sae):
@@ -45,7 +50,7 @@ def _worker(rank, world, port, tmp_path, out):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         results = {}
-        for arch in ("topk", "batchtopk"):
+        for arch in ARCHS:
             cfg = _config(tmp_path, f"ddp-{arch}", arch, B)
             shards = [b[rank * B:(rank + 1) * B] for b in _global_batches()]
             sae = build_sae(cfg, D_IN, torch.device("cpu"))
@@ -84,14 +89,15 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     out.mkdir()
     mp.spawn(_worker, args=(2, _free_port(), tmp_path, str(out)), nprocs=2, join=True)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    for arch in ("topk", "batchtopk"):
+    for arch in ARCHS:
         for key in ("state", "grads"):
             _assert_close(ranks[0][arch][key], ranks[1][arch][key], f"{arch} ranks disagree on {key}")
         accumulated = _single(tmp_path, arch, B, 2)
         _assert_close(ranks[0][arch]["state"], accumulated["state"], f"{arch} vs 1 process accumulating 2 x {B}")
         _assert_close(ranks[0][arch]["grads"], accumulated["grads"], f"{arch} grads vs accumulation")
-    full = _single(tmp_path, "topk", 2 * B, 1)
-    _assert_close(ranks[0]["topk"]["state"], full["state"], "topk vs 1 process on the concatenated batch")
-    _assert_close(ranks[0]["topk"]["grads"], full["grads"], "topk grads vs the concatenated batch")
+    for arch in ("topk", "jumprelu"):  # per-token sparsity: also one process on the concatenated batch
+        full = _single(tmp_path, arch, 2 * B, 1)
+        _assert_close(ranks[0][arch]["state"], full["state"], f"{arch} vs 1 process on the concatenated batch")
+        _assert_close(ranks[0][arch]["grads"], full["grads"], f"{arch} grads vs the concatenated batch")
     assert (ranks[0]["batchtopk"]["state"]["num_batches_not_active"] > 0).any()
     assert (tmp_path / "ddp-topk" / "sae" / "cfg.json").is_file()

@@ -19,7 +19,7 @@ def _rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("architecture", ["batchtopk", "topk", "relu", "jumprelu"])
+@pytest.mark.parametrize("architecture", ["batchtopk", "topk", "relu", "jumprelu", "matryoshka_batchtopk"])
 def test_short_run_loss_falls_and_writes_a_loadable_sae(tmp_path, architecture):
     cfg = tiny_config(tmp_path, architecture=architecture, train_steps=60, tensorboard=architecture == "batchtopk",
                       checkpoint_every=30, eval_every=30, l1_coefficient=1e-4)
@@ -102,7 +102,7 @@ def test_nan_loss_stops_before_the_step_and_keeps_the_last_checkpoint(tmp_path):
     assert not (tmp_path / "run" / "sae").exists(), "a diverged run must not write a final SAE"
 
 
-@pytest.mark.parametrize("architecture", ["batchtopk", "topk", "relu", "jumprelu"])
+@pytest.mark.parametrize("architecture", ["batchtopk", "topk", "relu", "jumprelu", "matryoshka_batchtopk"])
 @pytest.mark.parametrize("apply_b_dec_to_input", [True, False])
 def test_folding_the_normalisation_gives_the_raw_scale_sae(tmp_path, architecture, apply_b_dec_to_input):
     torch.manual_seed(1)
@@ -112,7 +112,7 @@ def test_folding_the_normalisation_gives_the_raw_scale_sae(tmp_path, architectur
     with torch.no_grad():
         for p in sae.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    if architecture == "batchtopk":
+    if hasattr(sae, "topk_threshold"):
         sae.update_threshold(torch.tensor(0.2))
     sae.eval()
     mean, scale = 3 * torch.randn(12), 0.25
