@@ -16,11 +16,16 @@
 //   the entries grouped by latent, each W_dec row and gradient row written once.
 // * encode_backward_weight: grad_W_enc[:, l] = sum over entries j of latent l of g[j] * xc[row_j]
 //   (written straight into the [d_in, d_sae] layout) and lat_sum[l] = sum of g[j].
+// * decoder_norm_: per row of W_dec [d_sae, d_in], in place and in one pass over the row:
+//   project (grad -= (grad . W) / max(|W|, eps)^2 * W) and/or normalise (W /= max(|W|, eps)),
+//   the projection using the row before normalisation.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <functional>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -55,12 +60,14 @@ struct FlatBefore {
 };
 template <typename A> inline bool flat_before(const FlatEntry<A>& a, const FlatEntry<A>& b) { return FlatBefore()(a, b); }
 
-// Per-row "k best so far": entries that beat the k-th best known are appended (without a
-// branch: every entry is written, the size advances only for those that pass); once the buffer
-// holds 2k entries (at least 64) it is cut back to the k best, which raises the bar. The bar
-// starts at value 0 (only positive entries pass) and is never below it.
+// Per-row "k best so far", in increasing latent order (the order rows are scanned in): entries
+// that beat the k-th best known are appended (without a branch: every entry is written, the size
+// advances only for those that pass); once the buffer holds 2k entries (at least 64) it is cut
+// back to the k best by a stable filter, which keeps the latent order (no sort at the end) and
+// raises the bar. The bar starts at value 0 (only positive entries pass) and never goes below.
 template <typename A> struct RowTop {
   std::vector<Entry<A>> buf;
+  std::vector<A> scratch;
   int64_t n = 0;
   Entry<A> bar{A(0), std::numeric_limits<int32_t>::max()};
   int64_t k = 0;
@@ -71,19 +78,32 @@ template <typename A> struct RowTop {
     return buf.data();
   }
   inline bool beats(A v, int32_t lat) const { return v > bar.v || (v == bar.v && bar.v > A(0) && lat < bar.lat); }
-  void cut(int64_t keep) {
-    std::nth_element(buf.begin(), buf.begin() + (keep - 1), buf.begin() + n, RowBefore());
-    n = keep;
+  // Keep the k best (larger value, then lower latent), in order; the bar becomes the k-th best.
+  void cut() {
+    scratch.resize(n);
+    for (int64_t i = 0; i < n; ++i) scratch[i] = buf[i].v;
+    std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<A>());
+    const A t = scratch[k - 1];
+    int64_t ties = k;
+    for (int64_t i = 0; i < n; ++i) ties -= buf[i].v > t;
+    int64_t w = 0;
+    int32_t last_tie = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const Entry<A> e = buf[i];
+      const bool tie = e.v == t && ties > 0;
+      ties -= tie;
+      last_tie = tie ? e.lat : last_tie;
+      buf[w] = e;
+      w += (e.v > t) || tie;
+    }
+    n = w;
+    bar = {t, last_tie};
   }
   void maybe_shrink() {
-    if (n < std::max<int64_t>(2 * k, 64)) return;
-    cut(k);
-    bar = buf[0];
-    for (int64_t i = 1; i < n; ++i) if (row_before<A>(bar, buf[i])) bar = buf[i];  // the k-th best
+    if (n >= std::max<int64_t>(2 * k, 64)) cut();
   }
   void finish() {
-    if (n > k) cut(k);
-    std::sort(buf.begin(), buf.begin() + n, [](const Entry<A>& a, const Entry<A>& b) { return a.lat < b.lat; });
+    if (n > k) cut();
   }
 };
 
@@ -252,10 +272,15 @@ std::vector<at::Tensor> encode_select_impl(const at::Tensor& xc, const at::Tenso
             RowTop<A>& top = aux_rows[r];
             Entry<A>* out = top.reserve((int64_t)(d_hi - d_lo));
             int64_t n = top.n;
-            for (size_t d = d_lo; d < d_hi; ++d) {
-              const A v = static_cast<A>(p[dead[d] - c0]);
-              out[n] = {v, (int32_t)d};
-              n += top.beats(v, (int32_t)d);
+            A vals[kScanGroup];
+            for (size_t d0 = d_lo; d0 < d_hi; d0 += kScanGroup) {
+              const int64_t m = std::min<int64_t>(kScanGroup, (int64_t)(d_hi - d0));
+              for (int64_t i = 0; i < m; ++i) vals[i] = static_cast<A>(p[dead[d0 + i] - c0]);
+              if (!any_reaches<A, A>(vals, m, top.bar.v)) continue;
+              for (int64_t i = 0; i < m; ++i) {
+                out[n] = {vals[i], (int32_t)(d0 + i)};
+                n += top.beats(vals[i], (int32_t)(d0 + i));
+              }
             }
             top.n = n;
             top.maybe_shrink();
@@ -459,9 +484,51 @@ std::vector<at::Tensor> encode_backward_weight(const at::Tensor& g_values, const
   return {lat_sum, gW};
 }
 
+template <typename T>
+void decoder_norm_impl(at::Tensor& W_dec, at::Tensor* grad, bool normalize, double eps) {
+  using A = typename Acc<T>::type;
+  const int64_t d_sae = W_dec.size(0), d_in = W_dec.size(1);
+  T* W = W_dec.data_ptr<T>();
+  T* G = grad ? grad->data_ptr<T>() : nullptr;
+  at::parallel_for(0, d_sae, 512, [&](int64_t l0, int64_t l1) {
+    for (int64_t l = l0; l < l1; ++l) {
+      T* w = W + l * d_in;
+      A sq = 0;
+#pragma omp simd reduction(+ : sq)
+      for (int64_t i = 0; i < d_in; ++i) sq += static_cast<A>(w[i]) * static_cast<A>(w[i]);
+      const A norm = std::max<A>(std::sqrt(sq), static_cast<A>(eps));
+      if (G) {
+        T* g = G + l * d_in;
+        A dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = 0; i < d_in; ++i) dot += static_cast<A>(g[i]) * static_cast<A>(w[i]);
+        const A scale = dot / (norm * norm);
+        for (int64_t i = 0; i < d_in; ++i) g[i] = static_cast<T>(static_cast<A>(g[i]) - scale * static_cast<A>(w[i]));
+      }
+      if (normalize) {
+        const A inv = A(1) / norm;
+        for (int64_t i = 0; i < d_in; ++i) w[i] = static_cast<T>(static_cast<A>(w[i]) * inv);
+      }
+    }
+  });
+}
+
+// In place: grad made orthogonal to each W_dec row (when grad is given), then rows to unit norm
+// (when normalize).
+void decoder_norm_(at::Tensor W_dec, const c10::optional<at::Tensor>& grad, bool normalize, double eps) {
+  TORCH_CHECK(W_dec.dim() == 2 && W_dec.is_contiguous(), "decoder_norm_: W_dec");
+  at::Tensor g = grad.has_value() ? *grad : at::Tensor();
+  if (g.defined()) TORCH_CHECK(g.is_contiguous() && g.sizes() == W_dec.sizes() && g.scalar_type() == W_dec.scalar_type(),
+                               "decoder_norm_: grad");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W_dec.scalar_type(), "decoder_norm_", [&] {
+    decoder_norm_impl<scalar_t>(W_dec, g.defined() ? &g : nullptr, normalize, eps);
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(saefast_cpu, m) {
+  m.def("decoder_norm_(Tensor(a!) W_dec, Tensor(b!)? grad, bool normalize, float eps) -> ()", &decoder_norm_);
   m.def("encode_select(Tensor xc, Tensor W_enc, Tensor? b_enc, int mode, int k, Tensor? dead_mask, int k_aux, "
         "int block_cols) -> Tensor[]", &encode_select);
   m.def("decode_backward(Tensor grad_out, Tensor values, Tensor indices, Tensor row_ids, Tensor W_dec, "

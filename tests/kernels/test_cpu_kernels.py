@@ -183,3 +183,21 @@ def test_failed_build_falls_back(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="saefast.cpu_kernels"):
         assert cpu_kernels.kernels() is None
     assert "simulated compiler failure" in caplog.text
+
+
+@pytest.mark.parametrize("d_sae,d_in", [(1, 7), (33, 16), (300, 37), (1030, 5)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("what", ["project", "normalize", "both"])
+def test_decoder_norm_matches_pytorch_path(ops, pytorch_path, d_sae, d_in, dtype, what):
+    g = torch.Generator().manual_seed(d_sae + d_in)
+    W = torch.randn(d_sae, d_in, generator=g).to(dtype)
+    W[0] = 0  # a zero row stays zero and its gradient is left as it is
+    grad = torch.randn(d_sae, d_in, generator=g).to(dtype)
+    W_ref, grad_ref = W.clone(), grad.clone()
+    with pytorch_path:
+        {"project": lambda: torch_backend.project_decoder_grad_(W_ref, grad_ref),
+         "normalize": lambda: torch_backend.normalize_decoder_(W_ref),
+         "both": lambda: torch_backend.normalize_decoder_and_project_grad_(W_ref, grad_ref)}[what]()
+    ops.decoder_norm_(W, None if what == "normalize" else grad, what != "project", torch_backend.NORM_EPS)
+    assert_close(W, W_ref, dtype)
+    assert_close(grad, grad_ref, dtype, scale=d_in ** 0.5)
