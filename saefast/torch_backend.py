@@ -83,30 +83,41 @@ def _codes(values: Tensor, indices: Tensor, row_ids: Tensor, offsets: Tensor) ->
     return values, indices, row_ids, offsets, kept_min.float()
 
 
-# Gradient buffers reused across steps, one per weight (CPU). A fresh [d_sae, d_in] buffer costs
-# the OS's zeroing of its pages on first touch (50 ms for 128 MiB on the benchmark CPU), every
-# step, since large blocks go back to the OS when freed. A buffer is handed out again only when
-# nothing but this cache holds its memory (the previous step's gradient was cleared, e.g. by
-# ``zero_grad(set_to_none=True)``), so a gradient still in use is never overwritten.
-_GRAD_BUFFERS: Dict[int, Tuple["weakref.ref", Tensor]] = {}
+# Gradient buffers reused across steps, per weight (CPU). A fresh [d_sae, d_in] buffer costs the
+# OS's zeroing of its pages on first touch (50 ms for 128 MiB on the benchmark CPU), every step,
+# since large blocks go back to the OS when freed. A buffer is handed out again only when nothing
+# but this cache holds its memory (the previous step's gradient was cleared, e.g. by
+# ``zero_grad(set_to_none=True)``), so a gradient still in use is never overwritten. Up to
+# GRAD_BUFFERS_PER_WEIGHT per weight: a step whose loss reaches a weight through two nodes (a
+# separate aux-K encode and decode) needs two, the second one added into the first by autograd.
+GRAD_BUFFERS_PER_WEIGHT = 2
+_GRAD_BUFFERS: Dict[int, Tuple["weakref.ref", list]] = {}
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _is_free(keeper: Tensor) -> bool:
+    # One reference from the keeper and one from the storage object asked for here.
+    return _storage_use_count(keeper.untyped_storage()._cdata) <= 2
 
 
 def _grad_buffer(weight: Tensor) -> Tensor:
     """An uninitialised tensor shaped like ``weight`` for its gradient, reused when free."""
+    if _storage_use_count is None:
+        return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     key = id(weight)
     entry = _GRAD_BUFFERS.get(key)
-    if entry is not None and entry[0]() is weight and _storage_use_count is not None:
-        keeper = entry[1]
-        # One reference from the keeper and one from the storage object asked for here.
-        if keeper.shape == weight.shape and keeper.dtype == weight.dtype and \
-                _storage_use_count(keeper.untyped_storage()._cdata) <= 2:
-            return keeper.view(keeper.shape)
-    keeper = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-    if _storage_use_count is not None:
-        _GRAD_BUFFERS[key] = (weakref.ref(weight, lambda _ref, key=key: _GRAD_BUFFERS.pop(key, None)), keeper)
+    if entry is None or entry[0]() is not weight:
+        entry = (weakref.ref(weight, lambda _ref, key=key: _GRAD_BUFFERS.pop(key, None)), [])
+        _GRAD_BUFFERS[key] = entry
+    keepers = entry[1]
     # A view: autograd takes over a returned gradient without copying only when nothing else
     # holds that tensor object.
+    for keeper in keepers:
+        if keeper.shape == weight.shape and keeper.dtype == weight.dtype and _is_free(keeper):
+            return keeper.view(keeper.shape)
+    keeper = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    if len(keepers) < GRAD_BUFFERS_PER_WEIGHT:
+        keepers.append(keeper)
     return keeper.view(keeper.shape)
 
 
