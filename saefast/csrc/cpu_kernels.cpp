@@ -9,6 +9,7 @@
 //   ATen's), and while a block is in cache, the selections read it: the main codes (BatchTopK: the
 //   B*k largest positive entries of the whole batch; TopK: the k largest positive entries of each
 //   row) and the aux codes (each row's k_aux largest positive entries among the dead latents).
+//   With b_enc, pre = round(round(xc @ W_enc) + b_enc) (the bias added as the block is read).
 //   Ties go to the lower (row, latent) index, the rule of saefast.selection. Outputs are sorted by
 //   (row, latent), CSR offsets included. The [B, d_sae] matrix is never held whole.
 // * decode_backward: grad_values[j] = grad_out[row_j] . W_dec[lat_j] and
@@ -214,14 +215,17 @@ std::vector<at::Tensor> encode_select_impl(const at::Tensor& xc, const at::Tenso
     const size_t d_hi = dead_pos;
     if (!want_main && d_lo == d_hi) continue;
     at::Tensor out = buf.narrow(1, 0, width);
-    at::Tensor W = W_enc.narrow(1, c0, width);
-    if (b_enc.has_value()) {
-      at::addmm_out(out, b_enc->narrow(0, c0, width), xc, W);
-    } else {
-      at::mm_out(out, xc, W);
-    }
+    // The bias is added as the block is read (addmm would first copy it into every row of the
+    // block: a write of the whole block).
+    at::mm_out(out, xc, W_enc.narrow(1, c0, width));
     const T* pre = buf.data_ptr<T>();
+    const T* bias = b_enc.has_value() ? b_enc->data_ptr<T>() + c0 : nullptr;
     const int64_t ld = cols;
+    // Entry j of a block row, rounded to the dtype as the pre-activation is.
+    auto value = [bias](const T* p, int64_t j) -> A {
+      return bias ? static_cast<A>(static_cast<T>(static_cast<A>(p[j]) + static_cast<A>(bias[j])))
+                  : static_cast<A>(p[j]);
+    };
     if (mode == 1 && want_main) {
       at::parallel_for(0, n_slabs, 1, [&](int64_t s0, int64_t s1) {
         for (int64_t s = s0; s < s1; ++s) {
@@ -230,15 +234,16 @@ std::vector<at::Tensor> encode_select_impl(const at::Tensor& xc, const at::Tenso
           for (int64_t r = s * slab_rows; r < r1; ++r) {
             const T* p = pre + r * ld;
             const int64_t flat0 = r * d_sae + c0;
+            A vals[kScanGroup];
             for (int64_t j0 = 0; j0 < width; j0 += kScanGroup) {
               const int64_t m = std::min<int64_t>(kScanGroup, width - j0);
-              if (!any_reaches<T, A>(p + j0, m, top.bar.v)) continue;
+              for (int64_t i = 0; i < m; ++i) vals[i] = value(p, j0 + i);
+              if (!any_reaches<A, A>(vals, m, top.bar.v)) continue;
               FlatEntry<A>* out = top.reserve(m);
               int64_t size = top.size;
-              for (int64_t j = j0; j < j0 + m; ++j) {
-                const A v = static_cast<A>(p[j]);
-                out[size] = {v, flat0 + j};
-                size += top.beats(v, flat0 + j);
+              for (int64_t i = 0; i < m; ++i) {
+                out[size] = {vals[i], flat0 + j0 + i};
+                size += top.beats(vals[i], flat0 + j0 + i);
               }
               top.size = size;
             }
@@ -253,16 +258,17 @@ std::vector<at::Tensor> encode_select_impl(const at::Tensor& xc, const at::Tenso
           const T* p = pre + r * ld;
           if (mode == 2 && want_main) {
             RowTop<A>& top = main_rows[r];
+            A vals[kScanGroup];
             for (int64_t j0 = 0; j0 < width; j0 += kScanGroup) {
               const int64_t m = std::min<int64_t>(kScanGroup, width - j0);
-              if (!any_reaches<T, A>(p + j0, m, top.bar.v)) continue;
+              for (int64_t i = 0; i < m; ++i) vals[i] = value(p, j0 + i);
+              if (!any_reaches<A, A>(vals, m, top.bar.v)) continue;
               Entry<A>* out = top.reserve(m);
               int64_t n = top.n;
-              for (int64_t j = j0; j < j0 + m; ++j) {
-                const A v = static_cast<A>(p[j]);
-                const int32_t lat = (int32_t)(c0 + j);
-                out[n] = {v, lat};
-                n += top.beats(v, lat);
+              for (int64_t i = 0; i < m; ++i) {
+                const int32_t lat = (int32_t)(c0 + j0 + i);
+                out[n] = {vals[i], lat};
+                n += top.beats(vals[i], lat);
               }
               top.n = n;
             }
@@ -275,7 +281,7 @@ std::vector<at::Tensor> encode_select_impl(const at::Tensor& xc, const at::Tenso
             A vals[kScanGroup];
             for (size_t d0 = d_lo; d0 < d_hi; d0 += kScanGroup) {
               const int64_t m = std::min<int64_t>(kScanGroup, (int64_t)(d_hi - d0));
-              for (int64_t i = 0; i < m; ++i) vals[i] = static_cast<A>(p[dead[d0 + i] - c0]);
+              for (int64_t i = 0; i < m; ++i) vals[i] = value(p, dead[d0 + i] - c0);
               if (!any_reaches<A, A>(vals, m, top.bar.v)) continue;
               for (int64_t i = 0; i < m; ++i) {
                 out[n] = {vals[i], (int32_t)(d0 + i)};
@@ -343,6 +349,8 @@ std::vector<at::Tensor> encode_select(const at::Tensor& xc, const at::Tensor& W_
                                       int64_t k_aux, int64_t block_cols) {
   TORCH_CHECK(xc.dim() == 2 && W_enc.dim() == 2 && xc.size(1) == W_enc.size(0), "encode_select: shapes");
   TORCH_CHECK(xc.is_contiguous() && W_enc.stride(1) == 1, "encode_select: layouts");
+  TORCH_CHECK(!b_enc.has_value() || (b_enc->is_contiguous() && b_enc->numel() == W_enc.size(1) &&
+                                     b_enc->scalar_type() == xc.scalar_type()), "encode_select: b_enc");
   TORCH_CHECK(mode >= 0 && mode <= 2, "encode_select: mode");
   TORCH_CHECK(W_enc.size(1) < std::numeric_limits<int32_t>::max(), "encode_select: d_sae too large");
   std::vector<at::Tensor> out;
