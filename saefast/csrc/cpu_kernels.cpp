@@ -9,7 +9,7 @@
 //   ATen's), and while a block is in cache, the selections read it: the main codes (BatchTopK: the
 //   B*k largest positive entries of the whole batch; TopK: the k largest positive entries of each
 //   row) and the aux codes (each row's k_aux largest positive entries among the dead latents).
-//   With b_enc, pre = round(round(xc @ W_enc) + b_enc) (the bias added as the block is read).
+//   With b_enc in fp32/fp64, pre = round(xc @ W_enc) + b_enc rounded (added as the block is read).
 //   Ties go to the lower (row, latent) index, the rule of saefast.selection. Outputs are sorted by
 //   (row, latent), CSR offsets included. The [B, d_sae] matrix is never held whole.
 // * decode_backward: grad_values[j] = grad_out[row_j] . W_dec[lat_j] and
@@ -215,11 +215,17 @@ std::vector<at::Tensor> encode_select_impl(const at::Tensor& xc, const at::Tenso
     const size_t d_hi = dead_pos;
     if (!want_main && d_lo == d_hi) continue;
     at::Tensor out = buf.narrow(1, 0, width);
-    // The bias is added as the block is read (addmm would first copy it into every row of the
-    // block: a write of the whole block).
-    at::mm_out(out, xc, W_enc.narrow(1, c0, width));
+    // fp32/fp64: the bias is added as the block is read (addmm would first copy it into every
+    // row of the block: a write of the whole block). 16-bit: addmm, whose fp32 accumulator takes
+    // the bias before the one rounding to the dtype.
+    const bool bias_on_read = b_enc.has_value() && sizeof(T) >= 4;
+    if (b_enc.has_value() && !bias_on_read) {
+      at::addmm_out(out, b_enc->narrow(0, c0, width), xc, W_enc.narrow(1, c0, width));
+    } else {
+      at::mm_out(out, xc, W_enc.narrow(1, c0, width));
+    }
     const T* pre = buf.data_ptr<T>();
-    const T* bias = b_enc.has_value() ? b_enc->data_ptr<T>() + c0 : nullptr;
+    const T* bias = bias_on_read ? b_enc->data_ptr<T>() + c0 : nullptr;
     const int64_t ld = cols;
     // Entry j of a block row, rounded to the dtype as the pre-activation is.
     auto value = [bias](const T* p, int64_t j) -> A {
