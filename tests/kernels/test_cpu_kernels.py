@@ -10,8 +10,9 @@ import logging
 import pytest
 import torch
 
+import saefast
 from saefast import cpu_kernels, torch_backend
-from kernel_utils import TOL, assert_close, assert_same_selection, check_csr, dense_pre, make_problem
+from kernel_utils import assert_close, assert_same_selection, check_csr, dense_pre, make_problem
 
 MODES = {"batch": 1, "row": 2}
 SHAPES = [(1, 7, 33, 1, 3), (1, 16, 10, 10, 10), (37, 48, 200, 5, 7), (70, 33, 129, 17, 40), (130, 24, 515, 9, 600)]
@@ -201,3 +202,59 @@ def test_decoder_norm_matches_pytorch_path(ops, pytorch_path, d_sae, d_in, dtype
     ops.decoder_norm_(W, None if what == "normalize" else grad, what != "project", torch_backend.NORM_EPS)
     assert_close(W, W_ref, dtype)
     assert_close(grad, grad_ref, dtype, scale=d_in ** 0.5)
+
+
+def _train_step(W_enc, W_dec, b_dec, x, dead):
+    acts, aux = saefast.ops.topk_encode_with_aux(x, W_enc, b_dec, 3, dead, 5)
+    both = saefast.sparse_decode(saefast.ops.stack_rows(acts, aux), W_dec)
+    x_hat = both[: x.shape[0]] + b_dec
+    loss = (x_hat - x).pow(2).mean() + (both[x.shape[0]:] - (x - x_hat).detach()).pow(2).mean()
+    loss.backward()
+
+
+def _weights(seed):
+    g = torch.Generator().manual_seed(seed)
+    W_enc = torch.nn.Parameter(torch.randn(12, 80, generator=g) / 4)
+    W_dec = torch.nn.Parameter(W_enc.detach().t().contiguous())
+    b_dec = torch.nn.Parameter(torch.zeros(12))
+    x = torch.randn(16, 12, generator=g)
+    dead = torch.arange(80) % 4 == 0
+    return W_enc, W_dec, b_dec, x, dead
+
+
+def test_gradient_buffers_are_reused_and_never_overwrite_a_live_gradient(ops):
+    W_enc, W_dec, b_dec, x, dead = _weights(0)
+    _train_step(W_enc, W_dec, b_dec, x, dead)
+    first = W_enc.grad.clone(), W_dec.grad.clone()
+    ptrs = W_enc.grad.data_ptr(), W_dec.grad.data_ptr()
+    # Cleared (zero_grad's default): the next step writes into the same memory.
+    W_enc.grad = W_dec.grad = None
+    _train_step(W_enc, W_dec, b_dec, x, dead)
+    assert (W_enc.grad.data_ptr(), W_dec.grad.data_ptr()) == ptrs
+    torch.testing.assert_close(W_enc.grad, first[0])
+    torch.testing.assert_close(W_dec.grad, first[1])
+    # Kept (accumulation over two backward passes): the gradients add up.
+    _train_step(W_enc, W_dec, b_dec, x, dead)
+    torch.testing.assert_close(W_enc.grad, 2 * first[0])
+    torch.testing.assert_close(W_dec.grad, 2 * first[1])
+    # A caller holding on to a gradient (or a view of it) keeps it intact.
+    held = W_dec.grad[:5]
+    held_before = held.clone()
+    W_enc.grad = W_dec.grad = None
+    _train_step(W_enc, W_dec, b_dec, x, dead)
+    torch.testing.assert_close(held, held_before)
+    torch.testing.assert_close(W_dec.grad, first[1])
+
+
+def test_gradients_match_the_pytorch_path(ops, pytorch_path):
+    grads = []
+    for off in (False, True):
+        W_enc, W_dec, b_dec, x, dead = _weights(1)
+        if off:
+            with pytorch_path:
+                _train_step(W_enc, W_dec, b_dec, x, dead)
+        else:
+            _train_step(W_enc, W_dec, b_dec, x, dead)
+        grads.append([W_enc.grad, W_dec.grad, b_dec.grad])
+    for a, b in zip(*grads):
+        assert_close(a, b, torch.float32, scale=4)
