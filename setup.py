@@ -18,6 +18,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"saefast": "saefast", "saefast.kernels": "kernels"},
+    package_data={"saefast": ["csrc/*.cpp"]},
     install_requires=[
         "torch",
         "triton; platform_system == 'Linux'",
@@ -29,6 +30,8 @@ setup(
         "pyyaml",
         "tensorboard",
         "matplotlib",
+        # builds saefast/csrc (the CPU kernels) on first use; without it the PyTorch path runs
+        "ninja",
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark"],

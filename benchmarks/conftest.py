@@ -84,21 +84,29 @@ class Sizes:
     memory_budget: Optional[int]  # CPU: memory the largest-d_sae search may use (None: the GPU's)
     search_start: int  # first d_sae of the largest-d_sae search
     search_timeout: int  # seconds for one contender's search
+    step_rounds: int  # interleaved rounds of the whole-step benchmark (every contender once a round)
+    step_dead_fractions: Tuple[float, ...]  # whole-step benchmark points: fraction of dead latents
+    step_dense_dead_fractions: Tuple[float, ...]  # ... of which these also time the dense baseline
+    step_memory_dead_fractions: Tuple[float, ...]  # ... and these measure each contender's peak memory
 
 
 SIZES_BY_PROFILE: Dict[str, Sizes] = {
     "cpu": Sizes("cpu", d_in=512, batch=1024, k=32, d_sae_sweep=(16384, 32768, 65536), d_sae_main=65536,
                  k_sweep=(16, 32, 64, 128, 256), k_sweep_d_sae=32768, dtypes=(torch.float32,), k_aux=512,
                  min_rounds=3, max_rounds=10, target_seconds=2.0, memory_budget=2 * GiB,
-                 search_start=16384, search_timeout=240),
+                 search_start=16384, search_timeout=240, step_rounds=15, step_dead_fractions=(0.0, 0.05, 0.25),
+                 step_dense_dead_fractions=(0.25,), step_memory_dead_fractions=(0.25,)),
     "cuda": Sizes("cuda", d_in=2304, batch=4096, k=64, d_sae_sweep=tuple(2 ** i for i in range(14, 21)),
                   d_sae_main=131072, k_sweep=(16, 32, 64, 128, 256), k_sweep_d_sae=131072,
                   dtypes=(torch.float32, torch.bfloat16), k_aux=512, min_rounds=5, max_rounds=100,
-                  target_seconds=1.0, memory_budget=None, search_start=131072, search_timeout=420),
+                  target_seconds=1.0, memory_budget=None, search_start=131072, search_timeout=420,
+                  step_rounds=30, step_dead_fractions=(0.0, 0.05, 0.25), step_dense_dead_fractions=(0.0, 0.05, 0.25),
+                  step_memory_dead_fractions=(0.25,)),
     "quick": Sizes("quick", d_in=64, batch=128, k=8, d_sae_sweep=(1024, 2048), d_sae_main=2048,
                    k_sweep=(4, 8), k_sweep_d_sae=1024, dtypes=(torch.float32,), k_aux=32, min_rounds=1,
                    max_rounds=2, target_seconds=0.05, memory_budget=256 << 20, search_start=1024,
-                   search_timeout=120),
+                   search_timeout=120, step_rounds=3, step_dead_fractions=(0.0, 0.25),
+                   step_dense_dead_fractions=(0.25,), step_memory_dead_fractions=(0.25,)),
 }
 
 
@@ -122,10 +130,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def problem(d_sae: Optional[int] = None, *, k: Optional[int] = None,
-            dtype: torch.dtype = torch.float32) -> Problem:
-    """The profile's problem at this d_sae / k / dtype."""
+            dtype: torch.dtype = torch.float32, dead_fraction: Optional[float] = None) -> Problem:
+    """The profile's problem at this d_sae / k / dtype (/ fraction of dead latents)."""
+    extra = {} if dead_fraction is None else {"dead_fraction": dead_fraction}
     return Problem(d_in=SIZES.d_in, d_sae=d_sae or SIZES.d_sae_main, batch=SIZES.batch, k=k or SIZES.k,
-                   k_aux=SIZES.k_aux, dtype=dtype, device=DEVICE)
+                   k_aux=SIZES.k_aux, dtype=dtype, device=DEVICE, **extra)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,6 +255,70 @@ def time_it(benchmark, fn: Callable[[], object], *, warmup: Optional[int] = None
     return float(stats.stats.median)
 
 
+def time_interleaved(benchmark, contenders: Dict[str, Callable[[], object]], rounds: int, *,
+                     warmup: Optional[int] = None) -> Dict[str, List[float]]:
+    """Time several contenders round by round: every round runs each contender once, starting one
+    further along the list than the round before, so drift on a shared machine (other work, clock
+    changes, thermal state) hits all of them alike and none always follows the same neighbour.
+
+    Returns each contender's seconds per round (CUDA calls synchronise inside the timed span).
+    pytest-benchmark times the rounds as a whole. Each contender is first warmed up (see time_it).
+    """
+    warmup = (2 if IS_CUDA else 1) if warmup is None else warmup
+    names = list(contenders)
+    for _ in range(warmup):
+        for name in names:
+            contenders[name]()
+            synchronize()
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    done = [0]
+
+    def one_round() -> None:
+        shift = done[0] % len(names)
+        done[0] += 1
+        for name in names[shift:] + names[:shift]:
+            t0 = time.perf_counter()
+            contenders[name]()
+            synchronize()
+            times[name].append(time.perf_counter() - t0)
+
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=0)
+    return times
+
+
+def spread(values: List[float]) -> Dict[str, float]:
+    """min, median and max of a list of per-round figures."""
+    ordered = sorted(values)
+    n = len(ordered)
+    median = ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
+    return {"min": ordered[0], "median": median, "max": ordered[-1]}
+
+
+def verdict(ratio: Dict[str, float]) -> str:
+    """"faster" / "slower" only when every round agrees (the range of ``other / saefast``
+    excludes 1), else "level"."""
+    if ratio["min"] > 1:
+        return "faster"
+    if ratio["max"] < 1:
+        return "slower"
+    return "level"
+
+
+def step_peak_memory(impl: str, p: Problem, timeout: int = 600) -> Optional[int]:
+    """Peak bytes of one step of ``impl`` on ``p`` beyond what was in use before it was built,
+    measured in a fresh process (``step_peak.py``); None where it cannot be measured."""
+    cmd = [sys.executable, str(BENCH_DIR / "step_peak.py"), "--impl", impl, "--device", p.device,
+           "--d-in", str(p.d_in), "--d-sae", str(p.d_sae), "--batch", str(p.batch), "--k", str(p.k),
+           "--k-aux", str(p.k_aux), "--dead-fraction", str(p.dead_fraction), "--dtype", dtype_name(p.dtype)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return None
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return lines[-1]["peak_bytes"] if proc.returncode == 0 and lines else None
+
+
 # ----------------------------------------------------------------------------------------------
 # Recording
 # ----------------------------------------------------------------------------------------------
@@ -272,13 +345,17 @@ class Recorder:
         self.nodeid = nodeid
 
     def figure(self, *, group: str, impl: str, params: Dict[str, object], metric: str,
-               value: Optional[float], unit: str, notes: str = "", **extra) -> dict:
+               value: Optional[float], unit: str, notes: str = "", extra_info: bool = True, **extra) -> dict:
+        """Record one figure; ``extra_info=False`` keeps it out of ``benchmark.extra_info`` (a test
+        that records many contenders writes its own summary there)."""
         fig = {"test": self.nodeid, "group": group, "impl": impl, "params": dict(params),
                "metric": metric, "value": value, "unit": unit}
         if notes:
             fig["notes"] = notes
         fig.update(extra)
         _FIGURES.append(fig)
+        if not extra_info:
+            return fig
         info = self.benchmark.extra_info if self.benchmark is not None else {}
         info.update({"group": group, "impl": impl, **params})
         info[f"{metric}_{unit}"] = value
@@ -406,8 +483,8 @@ def derived_figures(figures: List[dict]) -> List[dict]:
             by_point.setdefault(_key(f["group"], f["params"]), {})[f["impl"]] = f
     for point in by_point.values():
         mine = point.get("saefast")
-        if mine is None:
-            continue
+        if mine is None or any(f.get("interleaved") for f in point.values()):
+            continue  # interleaved points record their own per-round ratios
         for impl, f in point.items():
             if impl == "saefast" or impl.startswith("floor"):
                 continue

@@ -21,9 +21,11 @@ BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
-IMPL_ORDER = ("saefast", "saefast-sae", "sparsify", "sae-lens", "dictionary-learning", "dense", "saefast-torch",
+IMPL_ORDER = ("saefast", "saefast-sae", "saefast-classic", "saefast-dict", "sparsify", "sae-lens",
+              "dictionary-learning", "dense", "saefast-torch",
               "saefast-fused", "floor-gemm", "floor-adam")
-COLORS = {"saefast": "tab:blue", "saefast-sae": "tab:cyan", "dense": "tab:red", "sparsify": "tab:green",
+COLORS = {"saefast": "tab:blue", "saefast-sae": "tab:cyan", "saefast-classic": "tab:olive", "dense": "tab:red",
+          "sparsify": "tab:green",
           "sae-lens": "tab:purple", "dictionary-learning": "tab:brown", "floor-gemm": "tab:gray"}
 
 
@@ -47,7 +49,8 @@ def merge(docs: List[dict]) -> dict:
     seen: Dict[Tuple, dict] = {}
     for doc in docs:
         for f in doc["figures"]:
-            seen[(f.get("test"), f["group"], f["impl"], f["metric"], json.dumps(f["params"], sort_keys=True))] = f
+            seen[(f.get("test"), f["group"], f["impl"], f.get("saefast_impl"), f["metric"],
+                  json.dumps(f["params"], sort_keys=True))] = f
     merged["figures"] = list(seen.values())
     merged["_paths"] = [d["_path"] for d in docs]
     return merged
@@ -152,10 +155,63 @@ def header(doc: dict) -> str:
             f"{load_txt}, torch {v['torch']}{triton}, commit {commit}")
 
 
+def fmt_range(fig: Optional[dict], fmt) -> str:
+    """``median (min–max)`` of an interleaved figure, or its value alone."""
+    if fig is None:
+        return "–"
+    if fig.get("min") is None or fig.get("max") is None:
+        return fmt(fig["value"])
+    return f"{fmt(fig['value'])} ({fmt(fig['min'])}–{fmt(fig['max'])})"
+
+
+def _fmt_ratio(x: float) -> str:
+    return f"{x:.2f}×"
+
+
+def interleaved_step_table(doc: dict, rows: List[dict]) -> List[str]:
+    """Per dtype and fraction of dead latents: every contender's step (median and range over the
+    rounds), its multiple of the floor, its peak memory; then each saefast way's speed-up over
+    each baseline as per-round ratios, called a win only when the range excludes 1."""
+    lines = []
+    points: Dict[Tuple, List[dict]] = defaultdict(list)
+    for f in rows:
+        points[(f["params"]["dtype"], f["params"].get("dead_fraction", 0.0))].append(f)
+    for (dtype, dead), sub in sorted(points.items()):
+        sub = sorted(sub, key=lambda f: _order(f["impl"]))
+        rounds = max((f.get("rounds") or 0) for f in sub)
+        lines += ["", f"Whole BatchTopK training step, {_shape(sub[0]['params'])}, {100 * dead:.0f} % of the latents "
+                  f"dead (the same for every contender), {rounds} interleaved rounds; median (min–max):", "",
+                  "| contender | step | × floor | peak memory | configuration |", "|---|---|---|---|---|"]
+        for f in sub:
+            floor = _lookup(doc, f, "multiple_of_floor")
+            mem = _lookup(doc, f, "peak_memory")
+            lines.append(f"| {f['impl']} | {fmt_range(f, fmt_time)} | {fmt_range(floor, _fmt_ratio)} | "
+                         f"{fmt_bytes(mem['value'] if mem else None)} | {f.get('notes', '')} |")
+        speedups = [g for g in doc["figures"] if g["metric"] == "saefast_speedup" and g.get("interleaved")
+                    and _same_point(g, sub[0])]
+        baselines = sorted({g["impl"] for g in speedups}, key=_order)
+        ways = sorted({g["saefast_impl"] for g in speedups}, key=_order)
+        if not speedups:
+            continue
+        lines += ["", "saefast's speed-up (baseline time / saefast time, per round; median (min–max); a win only "
+                  "when every round agrees):", "",
+                  "| saefast way | " + " | ".join(f"vs {b}" for b in baselines) + " |",
+                  "|---|" + "---|" * len(baselines)]
+        for way in ways:
+            cells = []
+            for b in baselines:
+                g = next((g for g in speedups if g["saefast_impl"] == way and g["impl"] == b), None)
+                cells.append("–" if g is None else f"{fmt_range(g, _fmt_ratio)} {g.get('verdict', '')}")
+            lines.append(f"| {way} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def step_table(doc: dict) -> List[str]:
     rows = figures(doc, "train_step")
     if not rows:
         return []
+    if any(f.get("interleaved") for f in rows):
+        return interleaved_step_table(doc, [f for f in rows if f.get("interleaved")])
     lines = []
     for dtype in sorted({f["params"]["dtype"] for f in rows}):
         sub = sorted((f for f in rows if f["params"]["dtype"] == dtype), key=lambda f: _order(f["impl"]))
@@ -223,8 +279,9 @@ def section(docs: List[dict], plot: Optional[Path]) -> str:
         return ("(no results recorded yet: run `python -m pytest benchmarks/ --benchmark-only --save-results` "
                 "then `python benchmarks/report.py`)")
     lines = ["Measured by `python -m pytest benchmarks/ --benchmark-only --save-results`; tables and plot "
-             "written by `python benchmarks/report.py` from the results files named below (medians; the "
-             "floor is the encoder GEMM alone plus one Adam pass). See docs/benchmarks.md."]
+             "written by `python benchmarks/report.py` from the results files named below (medians, and for "
+             "the interleaved whole-step figures their range over the rounds; the floor is the encoder GEMM "
+             "alone plus one Adam pass). See docs/benchmarks.md."]
     for doc in docs:
         sources = ", ".join(f"`{_rel(p)}`" for p in doc["_paths"])
         lines += ["", f"### {doc['device']['type'].upper()}: {doc['device']['name']}", "",

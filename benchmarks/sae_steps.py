@@ -6,7 +6,14 @@ latents). :func:`make_step` builds one contender's whole BatchTopK training step
 
 * ``saefast``: the ops directly (topk_encode_with_aux -> one sparse_decode of the stacked main
   and aux codes -> MSE + aux MSE, backward, project_decoder_grad_, Adam, normalize_decoder_).
-* ``saefast-sae``: the same step through ``saefast.sae.BatchTopKSAE`` (what users call).
+* ``saefast-sae``: the same step through ``BatchTopKSAE(SAEConfig).training_forward`` (the native
+  loop: ``out["loss"].backward()``, ``project_decoder_gradients()``, Adam, ``normalize_decoder()``).
+* ``saefast-classic``: the classic SAE API: ``x_recon, features = sae(x)``, MSE +
+  ``get_auxiliary_loss(x, x_recon)``, backward, projection, Adam, renormalisation,
+  ``update_inactive_features(features)``.
+* ``saefast-dict``: ``BatchTopKSAE(cfg_dict)`` stepped like the BatchTopK reference code:
+  ``forward(x)["loss"].backward()``, ``make_decoder_weights_and_grad_unit_norm()``, Adam (its aux
+  loss lets the gradient reach the main reconstruction, as that code does).
 * ``dense``: plain PyTorch with the maths of SAELens / the BatchTopK reference code: dense
   pre-activations, a flat ``torch.topk`` over the batch, scatter, dense decode, dense aux-K.
 * ``sparsify``, ``sae-lens``, ``dictionary-learning``: the peers themselves, when installed,
@@ -26,7 +33,7 @@ import torch
 from torch import Tensor
 
 import saefast
-from saefast import normalize_decoder_, project_decoder_grad_, sparse_decode
+from saefast import normalize_decoder_, project_decoder_grad_, sparse_decode, topk_encode
 from saefast.ops import stack_rows, topk_encode_with_aux
 
 AUX_PENALTY = 1 / 32
@@ -49,7 +56,7 @@ class Problem:
 
     @property
     def n_dead(self) -> int:
-        return max(1, int(self.d_sae * self.dead_fraction))
+        return 0 if self.dead_fraction <= 0 else max(1, int(self.d_sae * self.dead_fraction))
 
     def params(self) -> Dict[str, object]:
         """The shape figures recorded beside every result."""
@@ -128,16 +135,20 @@ def saefast_ops_step(p: Problem, inputs: Dict[str, Tensor]) -> Step:
     opt = make_adam([W_enc, W_dec, b_dec])
 
     def run() -> None:
-        # One encode node and one decode for the main and aux codes: one gradient buffer each
-        # for W_enc and W_dec.
-        acts, aux_acts = topk_encode_with_aux(x, W_enc, b_dec, p.k, dead, p.k_aux, mode="batch")
-        both = sparse_decode(stack_rows(acts, aux_acts), W_dec)
-        x_hat = both[: x.shape[0]] + b_dec
-        mse = (x_hat.float() - x.float()).pow(2).mean()
-        residual = (x - x_hat).detach()
-        aux = AUX_PENALTY * (both[x.shape[0]:].float() - residual.float()).pow(2).mean()
+        if p.n_dead == 0:
+            x_hat = sparse_decode(topk_encode(x, W_enc, b_dec, p.k, mode="batch"), W_dec, b_dec)
+            loss = (x_hat.float() - x.float()).pow(2).mean()
+        else:
+            # One encode node and one decode for the main and aux codes: one gradient buffer each
+            # for W_enc and W_dec.
+            acts, aux_acts = topk_encode_with_aux(x, W_enc, b_dec, p.k, dead, p.k_aux, mode="batch")
+            both = sparse_decode(stack_rows(acts, aux_acts), W_dec)
+            x_hat = both[: x.shape[0]] + b_dec
+            residual = (x - x_hat).detach()
+            loss = ((x_hat.float() - x.float()).pow(2).mean()
+                    + AUX_PENALTY * (both[x.shape[0]:].float() - residual.float()).pow(2).mean())
         opt.zero_grad(set_to_none=True)
-        (mse + aux).backward()
+        loss.backward()
         project_decoder_grad_(W_dec, W_dec.grad)
         opt.step()
         normalize_decoder_(W_dec)
@@ -159,25 +170,44 @@ def saefast_sae_available() -> bool:
     return _saefast_sae_class() is not None
 
 
-def saefast_sae_step(p: Problem, inputs: Dict[str, Tensor]) -> Step:
-    """The same step through ``BatchTopKSAE.training_forward`` and its decoder methods."""
+# The dead-latent counters are pinned: dead latents read this many batches without firing, and
+# n_batches_to_dead is as large, so exactly the problem's dead latents are dead on every step.
+_NEVER = 1 << 40
+
+
+def _saefast_sae(p: Problem, inputs: Dict[str, Tensor], dict_config: bool = False):
+    """A BatchTopKSAE holding the problem's weights (SAEConfig, or the reference code's dict)."""
     cls = _saefast_sae_class()
-    from saefast.config import SAEConfig
-    cfg = SAEConfig(d_in=p.d_in, d_sae=p.d_sae, top_k=p.k, top_k_aux=p.k_aux, aux_penalty=AUX_PENALTY,
-                    n_batches_to_dead=1 << 40, dtype=str(p.dtype).replace("torch.", ""), device=p.device,
-                    seed=0)
+    dtype = str(p.dtype).replace("torch.", "")
+    if dict_config:
+        cfg = {"act_size": p.d_in, "dict_size": p.d_sae, "top_k": p.k, "top_k_aux": p.k_aux,
+               "aux_penalty": AUX_PENALTY, "n_batches_to_dead": _NEVER, "input_unit_norm": False,
+               "l1_coeff": 0.0, "seed": 0, "dtype": dtype, "device": p.device}
+    else:
+        from saefast.config import SAEConfig
+        cfg = SAEConfig(d_in=p.d_in, d_sae=p.d_sae, top_k=p.k, top_k_aux=p.k_aux, aux_penalty=AUX_PENALTY,
+                        n_batches_to_dead=_NEVER, dtype=dtype, device=p.device, seed=0)
     sae = cls(cfg)
     with torch.no_grad():
         sae.W_enc.copy_(inputs["W_enc"])
         sae.W_dec.copy_(inputs["W_dec"])
         sae.b_dec.copy_(inputs["b_dec"])
     dead_idx = inputs["dead_mask"].nonzero().flatten()
-    x = inputs["x"]
     _release_weights(inputs)
-    opt = make_adam([q for q in sae.parameters() if q.requires_grad])
+
+    def pin_dead() -> None:
+        sae.num_batches_not_active[dead_idx] = _NEVER
+
+    return sae, pin_dead, make_adam([q for q in sae.parameters() if q.requires_grad])
+
+
+def saefast_sae_step(p: Problem, inputs: Dict[str, Tensor]) -> Step:
+    """The same step through ``BatchTopKSAE.training_forward`` and its decoder methods."""
+    sae, pin_dead, opt = _saefast_sae(p, inputs)
+    x = inputs["x"]
 
     def run() -> None:
-        sae.num_batches_not_active[dead_idx] = 1 << 40  # the same latents stay dead every step
+        pin_dead()
         out = sae.training_forward(x)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -187,6 +217,44 @@ def saefast_sae_step(p: Problem, inputs: Dict[str, Tensor]) -> Step:
 
     return Step("saefast-sae", run, f"saefast.BatchTopKSAE.training_forward, {adam_kind(opt)}", module=sae,
                 extra={"optimizer": adam_kind(opt)})
+
+
+def saefast_classic_step(p: Problem, inputs: Dict[str, Tensor]) -> Step:
+    """The classic SAE API's loop: ``sae(x)``, MSE + ``get_auxiliary_loss``, backward, decoder
+    projection, Adam, renormalisation, ``update_inactive_features(features)``."""
+    sae, pin_dead, opt = _saefast_sae(p, inputs)
+    x = inputs["x"]
+
+    def run() -> None:
+        pin_dead()
+        x_recon, features = sae(x)
+        loss = (x_recon.float() - x.float()).pow(2).mean() + sae.get_auxiliary_loss(x, x_recon)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.project_decoder_gradients()
+        opt.step()
+        sae.normalize_decoder()
+        sae.update_inactive_features(features)
+
+    return Step("saefast-classic", run, f"saefast.BatchTopKSAE, classic API (sae(x), get_auxiliary_loss), "
+                f"{adam_kind(opt)}", module=sae, extra={"optimizer": adam_kind(opt)})
+
+
+def saefast_dict_step(p: Problem, inputs: Dict[str, Tensor]) -> Step:
+    """``BatchTopKSAE(cfg_dict)`` stepped like the BatchTopK reference code's training loop."""
+    sae, pin_dead, opt = _saefast_sae(p, inputs, dict_config=True)
+    x = inputs["x"]
+
+    def run() -> None:
+        pin_dead()
+        out = sae(x)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        sae.make_decoder_weights_and_grad_unit_norm()
+        opt.step()
+
+    return Step("saefast-dict", run, f"saefast.BatchTopKSAE(cfg_dict), the reference code's loop (aux residual "
+                f"not detached, as there), {adam_kind(opt)}", module=sae, extra={"optimizer": adam_kind(opt)})
 
 
 def dense_step(p: Problem, inputs: Dict[str, Tensor]) -> Step:
@@ -204,14 +272,15 @@ def dense_step(p: Problem, inputs: Dict[str, Tensor]) -> Step:
         top = flat.topk(p.batch * p.k, sorted=False)
         acts = torch.zeros_like(flat).scatter(-1, top.indices, top.values).view_as(pre)
         x_hat = acts @ W_dec + b_dec
-        mse = (x_hat.float() - x.float()).pow(2).mean()
-        residual = (x - x_hat).detach()
-        pre_dead = pre[:, dead]
-        top_aux = pre_dead.topk(k_aux, dim=-1)
-        acts_aux = torch.zeros_like(pre_dead).scatter(-1, top_aux.indices, top_aux.values)
-        aux = AUX_PENALTY * ((acts_aux @ W_dec[dead]).float() - residual.float()).pow(2).mean()
+        loss = (x_hat.float() - x.float()).pow(2).mean()
+        if k_aux:
+            residual = (x - x_hat).detach()
+            pre_dead = pre[:, dead]
+            top_aux = pre_dead.topk(k_aux, dim=-1)
+            acts_aux = torch.zeros_like(pre_dead).scatter(-1, top_aux.indices, top_aux.values)
+            loss = loss + AUX_PENALTY * ((acts_aux @ W_dec[dead]).float() - residual.float()).pow(2).mean()
         opt.zero_grad(set_to_none=True)
-        (mse + aux).backward()
+        loss.backward()
         with torch.no_grad():
             unit = W_dec / W_dec.norm(dim=-1, keepdim=True)
             W_dec.grad -= (W_dec.grad * unit).sum(-1, keepdim=True) * unit
@@ -331,7 +400,8 @@ PEERS = {
     "dictionary-learning": ("dictionary_learning.trainers.batch_top_k", dictionary_learning_step),
 }
 
-BUILDERS = {"saefast": saefast_ops_step, "saefast-sae": saefast_sae_step, "dense": dense_step,
+BUILDERS = {"saefast": saefast_ops_step, "saefast-sae": saefast_sae_step, "saefast-classic": saefast_classic_step,
+            "saefast-dict": saefast_dict_step, "dense": dense_step,
             **{name: builder for name, (_, builder) in PEERS.items()}}
 
 
@@ -347,9 +417,12 @@ def make_step(impl: str, p: Problem, inputs: Optional[Dict[str, Tensor]] = None)
 # ----------------------------------------------------------------------------------------------
 
 def encoder_gemm(p: Problem, inputs: Dict[str, Tensor]) -> Callable[[], Tensor]:
-    """The encoder GEMM alone, [B, d_in] @ [d_in, d_sae]."""
+    """The encoder GEMM alone, [B, d_in] @ [d_in, d_sae], into an output allocated once: on a CPU
+    a fresh [B, d_sae] result costs the OS's zeroing of its pages on every call (about 0.1 s of
+    0.8 s at the CPU headline shape), which no trainer has to pay."""
     x, W_enc = inputs["x"], inputs["W_enc"]
-    return lambda: torch.mm(x, W_enc)
+    out = torch.empty(x.shape[0], W_enc.shape[1], dtype=x.dtype, device=x.device)
+    return lambda: torch.mm(x, W_enc, out=out)
 
 
 def adam_pass(p: Problem, inputs: Dict[str, Tensor]) -> Callable[[], None]:

@@ -36,7 +36,9 @@ Functions (every backend, same signatures):
     With S [B, d_sae] the sparse matrix of ``grad_values`` at the kept pairs: ``grad_xc = S @
     W_enc.T`` [B, d_in] (None unless ``need_xc``), ``grad_W_enc = xc.T @ S`` [d_in, d_sae]
     (None unless ``need_W``), and ``lat_sum`` [d_sae] in acc_dtype, the per-latent sum of
-    ``grad_values`` (b_enc's gradient). O(nnz * d_in) work; deterministic.
+    ``grad_values`` (b_enc's gradient). O(nnz * d_in) work; deterministic. A pair may appear
+    more than once (its gradients add up); with ``need_xc`` the pairs are sorted by row, else
+    they come in any order.
 
 ``decode_forward(values, indices, offsets, row_ids, W_dec, b_dec) -> x_hat``
     ``x_hat[r] = sum over row r's pairs of values * W_dec[latent] (+ b_dec)``, [B, d_in] in
@@ -50,6 +52,14 @@ Functions (every backend, same signatures):
     In place, per row of W_dec [d_sae, d_in]: scale to unit norm (norms at least
     :data:`NORM_EPS`; a zero row stays zero); remove from ``grad`` its component along the row
     (``grad -= (grad . W) / |W|^2 * W``, using the row before normalisation).
+
+Optional (ops uses it where a backend has it, else ``encode_forward`` and
+:func:`aux_codes_by_copy`):
+
+``encode_forward_with_aux(xc, W_enc, b_enc, *, mode, k, dead, k_aux) -> (EncodeOut, EncodeOut)``
+    The main codes (``encode_forward``, mode "batch" or "row") and the aux-K codes: each row's
+    ``min(k_aux, n_dead)`` largest positive entries among the latents ``dead`` (int64,
+    increasing), indices into the whole dictionary; same results as the two separate calls.
 """
 from __future__ import annotations
 
@@ -58,7 +68,7 @@ from typing import Optional, Protocol, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["Backend", "BACKEND_FUNCTIONS", "EncodeOut", "NORM_EPS", "acc_dtype", "matvec_acc"]
+__all__ = ["Backend", "BACKEND_FUNCTIONS", "EncodeOut", "NORM_EPS", "acc_dtype", "aux_codes_by_copy", "matvec_acc"]
 
 NORM_EPS = 1e-12
 BACKEND_FUNCTIONS = ("encode_forward", "encode_backward", "decode_forward", "decode_backward",
@@ -104,3 +114,16 @@ def matvec_acc(W: Tensor, v: Tensor, chunk_elements: int = 1 << 24) -> Tensor:
     for s in range(0, W.shape[1], step):
         out += W[:, s:s + step].to(acc) @ v[s:s + step]
     return out
+
+
+def aux_codes_by_copy(encode_forward, xc: Tensor, W_enc: Tensor, b_enc: Optional[Tensor], dead: Tensor,
+                      k_aux: int) -> EncodeOut:
+    """The aux-K codes through a backend's ``encode_forward``: a row encode of a forward-only copy
+    of the dead columns (so its GEMM costs n_dead / d_sae of the full one), indices mapped back to
+    the whole dictionary. dead: int64 [n_dead], increasing."""
+    W_dead = W_enc.index_select(1, dead)
+    b_dead = b_enc.index_select(0, dead) if b_enc is not None else None
+    values, indices, row_ids, offsets, kept_min = encode_forward(xc, W_dead, b_dead, mode="row",
+                                                                 k=min(k_aux, dead.numel()))
+    # dead is increasing, so mapping indices keeps the (row, latent) order.
+    return values, dead[indices.long()].to(torch.int32), row_ids, offsets, kept_min

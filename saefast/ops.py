@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from . import torch_backend
-from .backend import acc_dtype, matvec_acc
+from .backend import acc_dtype, aux_codes_by_copy, matvec_acc
 from .selection import csr_offsets
 
 __all__ = [
@@ -274,13 +274,8 @@ def _encode_input_grads(ctx, grad_values, xc, W_enc, indices, row_ids):
 
 
 def _aux_forward(impl, xc, W_enc, b_enc, dead, k_aux):
-    """Row top-k among the dead columns only (a forward-only copy of those columns)."""
-    W_dead = W_enc.index_select(1, dead)
-    b_dead = b_enc.index_select(0, dead) if b_enc is not None else None
-    values, indices, row_ids, offsets, kept_min = impl.encode_forward(
-        xc, W_dead, b_dead, mode="row", k=min(k_aux, dead.numel()))
-    # dead is increasing, so mapping indices keeps the (row, latent) order.
-    return values, dead[indices.long()].to(torch.int32), row_ids, offsets, kept_min
+    """Row top-k among the dead columns only (see ``backend.aux_codes_by_copy``)."""
+    return aux_codes_by_copy(impl.encode_forward, xc, W_enc, b_enc, dead, k_aux)
 
 
 class _AuxEncode(torch.autograd.Function):
@@ -308,8 +303,12 @@ class _EncodeWithAux(torch.autograd.Function):
     def forward(ctx, x, W_enc, b_dec, b_enc, mode, k, dead, k_aux):
         impl = _backend(x.device)
         xc = x - b_dec
-        main = impl.encode_forward(xc, W_enc, b_enc, mode=mode, k=k)
-        aux = _aux_forward(impl, xc, W_enc, b_enc, dead, k_aux)
+        fused = getattr(impl, "encode_forward_with_aux", None)  # optional in the backend contract
+        if fused is not None:
+            main, aux = fused(xc, W_enc, b_enc, mode=mode, k=k, dead=dead, k_aux=k_aux)
+        else:
+            main = impl.encode_forward(xc, W_enc, b_enc, mode=mode, k=k)
+            aux = _aux_forward(impl, xc, W_enc, b_enc, dead, k_aux)
         ctx.save_for_backward(xc, W_enc, main[1], main[2], aux[1], aux[2])
         ctx.has_b_enc = b_enc is not None
         ctx.mark_non_differentiable(*main[1:], *aux[1:])
@@ -320,10 +319,16 @@ class _EncodeWithAux(torch.autograd.Function):
     def backward(ctx, grad_main, _i, _r, _o, _m, grad_aux, *_):
         xc, W_enc, main_idx, main_rows, aux_idx, aux_rows = ctx.saved_tensors
         d_sae = W_enc.shape[1]
-        # A latent can be in both sets for a row (a dead latent firing again); its pre-activation
-        # is the same entry, so the two value gradients add up.
-        keys = torch.cat([main_rows.long() * d_sae + main_idx.long(), aux_rows.long() * d_sae + aux_idx.long()])
         acc = acc_dtype(xc.dtype)
+        # A latent can be in both sets for a row (a dead latent firing again); its pre-activation
+        # is the same entry, so the two value gradients add up. Without a gradient for x the
+        # backend takes the pairs as they are (repeats add up); grad_xc needs them sorted by row.
+        if not ctx.needs_input_grad[0]:
+            grads = torch.cat([grad_main.to(acc), grad_aux.to(acc)]).to(xc.dtype)
+            grads_in = _encode_input_grads(ctx, grads, xc, W_enc, torch.cat([main_idx, aux_idx]),
+                                           torch.cat([main_rows, aux_rows]))
+            return grads_in + (None, None, None, None)
+        keys = torch.cat([main_rows.long() * d_sae + main_idx.long(), aux_rows.long() * d_sae + aux_idx.long()])
         grads = torch.cat([grad_main.to(acc), grad_aux.to(acc)])
         pairs, where = torch.unique(keys, sorted=True, return_inverse=True)
         grad_values = torch.zeros(pairs.numel(), dtype=acc, device=xc.device).index_add_(0, where, grads)

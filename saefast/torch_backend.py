@@ -26,17 +26,28 @@ costs its own buffer and nothing more of its size. On
 other devices (``SPARSE_BLAS_DEVICES``) they are ``index_add_`` scatters and gathers of [nnz, d_in]
 rows, chunked like the pre-activations. Accumulation is in fp32 (fp64 for fp64 inputs, used by
 gradcheck).
+
+On the CPU, where ``saefast.cpu_kernels`` is available (C++ built on first use; switched off
+with ``SAEFAST_CPU_KERNELS=0``), its kernels replace the hot loops with the same results: the
+TopK/BatchTopK encode runs the GEMM one block of ``ENCODE_BLOCK_ELEMENTS`` at a time and selects
+while the block is in cache (the aux-K codes among dead latents in the same pass, see
+:func:`encode_forward_with_aux`); the weight and value gradients walk the pairs grouped by latent
+and write each gradient row once; the decoder projection and renormalisation take one pass per
+row. Weight gradients go into buffers reused across steps (:func:`_grad_buffer`). Everything
+else, and every other device, runs the PyTorch code below.
 """
 from __future__ import annotations
 
 import warnings
-from typing import Iterator, Optional, Tuple
+import weakref
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import NORM_EPS, EncodeOut, acc_dtype
+from . import cpu_kernels
+from .backend import NORM_EPS, EncodeOut, acc_dtype, aux_codes_by_copy
 from .selection import csr_offsets, finish_codes, row_topk_mask, select_batch_top
 
 CHUNK_ELEMENTS = 1 << 24
@@ -49,6 +60,67 @@ LATENT_BLOCK_ELEMENTS = 1 << 19
 # Candidates kept per row before the global BatchTopK choice, as a multiple of k. Rows that
 # may hold more of the global top than that are recomputed, so this only affects speed.
 BATCH_ROW_CANDIDATES = 4
+# Encode on the CPU kernels' path: the GEMM runs one block of latent columns at a time, each
+# block [B, columns] holding about this many entries (4 MiB in fp32: it stays in cache while
+# the selection reads it).
+ENCODE_BLOCK_ELEMENTS = 1 << 20
+_SELECT_MODES = {"batch": 1, "row": 2}
+
+
+def _kernels(t: Tensor):
+    """The C++ CPU kernels (``saefast.cpu_kernels``) for CPU tensors, or None (other devices, or
+    kernels unavailable or switched off: then the PyTorch code below runs)."""
+    return cpu_kernels.kernels() if t.device.type == "cpu" else None
+
+
+def _block_columns(n_rows: int, d_sae: int) -> int:
+    return max(16, min(d_sae, ENCODE_BLOCK_ELEMENTS // max(n_rows, 1)))
+
+
+def _codes(values: Tensor, indices: Tensor, row_ids: Tensor, offsets: Tensor) -> EncodeOut:
+    """Codes from entries already sorted by (row, latent) with their CSR offsets."""
+    kept_min = values.float().min() if values.numel() else torch.zeros((), device=values.device)
+    return values, indices, row_ids, offsets, kept_min.float()
+
+
+# Gradient buffers reused across steps, per weight (CPU). A fresh [d_sae, d_in] buffer costs the
+# OS's zeroing of its pages on first touch (50 ms for 128 MiB on the benchmark CPU), every step,
+# since large blocks go back to the OS when freed. A buffer is handed out again only when nothing
+# but this cache holds its memory (the previous step's gradient was cleared, e.g. by
+# ``zero_grad(set_to_none=True)``), so a gradient still in use is never overwritten. Up to
+# GRAD_BUFFERS_PER_WEIGHT per weight. A step whose loss reaches a weight through two nodes (the
+# classic and dict APIs' separate aux-K encode and decode) asks for a second one, which autograd
+# adds into the first; keeping it too measured 0.13-0.25 GiB more peak memory for those steps
+# (it stays resident through the forward), so it is allocated each time instead.
+GRAD_BUFFERS_PER_WEIGHT = 1
+_GRAD_BUFFERS: Dict[int, Tuple["weakref.ref", list]] = {}
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _is_free(keeper: Tensor) -> bool:
+    # One reference from the keeper and one from the storage object asked for here.
+    return _storage_use_count(keeper.untyped_storage()._cdata) <= 2
+
+
+def _grad_buffer(weight: Tensor) -> Tensor:
+    """An uninitialised tensor shaped like ``weight`` for its gradient, reused when free."""
+    if _storage_use_count is None:
+        return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    key = id(weight)
+    entry = _GRAD_BUFFERS.get(key)
+    if entry is None or entry[0]() is not weight:
+        entry = (weakref.ref(weight, lambda _ref, key=key: _GRAD_BUFFERS.pop(key, None)), [])
+        _GRAD_BUFFERS[key] = entry
+    keepers = entry[1]
+    # A view: autograd takes over a returned gradient without copying only when nothing else
+    # holds that tensor object.
+    for keeper in keepers:
+        if keeper.shape == weight.shape and keeper.dtype == weight.dtype and _is_free(keeper):
+            return keeper.view(keeper.shape)
+    keeper = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    if len(keepers) < GRAD_BUFFERS_PER_WEIGHT:
+        keepers.append(keeper)
+    return keeper.view(keeper.shape)
 
 
 def _chunks(n: int, width: int) -> Iterator[Tuple[int, int]]:
@@ -171,6 +243,11 @@ def encode_forward(xc: Tensor, W_enc: Tensor, b_enc: Optional[Tensor], *, mode: 
     """Sparse codes of ``xc = x - b_dec``: (values, indices, row_ids, offsets, smallest kept value)."""
     if xc.shape[0] == 0 or (mode != "threshold" and k == 0):
         return finish_codes(*_empty_codes(xc, W_enc), xc.shape[0], W_enc.shape[1])
+    kernels = _kernels(xc)
+    if kernels is not None and mode in _SELECT_MODES:
+        out = kernels.encode_select(xc, W_enc, b_enc, _SELECT_MODES[mode], k, None, 0,
+                                    _block_columns(xc.shape[0], W_enc.shape[1]))
+        return _codes(*out[:4])
     if mode == "batch":
         return _encode_batch(xc, W_enc, b_enc, k)
     if mode == "row":
@@ -180,6 +257,24 @@ def encode_forward(xc: Tensor, W_enc: Tensor, b_enc: Optional[Tensor], *, mode: 
     acc = acc_dtype(xc.dtype)
     thr = threshold.to(acc)
     return _encode_masked(xc, W_enc, b_enc, lambda pre: (pre.to(acc) > thr) & (pre > 0))
+
+
+def encode_forward_with_aux(xc: Tensor, W_enc: Tensor, b_enc: Optional[Tensor], *, mode: str, k: int,
+                            dead: Tensor, k_aux: int) -> Tuple[EncodeOut, EncodeOut]:
+    """``(encode_forward(xc, ..., mode=mode, k=k), aux_codes_by_copy(encode_forward, xc, ..., dead, k_aux))``.
+
+    With the CPU kernels both come from one pass over the pre-activations: the aux-K selection
+    reads the dead latents' columns of each GEMM block the main selection reads, so aux-K costs
+    no GEMM of its own."""
+    kernels = _kernels(xc)
+    if kernels is not None and mode in _SELECT_MODES and xc.shape[0] and k and dead.numel():
+        dead_mask = torch.zeros(W_enc.shape[1], dtype=torch.bool, device=xc.device)
+        dead_mask[dead] = True
+        out = kernels.encode_select(xc, W_enc, b_enc, _SELECT_MODES[mode], k, dead_mask, k_aux,
+                                    _block_columns(xc.shape[0], W_enc.shape[1]))
+        return _codes(*out[:4]), _codes(*out[4:])
+    return (encode_forward(xc, W_enc, b_enc, mode=mode, k=k),
+            aux_codes_by_copy(encode_forward, xc, W_enc, b_enc, dead, k_aux))
 
 
 def _csr(offsets: Tensor, col_indices: Tensor, values: Tensor, n_cols: int) -> Tensor:
@@ -241,6 +336,11 @@ def encode_backward(grad_values: Tensor, xc: Tensor, W_enc: Tensor, indices: Ten
     d_in, d_sae = W_enc.shape
     acc = acc_dtype(xc.dtype)
     g = grad_values.to(acc)
+    kernels = _kernels(xc)
+    if kernels is not None and not need_xc:
+        lat_sum, grad_W_enc = kernels.encode_backward_weight(g.contiguous(), xc, indices, row_ids, d_sae,
+                                                             _grad_buffer(W_enc) if need_W else None)
+        return None, grad_W_enc, lat_sum
     grad_b_enc = torch.zeros(d_sae, dtype=acc, device=xc.device).index_add_(0, indices.long(), g)
     grad_W_enc = grad_xc = None
     if not (need_W or need_xc):
@@ -310,6 +410,11 @@ def decode_backward(grad_out: Tensor, values: Tensor, indices: Tensor, row_ids: 
     grad_values[j] = grad_out[row_j] . W_dec[latent_j] (a product sampled at the active pairs
     only) and grad_W_dec = S.T @ grad_out with S [B, d_sae] the sparse matrix of values.
     """
+    kernels = _kernels(W_dec)
+    if kernels is not None:
+        grad_values, grad_W = kernels.decode_backward(grad_out, values, indices, row_ids, W_dec, need_values,
+                                                      _grad_buffer(W_dec) if need_W else None)
+        return grad_values, grad_W
     acc = acc_dtype(W_dec.dtype)
     g = grad_out.to(acc)
     n_rows, d_sae = grad_out.shape[0], W_dec.shape[0]
@@ -361,18 +466,30 @@ def _row_dots(a: Tensor, b: Tensor) -> Tensor:
 
 def normalize_decoder_(W_dec: Tensor) -> None:
     """Scale each row of W_dec to unit L2 norm, in place (rows of norm 0 stay 0)."""
+    kernels = _kernels(W_dec)
+    if kernels is not None:
+        kernels.decoder_norm_(W_dec, None, True, NORM_EPS)
+        return
     W_dec.div_(_row_norms(W_dec)[:, None])
 
 
 def project_decoder_grad_(W_dec: Tensor, grad: Tensor) -> None:
     """Remove from each row of ``grad`` its component along the same row of W_dec, in place:
     ``grad -= (grad . W) / |W|^2 * W`` per row."""
+    kernels = _kernels(W_dec)
+    if kernels is not None:
+        kernels.decoder_norm_(W_dec, grad, False, NORM_EPS)
+        return
     scale = _row_dots(grad, W_dec) / _row_norms(W_dec).square()
     grad.addcmul_(W_dec, scale[:, None], value=-1)
 
 
 def normalize_decoder_and_project_grad_(W_dec: Tensor, grad: Tensor) -> None:
     """Both of the above in one pass: rows to unit norm, then the gradient made orthogonal to them."""
+    kernels = _kernels(W_dec)
+    if kernels is not None:
+        kernels.decoder_norm_(W_dec, grad, True, NORM_EPS)
+        return
     norms = _row_norms(W_dec)
     grad.addcmul_(W_dec, (_row_dots(grad, W_dec) / norms.square())[:, None], value=-1)
     W_dec.div_(norms[:, None])

@@ -175,8 +175,13 @@ def test_encode_with_aux_and_stacked_decode_equal_separate_ops(backend, mode, dt
         ((out.float() - target.float()).square().sum() + main.values.float().sum()).backward()
         results.append((main, aux, out.detach(), [t.grad for t in leaves]))
     (m1, a1, o1, g1), (m2, a2, o2, g2) = results
-    for f in ("values", "indices", "row_ids", "offsets", "kept_min"):
+    for f in ("indices", "row_ids", "offsets"):
         assert torch.equal(getattr(m1, f), getattr(m2, f)) and torch.equal(getattr(a1, f), getattr(a2, f)), f
+    # Values agree up to the GEMM's summation order: the fused op may compute the aux codes'
+    # pre-activations in the main encode's GEMM, the separate aux op in one over the dead columns.
+    for f in ("values", "kept_min"):
+        assert_close(getattr(m1, f), getattr(m2, f), dtype, msg=f)
+        assert_close(getattr(a1, f), getattr(a2, f), dtype, msg=f)
     assert_close(o1, o2, dtype, scale=4)
     for name, a, b in zip(["x", "W_enc", "b_dec", "b_enc", "W_dec"], g1, g2):
         assert_close(a, b, dtype, scale=8 * (1 + b.abs().max().item()), msg=name)

@@ -1,0 +1,552 @@
+// CPU kernels of the torch backend's hot loops (built on first use by saefast.cpu_kernels).
+//
+// Notation: B rows, d_in input width, d_sae latents. Threads: at::parallel_for (torch's OpenMP
+// pool, sized by torch.set_num_threads). Values are compared and accumulated in acc_t: double for
+// double inputs, float otherwise (float holds every bf16 / fp16 value exactly, so comparisons
+// order values as the input dtype does).
+//
+// * encode_select: pre = xc @ W_enc (+ b_enc) one block of latent columns at a time (the GEMM is
+//   ATen's), and while a block is in cache, the selections read it: the main codes (BatchTopK: the
+//   B*k largest positive entries of the whole batch; TopK: the k largest positive entries of each
+//   row) and the aux codes (each row's k_aux largest positive entries among the dead latents).
+//   With b_enc in fp32/fp64, pre = round(xc @ W_enc) + b_enc rounded (added as the block is read).
+//   Ties go to the lower (row, latent) index, the rule of saefast.selection. Outputs are sorted by
+//   (row, latent), CSR offsets included. The [B, d_sae] matrix is never held whole.
+// * decode_backward: grad_values[j] = grad_out[row_j] . W_dec[lat_j] and
+//   grad_W_dec[l] = sum over entries j of latent l of values[j] * grad_out[row_j], one pass over
+//   the entries grouped by latent, each W_dec row and gradient row written once.
+// * encode_backward_weight: grad_W_enc[:, l] = sum over entries j of latent l of g[j] * xc[row_j]
+//   (written straight into the [d_in, d_sae] layout) and lat_sum[l] = sum of g[j].
+// * decoder_norm_: per row of W_dec [d_sae, d_in], in place and in one pass over the row:
+//   project (grad -= (grad . W) / max(|W|, eps)^2 * W) and/or normalise (W /= max(|W|, eps)),
+//   the projection using the row before normalisation.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+// A kept entry of one row: value and latent.
+template <typename A> struct Entry {
+  A v;
+  int32_t lat;
+};
+// Order: larger value first, then lower latent (a functor, so that sorts inline it).
+struct RowBefore {
+  template <typename E> inline bool operator()(const E& a, const E& b) const {
+    return a.v > b.v || (a.v == b.v && a.lat < b.lat);
+  }
+};
+template <typename A> inline bool row_before(const Entry<A>& a, const Entry<A>& b) { return RowBefore()(a, b); }
+
+// A kept entry of a whole batch: value and flat index row * d_sae + latent.
+template <typename A> struct FlatEntry {
+  A v;
+  int64_t flat;
+};
+struct FlatBefore {
+  template <typename E> inline bool operator()(const E& a, const E& b) const {
+    return a.v > b.v || (a.v == b.v && a.flat < b.flat);
+  }
+};
+template <typename A> inline bool flat_before(const FlatEntry<A>& a, const FlatEntry<A>& b) { return FlatBefore()(a, b); }
+
+// Per-row "k best so far", in increasing latent order (the order rows are scanned in): entries
+// that beat the k-th best known are appended (without a branch: every entry is written, the size
+// advances only for those that pass); once the buffer holds 2k entries (at least 64) it is cut
+// back to the k best by a stable filter, which keeps the latent order (no sort at the end) and
+// raises the bar. The bar starts at value 0 (only positive entries pass) and never goes below.
+template <typename A> struct RowTop {
+  std::vector<Entry<A>> buf;
+  std::vector<A> scratch;
+  int64_t n = 0;
+  Entry<A> bar{A(0), std::numeric_limits<int32_t>::max()};
+  int64_t k = 0;
+
+  // Room for m more entries.
+  inline Entry<A>* reserve(int64_t m) {
+    if ((int64_t)buf.size() < n + m) buf.resize(std::max<int64_t>(n + m, 2 * (int64_t)buf.size()));
+    return buf.data();
+  }
+  inline bool beats(A v, int32_t lat) const { return v > bar.v || (v == bar.v && bar.v > A(0) && lat < bar.lat); }
+  // Keep the k best (larger value, then lower latent), in order; the bar becomes the k-th best.
+  void cut() {
+    scratch.resize(n);
+    for (int64_t i = 0; i < n; ++i) scratch[i] = buf[i].v;
+    std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<A>());
+    const A t = scratch[k - 1];
+    int64_t ties = k;
+    for (int64_t i = 0; i < n; ++i) ties -= buf[i].v > t;
+    int64_t w = 0;
+    int32_t last_tie = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const Entry<A> e = buf[i];
+      const bool tie = e.v == t && ties > 0;
+      ties -= tie;
+      last_tie = tie ? e.lat : last_tie;
+      buf[w] = e;
+      w += (e.v > t) || tie;
+    }
+    n = w;
+    bar = {t, last_tie};
+  }
+  void maybe_shrink() {
+    if (n >= std::max<int64_t>(2 * k, 64)) cut();
+  }
+  void finish() {
+    if (n > k) cut();
+  }
+};
+
+// Per-slab "n best so far" over a group of rows (BatchTopK candidates): the n-th best of a subset
+// of the batch is at most the n-th best of the whole batch, so entries below it can be dropped.
+template <typename A> struct BatchTop {
+  std::vector<FlatEntry<A>> buf;
+  int64_t size = 0;
+  FlatEntry<A> bar{A(0), std::numeric_limits<int64_t>::max()};
+  int64_t n = 0;
+
+  inline FlatEntry<A>* reserve(int64_t m) {
+    if ((int64_t)buf.size() < size + m) buf.resize(std::max<int64_t>(size + m, 2 * (int64_t)buf.size()));
+    return buf.data();
+  }
+  inline bool beats(A v, int64_t flat) const { return v > bar.v || (v == bar.v && bar.v > A(0) && flat < bar.flat); }
+  void maybe_shrink() {
+    if (size < std::max<int64_t>(2 * n, 1024)) return;
+    std::nth_element(buf.begin(), buf.begin() + (n - 1), buf.begin() + size, FlatBefore());
+    size = n;
+    bar = buf[0];
+    for (int64_t i = 1; i < size; ++i) if (flat_before<A>(bar, buf[i])) bar = buf[i];
+  }
+};
+
+// Does any of the m values reach the bar? (written so that the compiler vectorises it)
+template <typename T, typename A> inline bool any_reaches(const T* p, int64_t m, A bar) {
+  bool any = false;
+  for (int64_t j = 0; j < m; ++j) any |= static_cast<A>(p[j]) >= bar;
+  return any;
+}
+
+constexpr int64_t kScanGroup = 32;
+
+// Sorted-by-(row, latent) outputs of per-row selections: values, int32 latents, int32 rows, offsets.
+template <typename T, typename A>
+std::vector<at::Tensor> rows_to_csr(std::vector<RowTop<A>>& tops, const std::vector<int32_t>* lat_map,
+                                    const at::TensorOptions& vopt) {
+  const int64_t n_rows = tops.size();
+  at::Tensor offsets = at::empty({n_rows + 1}, at::kLong);
+  int64_t* off = offsets.data_ptr<int64_t>();
+  off[0] = 0;
+  for (int64_t r = 0; r < n_rows; ++r) off[r + 1] = off[r] + tops[r].n;
+  const int64_t nnz = off[n_rows];
+  at::Tensor values = at::empty({nnz}, vopt);
+  at::Tensor lats = at::empty({nnz}, at::kInt);
+  at::Tensor rows = at::empty({nnz}, at::kInt);
+  T* vp = values.data_ptr<T>();
+  int32_t* lp = lats.data_ptr<int32_t>();
+  int32_t* rp = rows.data_ptr<int32_t>();
+  at::parallel_for(0, n_rows, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t o = off[r];
+      for (int64_t i = 0; i < tops[r].n; ++i) {
+        const Entry<A>& e = tops[r].buf[i];
+        vp[o] = static_cast<T>(e.v);
+        lp[o] = lat_map ? (*lat_map)[e.lat] : e.lat;
+        rp[o] = (int32_t)r;
+        ++o;
+      }
+    }
+  });
+  return {values, lats, rows, offsets};
+}
+
+template <typename T>
+std::vector<at::Tensor> encode_select_impl(const at::Tensor& xc, const at::Tensor& W_enc,
+                                           const c10::optional<at::Tensor>& b_enc, int64_t mode, int64_t k,
+                                           const c10::optional<at::Tensor>& dead_mask, int64_t k_aux,
+                                           int64_t block_cols) {
+  using A = typename Acc<T>::type;
+  const int64_t n_rows = xc.size(0), d_sae = W_enc.size(1);
+  const bool want_main = mode != 0 && k > 0;
+  const bool want_aux = dead_mask.has_value() && k_aux > 0;
+
+  // Dead latents in increasing order; aux selections index into this list (so each row's
+  // candidates are in increasing latent order too).
+  std::vector<int32_t> dead;
+  if (want_aux) {
+    const bool* dm = dead_mask->data_ptr<bool>();
+    for (int64_t l = 0; l < d_sae; ++l) if (dm[l]) dead.push_back((int32_t)l);
+  }
+  const bool aux_on = want_aux && !dead.empty();
+  const int64_t aux_k = aux_on ? std::min<int64_t>(k_aux, (int64_t)dead.size()) : 0;
+
+  // Slabs of rows for the BatchTopK candidates, one per thread: each slab's bar (its n_keep-th
+  // best entry) is a lower bound of the batch's, and the answer is picked exactly from the
+  // union, so the result does not depend on the slabs.
+  const int64_t n_keep = (mode == 1) ? std::min<int64_t>(n_rows * k, n_rows * d_sae) : 0;
+  const int64_t n_threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t slab_rows = (n_rows + n_threads - 1) / n_threads;
+  const int64_t n_slabs = (n_rows + slab_rows - 1) / slab_rows;
+  std::vector<BatchTop<A>> slabs(mode == 1 && want_main ? n_slabs : 0);
+  for (auto& s : slabs) s.n = n_keep;
+  std::vector<RowTop<A>> main_rows(mode == 2 && want_main ? n_rows : 0);
+  for (auto& t : main_rows) t.k = std::min<int64_t>(k, d_sae);
+  std::vector<RowTop<A>> aux_rows(aux_on ? n_rows : 0);
+  for (auto& t : aux_rows) t.k = aux_k;
+
+  const int64_t cols = std::max<int64_t>(1, std::min<int64_t>(block_cols, d_sae));
+  at::Tensor buf = at::empty({n_rows, cols}, xc.options());
+  size_t dead_pos = 0;
+  for (int64_t c0 = 0; c0 < d_sae; c0 += cols) {
+    const int64_t c1 = std::min<int64_t>(d_sae, c0 + cols), width = c1 - c0;
+    // Dead latents in this block: dead[d_lo:d_hi].
+    const size_t d_lo = dead_pos;
+    while (dead_pos < dead.size() && dead[dead_pos] < c1) ++dead_pos;
+    const size_t d_hi = dead_pos;
+    if (!want_main && d_lo == d_hi) continue;
+    at::Tensor out = buf.narrow(1, 0, width);
+    // fp32/fp64: the bias is added as the block is read (addmm would first copy it into every
+    // row of the block: a write of the whole block). 16-bit: addmm, whose fp32 accumulator takes
+    // the bias before the one rounding to the dtype.
+    const bool bias_on_read = b_enc.has_value() && sizeof(T) >= 4;
+    if (b_enc.has_value() && !bias_on_read) {
+      at::addmm_out(out, b_enc->narrow(0, c0, width), xc, W_enc.narrow(1, c0, width));
+    } else {
+      at::mm_out(out, xc, W_enc.narrow(1, c0, width));
+    }
+    const T* pre = buf.data_ptr<T>();
+    const T* bias = bias_on_read ? b_enc->data_ptr<T>() + c0 : nullptr;
+    const int64_t ld = cols;
+    // Entry j of a block row, rounded to the dtype as the pre-activation is.
+    auto value = [bias](const T* p, int64_t j) -> A {
+      return bias ? static_cast<A>(static_cast<T>(static_cast<A>(p[j]) + static_cast<A>(bias[j])))
+                  : static_cast<A>(p[j]);
+    };
+    if (mode == 1 && want_main) {
+      at::parallel_for(0, n_slabs, 1, [&](int64_t s0, int64_t s1) {
+        for (int64_t s = s0; s < s1; ++s) {
+          BatchTop<A>& top = slabs[s];
+          const int64_t r1 = std::min<int64_t>(n_rows, (s + 1) * slab_rows);
+          for (int64_t r = s * slab_rows; r < r1; ++r) {
+            const T* p = pre + r * ld;
+            const int64_t flat0 = r * d_sae + c0;
+            A vals[kScanGroup];
+            for (int64_t j0 = 0; j0 < width; j0 += kScanGroup) {
+              const int64_t m = std::min<int64_t>(kScanGroup, width - j0);
+              for (int64_t i = 0; i < m; ++i) vals[i] = value(p, j0 + i);
+              if (!any_reaches<A, A>(vals, m, top.bar.v)) continue;
+              FlatEntry<A>* out = top.reserve(m);
+              int64_t size = top.size;
+              for (int64_t i = 0; i < m; ++i) {
+                out[size] = {vals[i], flat0 + j0 + i};
+                size += top.beats(vals[i], flat0 + j0 + i);
+              }
+              top.size = size;
+            }
+            top.maybe_shrink();
+          }
+        }
+      });
+    }
+    if ((mode == 2 && want_main) || (aux_on && d_hi > d_lo)) {
+      at::parallel_for(0, n_rows, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const T* p = pre + r * ld;
+          if (mode == 2 && want_main) {
+            RowTop<A>& top = main_rows[r];
+            A vals[kScanGroup];
+            for (int64_t j0 = 0; j0 < width; j0 += kScanGroup) {
+              const int64_t m = std::min<int64_t>(kScanGroup, width - j0);
+              for (int64_t i = 0; i < m; ++i) vals[i] = value(p, j0 + i);
+              if (!any_reaches<A, A>(vals, m, top.bar.v)) continue;
+              Entry<A>* out = top.reserve(m);
+              int64_t n = top.n;
+              for (int64_t i = 0; i < m; ++i) {
+                const int32_t lat = (int32_t)(c0 + j0 + i);
+                out[n] = {vals[i], lat};
+                n += top.beats(vals[i], lat);
+              }
+              top.n = n;
+            }
+            top.maybe_shrink();
+          }
+          if (aux_on && d_hi > d_lo) {
+            RowTop<A>& top = aux_rows[r];
+            Entry<A>* out = top.reserve((int64_t)(d_hi - d_lo));
+            int64_t n = top.n;
+            A vals[kScanGroup];
+            for (size_t d0 = d_lo; d0 < d_hi; d0 += kScanGroup) {
+              const int64_t m = std::min<int64_t>(kScanGroup, (int64_t)(d_hi - d0));
+              for (int64_t i = 0; i < m; ++i) vals[i] = value(p, dead[d0 + i] - c0);
+              if (!any_reaches<A, A>(vals, m, top.bar.v)) continue;
+              for (int64_t i = 0; i < m; ++i) {
+                out[n] = {vals[i], (int32_t)(d0 + i)};
+                n += top.beats(vals[i], (int32_t)(d0 + i));
+              }
+            }
+            top.n = n;
+            top.maybe_shrink();
+          }
+        }
+      });
+    }
+  }
+  buf = at::Tensor();
+
+  const auto vopt = xc.options();
+  std::vector<at::Tensor> result;
+  if (mode == 1 && want_main) {
+    std::vector<FlatEntry<A>> all;
+    size_t total = 0;
+    for (auto& s : slabs) total += s.size;
+    all.reserve(total);
+    for (auto& s : slabs) all.insert(all.end(), s.buf.begin(), s.buf.begin() + s.size);
+    if ((int64_t)all.size() > n_keep) {
+      std::nth_element(all.begin(), all.begin() + (n_keep - 1), all.end(), FlatBefore());
+      all.resize(n_keep);
+    }
+    std::sort(all.begin(), all.end(), [](const FlatEntry<A>& a, const FlatEntry<A>& b) { return a.flat < b.flat; });
+    const int64_t nnz = all.size();
+    at::Tensor values = at::empty({nnz}, vopt);
+    at::Tensor lats = at::empty({nnz}, at::kInt);
+    at::Tensor rows = at::empty({nnz}, at::kInt);
+    at::Tensor offsets = at::zeros({n_rows + 1}, at::kLong);
+    T* vp = values.data_ptr<T>();
+    int32_t* lp = lats.data_ptr<int32_t>();
+    int32_t* rp = rows.data_ptr<int32_t>();
+    int64_t* off = offsets.data_ptr<int64_t>();
+    for (int64_t i = 0; i < nnz; ++i) {
+      vp[i] = static_cast<T>(all[i].v);
+      lp[i] = (int32_t)(all[i].flat % d_sae);
+      rp[i] = (int32_t)(all[i].flat / d_sae);
+      off[rp[i] + 1] += 1;
+    }
+    for (int64_t r = 0; r < n_rows; ++r) off[r + 1] += off[r];
+    result = {values, lats, rows, offsets};
+  } else if (mode == 2 && want_main) {
+    for (auto& t : main_rows) t.finish();
+    result = rows_to_csr<T, A>(main_rows, nullptr, vopt);
+  } else {
+    result = {at::empty({0}, vopt), at::empty({0}, at::kInt), at::empty({0}, at::kInt), at::zeros({n_rows + 1}, at::kLong)};
+  }
+  if (aux_on) {
+    for (auto& t : aux_rows) t.finish();
+    auto aux = rows_to_csr<T, A>(aux_rows, &dead, vopt);
+    result.insert(result.end(), aux.begin(), aux.end());
+  } else {
+    result.insert(result.end(), {at::empty({0}, vopt), at::empty({0}, at::kInt), at::empty({0}, at::kInt),
+                                 at::zeros({n_rows + 1}, at::kLong)});
+  }
+  return result;
+}
+
+std::vector<at::Tensor> encode_select(const at::Tensor& xc, const at::Tensor& W_enc, const c10::optional<at::Tensor>& b_enc,
+                                      int64_t mode, int64_t k, const c10::optional<at::Tensor>& dead_mask,
+                                      int64_t k_aux, int64_t block_cols) {
+  TORCH_CHECK(xc.dim() == 2 && W_enc.dim() == 2 && xc.size(1) == W_enc.size(0), "encode_select: shapes");
+  TORCH_CHECK(xc.is_contiguous() && W_enc.stride(1) == 1, "encode_select: layouts");
+  TORCH_CHECK(!b_enc.has_value() || (b_enc->is_contiguous() && b_enc->numel() == W_enc.size(1) &&
+                                     b_enc->scalar_type() == xc.scalar_type()), "encode_select: b_enc");
+  TORCH_CHECK(mode >= 0 && mode <= 2, "encode_select: mode");
+  TORCH_CHECK(W_enc.size(1) < std::numeric_limits<int32_t>::max(), "encode_select: d_sae too large");
+  std::vector<at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "encode_select", [&] {
+    out = encode_select_impl<scalar_t>(xc, W_enc, b_enc, mode, k, dead_mask, k_aux, block_cols);
+  });
+  return out;
+}
+
+// Entries grouped by latent (a counting sort): order[starts[l]:starts[l+1]] are latent l's entries.
+void group_by_latent(const int32_t* lat, int64_t nnz, int64_t d_sae, std::vector<int64_t>& starts,
+                     std::vector<int64_t>& order) {
+  starts.assign(d_sae + 1, 0);
+  for (int64_t j = 0; j < nnz; ++j) starts[lat[j] + 1] += 1;
+  for (int64_t l = 0; l < d_sae; ++l) starts[l + 1] += starts[l];
+  std::vector<int64_t> fill(starts.begin(), starts.end() - 1);
+  order.resize(nnz);
+  for (int64_t j = 0; j < nnz; ++j) order[fill[lat[j]]++] = j;
+}
+
+template <typename T>
+void decode_backward_impl(const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& indices,
+                          const at::Tensor& row_ids, const at::Tensor& W_dec, at::Tensor* grad_values,
+                          at::Tensor* grad_W) {
+  using A = typename Acc<T>::type;
+  const int64_t nnz = values.numel(), d_sae = W_dec.size(0), d_in = W_dec.size(1);
+  std::vector<int64_t> starts, order;
+  group_by_latent(indices.data_ptr<int32_t>(), nnz, d_sae, starts, order);
+  const T* g = grad_out.data_ptr<T>();
+  const T* W = W_dec.data_ptr<T>();
+  const T* v = values.data_ptr<T>();
+  const int32_t* rows = row_ids.data_ptr<int32_t>();
+  T* gv = grad_values ? grad_values->data_ptr<T>() : nullptr;
+  T* gW = grad_W ? grad_W->data_ptr<T>() : nullptr;
+  at::parallel_for(0, d_sae, 256, [&](int64_t l0, int64_t l1) {
+    std::vector<A> acc(d_in), w(d_in);
+    for (int64_t l = l0; l < l1; ++l) {
+      const int64_t a = starts[l], b = starts[l + 1];
+      if (gW) std::fill(acc.begin(), acc.end(), A(0));
+      if (a < b) {
+        const T* wl = W + l * d_in;
+        for (int64_t i = 0; i < d_in; ++i) w[i] = static_cast<A>(wl[i]);
+        for (int64_t p = a; p < b; ++p) {
+          const int64_t j = order[p];
+          const T* gr = g + (int64_t)rows[j] * d_in;
+          if (gv) {
+            A dot = 0;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t i = 0; i < d_in; ++i) dot += static_cast<A>(gr[i]) * w[i];
+            gv[j] = static_cast<T>(dot);
+          }
+          if (gW) {
+            const A vj = static_cast<A>(v[j]);
+            for (int64_t i = 0; i < d_in; ++i) acc[i] += vj * static_cast<A>(gr[i]);
+          }
+        }
+      }
+      if (gW) {
+        T* out = gW + l * d_in;
+        for (int64_t i = 0; i < d_in; ++i) out[i] = static_cast<T>(acc[i]);
+      }
+    }
+  });
+}
+
+// grad_values [nnz] (or undefined) and grad_W_dec [d_sae, d_in] written into out_W (or undefined).
+std::vector<at::Tensor> decode_backward(const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& indices,
+                                        const at::Tensor& row_ids, const at::Tensor& W_dec, bool need_values,
+                                        const c10::optional<at::Tensor>& out_W) {
+  TORCH_CHECK(grad_out.is_contiguous() && W_dec.is_contiguous() && values.is_contiguous(), "decode_backward: layouts");
+  TORCH_CHECK(grad_out.scalar_type() == W_dec.scalar_type() && values.scalar_type() == W_dec.scalar_type(),
+              "decode_backward: dtypes");
+  at::Tensor gv = need_values ? at::empty_like(values) : at::Tensor();
+  at::Tensor gW = out_W.has_value() ? *out_W : at::Tensor();
+  if (gW.defined()) TORCH_CHECK(gW.is_contiguous() && gW.sizes() == W_dec.sizes(), "decode_backward: out_W");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W_dec.scalar_type(), "decode_backward", [&] {
+    decode_backward_impl<scalar_t>(grad_out, values, indices, row_ids, W_dec, gv.defined() ? &gv : nullptr,
+                                   gW.defined() ? &gW : nullptr);
+  });
+  return {gv, gW};
+}
+
+template <typename T>
+void encode_backward_weight_impl(const at::Tensor& g_values, const at::Tensor& xc, const at::Tensor& indices,
+                                 const at::Tensor& row_ids, int64_t d_sae, at::Tensor* grad_W, at::Tensor& lat_sum) {
+  using A = typename Acc<T>::type;
+  const int64_t nnz = g_values.numel(), d_in = xc.size(1);
+  std::vector<int64_t> starts, order;
+  group_by_latent(indices.data_ptr<int32_t>(), nnz, d_sae, starts, order);
+  const A* g = g_values.data_ptr<A>();
+  const T* x = xc.data_ptr<T>();
+  const int32_t* rows = row_ids.data_ptr<int32_t>();
+  T* gW = grad_W ? grad_W->data_ptr<T>() : nullptr;  // [d_in, d_sae]
+  A* ls = lat_sum.data_ptr<A>();
+  constexpr int64_t kLat = 16;  // latents per tile: 16 consecutive outputs of each W_enc row
+  const int64_t n_tiles = (d_sae + kLat - 1) / kLat;
+  at::parallel_for(0, n_tiles, 8, [&](int64_t t0, int64_t t1) {
+    std::vector<A> acc(kLat * d_in);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t l0 = t * kLat, l1 = std::min<int64_t>(d_sae, l0 + kLat), n = l1 - l0;
+      if (gW) std::fill(acc.begin(), acc.begin() + n * d_in, A(0));
+      for (int64_t l = l0; l < l1; ++l) {
+        A s = 0;
+        A* al = acc.data() + (l - l0) * d_in;
+        for (int64_t p = starts[l]; p < starts[l + 1]; ++p) {
+          const int64_t j = order[p];
+          const A gj = g[j];
+          s += gj;
+          if (gW) {
+            const T* xr = x + (int64_t)rows[j] * d_in;
+            for (int64_t i = 0; i < d_in; ++i) al[i] += gj * static_cast<A>(xr[i]);
+          }
+        }
+        ls[l] = s;
+      }
+      if (gW) {
+        for (int64_t i = 0; i < d_in; ++i) {
+          T* out = gW + i * d_sae + l0;
+          for (int64_t c = 0; c < n; ++c) out[c] = static_cast<T>(acc[c * d_in + i]);
+        }
+      }
+    }
+  });
+}
+
+// lat_sum [d_sae] (acc dtype) and, when out_W is given, grad_W_enc [d_in, d_sae] written into it.
+// g_values is in the accumulation dtype (float, or double for double inputs).
+std::vector<at::Tensor> encode_backward_weight(const at::Tensor& g_values, const at::Tensor& xc, const at::Tensor& indices,
+                                               const at::Tensor& row_ids, int64_t d_sae,
+                                               const c10::optional<at::Tensor>& out_W) {
+  TORCH_CHECK(xc.is_contiguous() && g_values.is_contiguous(), "encode_backward_weight: layouts");
+  at::Tensor lat_sum = at::empty({d_sae}, g_values.options());
+  at::Tensor gW = out_W.has_value() ? *out_W : at::Tensor();
+  if (gW.defined()) TORCH_CHECK(gW.is_contiguous() && gW.size(0) == xc.size(1) && gW.size(1) == d_sae,
+                                "encode_backward_weight: out_W");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "encode_backward_weight", [&] {
+    encode_backward_weight_impl<scalar_t>(g_values, xc, indices, row_ids, d_sae, gW.defined() ? &gW : nullptr, lat_sum);
+  });
+  return {lat_sum, gW};
+}
+
+template <typename T>
+void decoder_norm_impl(at::Tensor& W_dec, at::Tensor* grad, bool normalize, double eps) {
+  using A = typename Acc<T>::type;
+  const int64_t d_sae = W_dec.size(0), d_in = W_dec.size(1);
+  T* W = W_dec.data_ptr<T>();
+  T* G = grad ? grad->data_ptr<T>() : nullptr;
+  at::parallel_for(0, d_sae, 512, [&](int64_t l0, int64_t l1) {
+    for (int64_t l = l0; l < l1; ++l) {
+      T* w = W + l * d_in;
+      A sq = 0;
+#pragma omp simd reduction(+ : sq)
+      for (int64_t i = 0; i < d_in; ++i) sq += static_cast<A>(w[i]) * static_cast<A>(w[i]);
+      const A norm = std::max<A>(std::sqrt(sq), static_cast<A>(eps));
+      if (G) {
+        T* g = G + l * d_in;
+        A dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = 0; i < d_in; ++i) dot += static_cast<A>(g[i]) * static_cast<A>(w[i]);
+        const A scale = dot / (norm * norm);
+        for (int64_t i = 0; i < d_in; ++i) g[i] = static_cast<T>(static_cast<A>(g[i]) - scale * static_cast<A>(w[i]));
+      }
+      if (normalize) {
+        const A inv = A(1) / norm;
+        for (int64_t i = 0; i < d_in; ++i) w[i] = static_cast<T>(static_cast<A>(w[i]) * inv);
+      }
+    }
+  });
+}
+
+// In place: grad made orthogonal to each W_dec row (when grad is given), then rows to unit norm
+// (when normalize).
+void decoder_norm_(at::Tensor W_dec, const c10::optional<at::Tensor>& grad, bool normalize, double eps) {
+  TORCH_CHECK(W_dec.dim() == 2 && W_dec.is_contiguous(), "decoder_norm_: W_dec");
+  at::Tensor g = grad.has_value() ? *grad : at::Tensor();
+  if (g.defined()) TORCH_CHECK(g.is_contiguous() && g.sizes() == W_dec.sizes() && g.scalar_type() == W_dec.scalar_type(),
+                               "decoder_norm_: grad");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W_dec.scalar_type(), "decoder_norm_", [&] {
+    decoder_norm_impl<scalar_t>(W_dec, g.defined() ? &g : nullptr, normalize, eps);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(saefast_cpu, m) {
+  m.def("decoder_norm_(Tensor(a!) W_dec, Tensor(b!)? grad, bool normalize, float eps) -> ()", &decoder_norm_);
+  m.def("encode_select(Tensor xc, Tensor W_enc, Tensor? b_enc, int mode, int k, Tensor? dead_mask, int k_aux, "
+        "int block_cols) -> Tensor[]", &encode_select);
+  m.def("decode_backward(Tensor grad_out, Tensor values, Tensor indices, Tensor row_ids, Tensor W_dec, "
+        "bool need_values, Tensor? out_W) -> Tensor[]", &decode_backward);
+  m.def("encode_backward_weight(Tensor g_values, Tensor xc, Tensor indices, Tensor row_ids, int d_sae, "
+        "Tensor? out_W) -> Tensor[]", &encode_backward_weight);
+}
