@@ -198,7 +198,9 @@ class CheckpointManager:
         """(folder, :meth:`load` of it) for ``latest``, or for the newest older checkpoint when
         ``latest`` has a truncated, damaged or missing file (a warning names both); None when
         there is no checkpoint. ``agree(ok)`` is True when every process read the candidate
-        (processes decide together under DDP). When none can be read, a ValueError lists why."""
+        (processes decide together under DDP). Checkpoints passed over are renamed
+        ``damaged-step_*`` (kept, never read or pruned again). When none can be read, a ValueError
+        lists why."""
         latest = self.latest()
         if latest is None:
             return None
@@ -213,8 +215,14 @@ class CheckpointManager:
                 state, ok, reason = None, False, str(err)
             if agree(ok):
                 if unreadable:
-                    log.warning("checkpoint %s cannot be read: %s; resuming from %s instead", candidates[0], unreadable[0],
-                                path)
+                    skipped = candidates[:len(unreadable)]
+                    log.warning("checkpoint %s cannot be read: %s; resuming from %s instead (the unreadable "
+                                "checkpoint is kept as %s)", candidates[0], unreadable[0], path,
+                                ", ".join(f"damaged-{p.name}" for p in skipped))
+                    if self.rank == 0:
+                        for bad in skipped:
+                            bad.rename(bad.with_name(f"damaged-{bad.name}"))
+                    self._barrier()
                 return path, state
             unreadable.append(reason if not ok else f"another process could not read {path.name}")
         raise ValueError(f"no checkpoint in {self.dir} can be read ({'; '.join(unreadable)}); move the "

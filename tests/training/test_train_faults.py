@@ -81,7 +81,10 @@ def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, full, killed_at_1
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     assert main(["train", "--resume", str(run)]) == 0
     assert f"checkpoint {ckpts / 'step_00000008'} cannot be read: {path} is truncated or damaged" in caplog.text
-    assert f"resuming from {ckpts / 'step_00000004'} instead" in caplog.text
+    assert f"resuming from {ckpts / 'step_00000004'} instead (the unreadable checkpoint is kept as " \
+        "damaged-step_00000008)" in caplog.text
+    assert sorted(p.name for p in ckpts.iterdir()) == ["damaged-step_00000008", "latest", "step_00000008",
+                                                       "step_00000012"]
     _assert_same_as_full(run, full)
 
 
