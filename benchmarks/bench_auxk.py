@@ -10,6 +10,7 @@ import torch
 
 import sae_steps
 from conftest import SIZES, problem, run_contender
+from encode_counters import counting
 from op_cases import cases, clear_grads, grad_like, leaf, op_params, use_impl
 from saefast import auxk_encode, sparse_decode
 
@@ -46,5 +47,6 @@ def test_auxk(benchmark, record, monkeypatch, impl, dtype):
             (sparse_decode(acts, W_dec).float() - residual.float()).pow(2).mean().backward()
         return saefast_aux
 
-    run_contender(benchmark, record, group="auxk", impl=impl, params=op_params(p, n_dead=p.n_dead),
-                  build=build, call=lambda fn: fn)
+    params = op_params(p, n_dead=p.n_dead)
+    with counting(record, group="auxk", impl=impl, params=params):
+        run_contender(benchmark, record, group="auxk", impl=impl, params=params, build=build, call=lambda fn: fn)

@@ -9,6 +9,7 @@ import torch
 
 import sae_steps
 from conftest import SIZES, problem, run_contender
+from encode_counters import counting
 from op_cases import cases, clear_grads, grad_like, leaf, op_params, use_impl
 from saefast import topk_encode
 
@@ -46,5 +47,7 @@ def test_topk_encode(benchmark, record, monkeypatch, mode, pass_, impl, dtype):
             encode().backward(out_grad)
         return forward_backward
 
-    run_contender(benchmark, record, group="topk_encode", impl=impl, params=op_params(p, mode=mode, **{"pass": pass_}),
-                  build=build, call=lambda fn: fn, memory=False)
+    params = op_params(p, mode=mode, **{"pass": pass_})
+    with counting(record, group="topk_encode", impl=impl, params=params):
+        run_contender(benchmark, record, group="topk_encode", impl=impl, params=params, build=build,
+                      call=lambda fn: fn, memory=False)

@@ -20,6 +20,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import torch
 
 from .training.config import SYNTHETIC_DEFAULTS, TrainConfig, load_config_file
+from .utils import DiskFullError, is_disk_full
 
 __all__ = ["main", "build_parser"]
 
@@ -254,26 +255,54 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from .analysis.run import analyze
+    from .training.distributed import resolve_device
 
+    device = str(resolve_device(args.device)) if args.device is not None else None  # checked before any work
     summary = analyze(args.path, args.out, model=args.model, dataset=args.dataset, hook=args.hook,
                       cache_dir=args.cache_dir, n_tokens=args.n_tokens, n_features=args.features,
-                      device=args.device, context_size=args.context_size, batch_size=args.batch_size,
+                      device=device, context_size=args.context_size, batch_size=args.batch_size,
                       overwrite=args.overwrite)
     print(f"saefast analyze: wrote {summary['out_dir']} (open index.html)")
     return 0
 
 
+def _one_line(err: BaseException) -> str:
+    """The error as one line: its message with line breaks folded, or for a bare OS error its
+    description and the file it concerns."""
+    if isinstance(err, OSError) and not isinstance(err, DiskFullError) and err.filename is not None \
+            and err.strerror:
+        return f"{err.strerror}: {err.filename}"
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``saefast`` console script."""
+    """Entry point of the ``saefast`` console script. Bad input (a flag, a config file, a path)
+    ends with a one-line error and exit code 2; a full disk with one line naming the file being
+    written and the last complete checkpoint, and exit code 1."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)
     commands = {"train": _cmd_train, "eval": _cmd_eval, "cache": _cmd_cache, "analyze": _cmd_analyze}
     try:
         return commands[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"saefast {args.command}: error: {err}", file=sys.stderr)
+    except DiskFullError as err:
+        print(f"saefast {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        if is_disk_full(err):
+            print(f"saefast {args.command}: error: no space left on device"
+                  + (f" while writing {err.filename}" if err.filename else ""), file=sys.stderr)
+            return 1
+        print(f"saefast {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except (ValueError, TypeError) as err:
+        print(f"saefast {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if not is_disk_full(err):  # a bug: its traceback is what helps
+            raise
+        print(f"saefast {args.command}: error: no space left on device ({_one_line(err)[:200]})", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

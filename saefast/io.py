@@ -28,7 +28,9 @@ training checkpoints, with ``rescale_acts_by_decoder_norm`` folded into unit dec
 (or its checkpoint folder, ``config.json`` + ``sae.pt``; see ``saefast.batchtopk_compat``).
 
 Saving never replaces an existing SAE unless ``overwrite=True``, and writes into a temporary
-folder first, then renames (the whole folder when the target is new, file by file otherwise).
+folder first, then renames (the whole folder when the target is new, file by file otherwise); a
+full disk raises ``saefast.utils.DiskFullError`` naming the file, the temporary folder removed.
+A truncated or damaged weights file raises ``saefast.utils.CorruptFileError`` naming it.
 """
 from __future__ import annotations
 
@@ -42,13 +44,14 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .batchtopk_compat import (REFERENCE_CFG_FILENAME, REFERENCE_WEIGHTS_FILENAME, from_reference_state_dict,
                                is_reference_checkpoint, load_reference_checkpoint, to_reference_state_dict)
 from .config import SAEConfig, dtype_name, parse_dtype, variant_class, variant_classes
-from .utils import check_finite, fill_weights, parse_hook, read_json, without_rng, write_json
+from .utils import (check_finite, fill_weights, load_safetensors, parse_hook, read_json, reporting_disk_full,
+                    without_rng, write_json)
 from .version import __version__
 
 __all__ = [
@@ -71,6 +74,7 @@ SAELENS_FORMAT_VERSION = "6.0.0"
 _SHARED_WEIGHTS = ("W_enc", "b_enc", "W_dec", "b_dec")
 _COUNTERS = ("num_batches_not_active", "ever_fired")
 _NATIVE_FILES = (CFG_FILENAME, WEIGHTS_FILENAME, STATE_FILENAME, HISTORY_FILENAME)
+_RESAVE = "save the SAE again, or restore the folder from a copy"
 
 
 def _cpu(t: Tensor) -> Tensor:
@@ -102,7 +106,8 @@ def _atomic_folder(path: PathLike, writers: Dict[str, Callable[[Path], None]], g
     try:
         os.chmod(tmp, 0o755)
         for name, write in writers.items():
-            write(tmp / name)
+            with reporting_disk_full(path / name):
+                write(tmp / name)
             os.chmod(tmp / name, 0o644)
         if not path.exists():
             os.rename(tmp, path)
@@ -207,7 +212,7 @@ def read_history(path: PathLike) -> Optional[Dict[str, Any]]:
 def read_log_sparsity(path: PathLike) -> Optional[Tensor]:
     """The folder's sparsity.safetensors ("sparsity" [d_sae], log10 firing frequency), or None."""
     file = Path(path) / SPARSITY_FILENAME
-    return load_file(str(file))["sparsity"] if file.exists() else None
+    return load_safetensors(file, _RESAVE)["sparsity"] if file.exists() else None
 
 
 def load_sae(path: PathLike, device: str = "cpu", dtype: Optional[Union[str, torch.dtype]] = None) -> nn.Module:
@@ -311,7 +316,7 @@ def load_saelens(path: PathLike, device: str = "cpu", dtype: Optional[Union[str,
     if dtype is not None:
         config = dataclasses.replace(config, dtype=dtype_name(parse_dtype(dtype)))
     config = dataclasses.replace(config, device="cpu")
-    weights = load_file(str(path / WEIGHTS_FILENAME), device="cpu")
+    weights = load_safetensors(path / WEIGHTS_FILENAME, _RESAVE)
     where = str(path / WEIGHTS_FILENAME)
     for name in ("scaling_factor", "finetuning_scaling_factor"):
         if name in weights:
@@ -334,7 +339,7 @@ def load_saelens(path: PathLike, device: str = "cpu", dtype: Optional[Union[str,
     state: Dict[str, Tensor] = {}
     state_file = path / STATE_FILENAME
     if native and state_file.exists():
-        state = load_file(str(state_file), device="cpu")
+        state = load_safetensors(state_file, _RESAVE)
         with torch.no_grad():
             for name in _COUNTERS:
                 if name in state:
@@ -372,7 +377,7 @@ def load_sparsify(path: PathLike, device: str = "cpu", dtype: Optional[Union[str
                              "autoencode their input)")
     d_in = cfg["d_in"]
     d_sae = cfg.get("num_latents") or d_in * cfg.get("expansion_factor", 32)
-    weights = load_file(str(path / SPARSIFY_WEIGHTS_FILENAME), device="cpu")
+    weights = load_safetensors(path / SPARSIFY_WEIGHTS_FILENAME, _RESAVE)
     wfile = str(path / SPARSIFY_WEIGHTS_FILENAME)
     expected = {"encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
     missing = [name for name in expected if name not in weights]

@@ -4,6 +4,10 @@
   into place, replacing an earlier one only when saefast wrote it and the caller allows it),
   :func:`write_atomic` (one file, via a temporary sibling), :func:`fsync_path`,
   :func:`read_json` / :func:`write_json`.
+* Faults: :func:`load_safetensors` / :func:`load_torch` (a truncated or damaged file is a
+  :class:`CorruptFileError` naming it), :func:`reporting_disk_full` and :func:`save_torch` (a
+  full disk while writing is a :class:`DiskFullError` naming the file), :func:`is_temporary_name`
+  (what the writers above leave behind when killed).
 * Modules: :func:`eval_mode` (eval() for a block, the previous mode restored after).
 * SAE weights: :func:`fill_weights` (copy named tensors into an SAE with shape and finiteness
   checks), :func:`without_rng` (build without consuming the global RNG).
@@ -12,8 +16,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import pickle
 import re
 import shutil
 import uuid
@@ -24,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["OUTPUT_MARKER", "output_folder", "write_atomic", "fsync_path", "read_json", "write_json", "eval_mode",
-           "fill_weights", "check_finite", "without_rng", "parse_hook"]
+           "fill_weights", "check_finite", "without_rng", "parse_hook", "CorruptFileError", "load_safetensors",
+           "load_torch", "save_torch", "DiskFullError", "is_disk_full", "reporting_disk_full", "is_temporary_name"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -111,18 +118,150 @@ def fsync_path(path: Union[str, os.PathLike]) -> None:
 
 def write_atomic(path: PathLike, write: Callable[[Path], None], fsync: bool = False) -> Path:
     """Write one file through ``write(tmp_path)`` into a temporary sibling, then rename it over
-    ``path``: readers see the old file or the new one, never half of it."""
+    ``path``: readers see the old file or the new one, never half of it. A full disk raises a
+    :class:`DiskFullError` naming ``path``, and the temporary file is removed."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        write(tmp)
-        if fsync:
-            fsync_path(tmp)
+        with reporting_disk_full(path):
+            write(tmp)
+            if fsync:
+                fsync_path(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def is_temporary_name(name: str) -> bool:
+    """Whether ``name`` is a temporary file or folder of :func:`write_atomic`, :func:`output_folder`
+    or an SAE save (``.<target>.tmp-<id>``, ``.<target>.old-<id>``): half-written when a process
+    was killed, safe to remove when no saefast process is writing there."""
+    return name.startswith(".") and (".tmp-" in name or ".old-" in name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Faults: damaged files, full disks
+# ----------------------------------------------------------------------------------------------
+
+class CorruptFileError(ValueError):
+    """A file that exists but cannot be read (truncated, damaged, or not in its format)."""
+
+    def __init__(self, path: PathLike, reason: str, fix: str = "") -> None:
+        self.path = Path(path)
+        super().__init__(f"{path} is truncated or damaged and cannot be read ({reason})" + (f"; {fix}" if fix else ""))
+
+
+_UNREADABLE = (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError, KeyError)
+
+
+def _reason(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text[:160] + ("..." if len(text) > 160 else "")
+
+
+def load_safetensors(path: PathLike, fix: str = "", device: str = "cpu") -> Dict[str, Tensor]:
+    """``safetensors.torch.load_file(path)``; a truncated or damaged file raises a
+    :class:`CorruptFileError` naming it and saying ``fix`` (a missing one, FileNotFoundError)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, "file not found", str(path))
+    try:
+        return load_file(str(path), device=device)
+    except PermissionError:
+        raise
+    except (SafetensorError, *_UNREADABLE) as err:
+        raise CorruptFileError(path, _reason(err), fix) from err
+
+
+def load_torch(path: PathLike, fix: str = "") -> Any:
+    """``torch.load(path, weights_only=True, map_location="cpu")``; a truncated or damaged file
+    raises a :class:`CorruptFileError` naming it and saying ``fix`` (a missing one,
+    FileNotFoundError)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, "file not found", str(path))
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except PermissionError:
+        raise
+    except _UNREADABLE as err:
+        raise CorruptFileError(path, _reason(err), fix) from err
+
+
+class DiskFullError(OSError):
+    """No space left on the device (or quota exceeded) while writing ``filename``."""
+
+    def __init__(self, path: PathLike, note: str = "") -> None:
+        message = f"no space left on device while writing {path}" + (f"; {note}" if note else "")
+        super().__init__(errno.ENOSPC, message, str(path))
+
+    def __str__(self) -> str:
+        return self.strerror
+
+    def with_note(self, note: str) -> "DiskFullError":
+        """The same error with ``note`` appended (e.g. where the last good checkpoint is)."""
+        return DiskFullError(self.filename, note)
+
+
+_DISK_FULL_TEXTS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` (from Python, torch or safetensors) means the disk or quota is full."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(text in str(err) for text in _DISK_FULL_TEXTS)
+
+
+@contextlib.contextmanager
+def reporting_disk_full(path: PathLike) -> Iterator[None]:
+    """Turn a full disk inside the block into a :class:`DiskFullError` naming ``path``; other
+    errors pass unchanged. (``torch.save`` reports a full disk as an unrelated RuntimeError: write
+    with :func:`save_torch`.)"""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as err:
+        if is_disk_full(err):
+            raise DiskFullError(path) from err
+        raise
+
+
+class _RecordingWriter:
+    """A file object for torch.save that keeps the OSError of a failed write: torch replaces it by
+    a RuntimeError about stream positions."""
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def save_torch(obj: Any, path: PathLike, named: Optional[PathLike] = None) -> None:
+    """``torch.save(obj, path)``; a full disk raises a :class:`DiskFullError` naming ``named``
+    (default ``path``: a temporary file may name its destination)."""
+    with reporting_disk_full(named if named is not None else path), open(path, "wb") as f:
+        writer = _RecordingWriter(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError as err:
+            if writer.error is not None:
+                raise writer.error from err
+            raise
 
 
 def _jsonable(value: Any) -> Any:

@@ -466,3 +466,41 @@ def test_loading_non_finite_weights_is_refused_naming_the_tensor(tmp_path, bad):
     save_file(weights, str(folder / sio.WEIGHTS_FILENAME))
     with pytest.raises(ValueError, match=r"sae_weights.safetensors: W_dec holds 1 NaN or inf"):
         load_sae(folder)
+
+
+@pytest.mark.parametrize("name", [sio.WEIGHTS_FILENAME, sio.STATE_FILENAME])
+@pytest.mark.parametrize("keep", [0.0, 0.5, 0.99])
+def test_truncated_weights_are_refused_naming_the_file(tmp_path, name, keep):
+    folder = trained("batchtopk").save(tmp_path / "sae")
+    data = (folder / name).read_bytes()
+    (folder / name).write_bytes(data[:int(keep * len(data))])
+    with pytest.raises(ValueError, match=f"{folder / name} is truncated or damaged.*save the SAE again") as info:
+        load_sae(folder)
+    assert "\n" not in str(info.value)
+
+
+def test_truncated_reference_checkpoint_is_refused_naming_the_file(tmp_path):
+    state_dict, cfg = sio.to_reference_state_dict(trained("batchtopk"))
+    folder = tmp_path / "ref"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({k: str(v) if isinstance(v, torch.dtype) else v
+                                                    for k, v in cfg.items()}))
+    torch.save(state_dict, folder / "sae.pt")
+    load_sae(folder)  # the intact one loads
+    (folder / "sae.pt").write_bytes((folder / "sae.pt").read_bytes()[:300])
+    with pytest.raises(ValueError, match=f"{folder / 'sae.pt'} is truncated or damaged"):
+        load_sae(folder)
+
+
+def test_full_disk_while_saving_names_the_file_and_leaves_nothing_half_written(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    sae = trained("topk")
+    folder = tmp_path / "sae"
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(sio, "save_file", full)
+    with pytest.raises(OSError, match=f"no space left on device while writing {folder / sio.WEIGHTS_FILENAME}$"):
+        sae.save(folder)
+    assert os.listdir(tmp_path) == []

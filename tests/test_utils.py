@@ -1,7 +1,13 @@
-"""saefast.utils: the shared output-folder policy."""
-import pytest
+"""saefast.utils: the shared output-folder policy, damaged files, full disks."""
+import errno
 
-from saefast.utils import OUTPUT_MARKER, output_folder
+import pytest
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+
+from saefast.utils import (OUTPUT_MARKER, CorruptFileError, DiskFullError, is_disk_full, load_safetensors, load_torch,
+                           output_folder, reporting_disk_full, write_atomic)
 
 
 def _write(out, kind="report", overwrite=False, text="v1"):
@@ -50,3 +56,46 @@ def test_output_folder_refuses_files_and_foreign_folders(tmp_path):
     with pytest.raises(ValueError, match="did not write"):
         _write(foreign, overwrite=True)
     assert (foreign / ".hidden").read_text() == "x"
+
+
+# ---------------------------------------------------------------------------------------------
+# damaged files and full disks
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cut", [0, 7, 100, -1])
+def test_truncated_files_are_named_with_the_fix(tmp_path, cut):
+    weights = tmp_path / "w.safetensors"
+    save_file({"W": torch.randn(40, 50)}, str(weights))
+    pt = tmp_path / "state.pt"
+    torch.save({"step": 3, "t": torch.randn(40, 50)}, pt)
+    for path, load in ((weights, load_safetensors), (pt, load_torch)):
+        data = path.read_bytes()
+        path.write_bytes(data[:cut if cut >= 0 else len(data) - 1])
+        with pytest.raises(CorruptFileError, match=f"{path} is truncated or damaged.*; restore it") as info:
+            load(path, "restore it")
+        assert isinstance(info.value, ValueError) and info.value.path == path
+    with pytest.raises(FileNotFoundError):
+        load_torch(tmp_path / "missing.pt")
+
+
+def test_full_disks_are_recognised_from_python_torch_and_safetensors(tmp_path):
+    assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_disk_full(SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"))
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
+    target = tmp_path / "out.json"
+    with pytest.raises(DiskFullError, match=f"no space left on device while writing {target}") as info:
+        with reporting_disk_full(target):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert "last" in str(info.value.with_note("the last checkpoint is x"))
+    with pytest.raises(PermissionError):  # other errors pass unchanged
+        with reporting_disk_full(target):
+            raise PermissionError(errno.EACCES, "Permission denied")
+
+    def fill(path):
+        path.write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    target.write_text("old")
+    with pytest.raises(DiskFullError, match=str(target)):
+        write_atomic(target, fill)
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]

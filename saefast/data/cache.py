@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..utils import output_folder
+from ..utils import load_torch, output_folder, reporting_disk_full, save_torch
 from .buffer import ShuffleBuffer
 from .source import ActivationBatch
 
@@ -101,7 +101,8 @@ def cache_activations(source: Any, out_dir: Union[str, os.PathLike], n_tokens: i
         joined = {k: torch.cat(v) for k, v in pending.items()}
         part = {k: v[:rows].contiguous() for k, v in joined.items()}
         name = f"shard_{len(shards):05d}.safetensors"
-        save_file(part, str(tmp / name))
+        with reporting_disk_full(out / name):
+            save_file(part, str(tmp / name))
         shards.append({"file": name, "n_tokens": rows})
         for k, v in joined.items():
             pending[k] = [v[rows:]] if v.shape[0] > rows else []
@@ -153,9 +154,10 @@ def cache_activations(source: Any, out_dir: Union[str, os.PathLike], n_tokens: i
             try:
                 manifest["source_state"] = json.loads(json.dumps(state))
             except TypeError:
-                torch.save(state, tmp / _STATE_FILE)
+                save_torch(state, tmp / _STATE_FILE, out / _STATE_FILE)
                 manifest["source_state_file"] = _STATE_FILE
-        (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2))
+        with reporting_disk_full(out / _MANIFEST):
+            (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out
 
 
@@ -174,7 +176,7 @@ def read_manifest(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     if missing:
         raise ValueError(f"the cache {folder} is incomplete: shard files {missing} are missing")
     if manifest.get("source_state_file"):
-        manifest["source_state"] = torch.load(folder / manifest["source_state_file"], weights_only=True)
+        manifest["source_state"] = load_torch(folder / manifest["source_state_file"], "write the cache again")
     return manifest
 
 

@@ -18,6 +18,7 @@ import difflib
 import re
 import threading
 import weakref
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -78,17 +79,36 @@ def load_model(name: str, device: DeviceLike = "cpu", dtype: torch.dtype = torch
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"name={name!r} must be a model name such as 'gpt2' or a local model folder")
-    if tl_has_hooked_transformer():
-        from transformer_lens import HookedTransformer
+    _check_local_model(name)
+    try:
+        if tl_has_hooked_transformer():
+            from transformer_lens import HookedTransformer
 
-        model = HookedTransformer.from_pretrained_no_processing(name, device=str(device), dtype=dtype,
-                                                               **kwargs)
-    else:
-        from transformer_lens import TransformerBridge
+            model = HookedTransformer.from_pretrained_no_processing(name, device=str(device), dtype=dtype,
+                                                                   **kwargs)
+        else:
+            from transformer_lens import TransformerBridge
 
-        model = TransformerBridge.boot_transformers(name, device=device, dtype=dtype, **kwargs)
+            model = TransformerBridge.boot_transformers(name, device=device, dtype=dtype, **kwargs)
+    except OSError as err:  # not on the hub, no network and not cached, a damaged download
+        raise ValueError(f"model {name!r} (--model) could not be loaded: {' '.join(str(err).split())[:300]} Check "
+                         "the name (or pass a local model folder), and the network if it comes from the hub") from None
     model.eval()
     return model
+
+
+def _check_local_model(name: str) -> None:
+    """A name written as a path (``./m``, ``../m``, ``/m``, ``~/m``, ``a/b/c``) must be a folder
+    that exists: otherwise the loaders would look it up on the hub and fail obscurely."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"model {name!r} (--model) is a file; pass a folder holding a Hugging Face model "
+                             "(config.json and weights) or a hub name such as 'gpt2'")
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+        raise ValueError(f"model folder {name} (--model) does not exist; pass an existing folder holding a Hugging "
+                         "Face model, or a hub name such as 'gpt2'")
 
 
 def tiny_model(cfg: Dict[str, Any], device: DeviceLike = "cpu", tokenizer: Any = None) -> nn.Module:

@@ -10,28 +10,38 @@ Layout of ``<run>/checkpoints/``::
 
 A checkpoint is written into ``.tmp-step_...``, every file is fsynced, then the folder is renamed
 into place and ``latest`` is replaced atomically; the previous checkpoint is deleted only after
-that, so a crash at any moment leaves the last complete checkpoint as ``latest``. The ``.pt``
-files hold only tensors and plain Python values and are read with ``torch.load(weights_only=True)``;
-SAE weights go through safetensors.
+that, so a crash at any moment leaves the last complete checkpoint as ``latest``. A failed write
+(a full disk is a ``DiskFullError`` naming the file) removes the temporary folder; one left by a
+killed process is removed by :meth:`CheckpointManager.clean`.
+The ``.pt`` files hold only tensors and plain Python values and are read with
+``torch.load(weights_only=True)``; SAE weights go through safetensors.
+
+:meth:`CheckpointManager.load_newest_readable` resumes from ``latest`` or, when one of its files is
+truncated or damaged, from the newest older checkpoint that reads, saying which.
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..utils import fsync_path
+from ..utils import CorruptFileError, fsync_path, load_safetensors, load_torch, reporting_disk_full, save_torch
 
 __all__ = ["CheckpointManager", "capture_rng_state", "restore_rng_state"]
 
+log = logging.getLogger(__name__)
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+# What save() leaves behind when killed: the folder being written, a replaced one, the pointer.
+_LEFTOVER = re.compile(r"^(\.tmp-step_\d+|\.stale-step_\d+|\.latest\.tmp)$")
 
 
 def capture_rng_state() -> Dict[str, Any]:
@@ -76,24 +86,17 @@ class CheckpointManager:
     # ------------------------------------------------------------------------------------------
     def save(self, step: int, sae_state: Dict[str, torch.Tensor], trainer_state: Dict[str, Any],
              rank_state: Dict[str, Any]) -> Path:
-        """Write checkpoint ``step`` atomically and make it ``latest``; returns its folder."""
+        """Write checkpoint ``step`` atomically and make it ``latest``; returns its folder. A full
+        disk raises DiskFullError naming the file; the half-written folder is removed."""
         name = f"step_{step:08d}"
         tmp = self.dir / f".tmp-{name}"
         final = self.dir / name
-        if self.rank == 0:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        self._barrier()
-        rank_file = tmp / f"rank{self.rank}.pt"
-        torch.save(rank_state, rank_file)
-        fsync_path(rank_file)
-        if self.rank == 0:
-            save_file({k: v.detach().cpu().contiguous() for k, v in sae_state.items()}, str(tmp / "sae.safetensors"))
-            torch.save(trainer_state, tmp / "trainer.pt")
-            for f in ("sae.safetensors", "trainer.pt"):
-                fsync_path(tmp / f)
+        try:
+            self._write(tmp, name, sae_state, trainer_state, rank_state)
+        except BaseException:  # a full disk above all: free what this checkpoint took
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         self._barrier()
         if self.rank == 0:
             fsync_path(tmp)
@@ -105,13 +108,50 @@ class CheckpointManager:
             tmp.rename(final)
             fsync_path(self.dir)
             pointer = self.dir / ".latest.tmp"
-            pointer.write_text(name + "\n")
-            fsync_path(pointer)
+            with reporting_disk_full(self.dir / "latest"):
+                pointer.write_text(name + "\n")
+                fsync_path(pointer)
             os.replace(pointer, self.dir / "latest")
             fsync_path(self.dir)
             self._prune(keep_name=name)
         self._barrier()
         return final
+
+    def _write(self, tmp: Path, name: str, sae_state: Dict[str, torch.Tensor], trainer_state: Dict[str, Any],
+               rank_state: Dict[str, Any]) -> None:
+        final = self.dir / name  # what an error names: the temporary folder becomes this
+        if self.rank == 0:
+            with reporting_disk_full(final):
+                self.dir.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir()
+        self._barrier()
+        rank_file = f"rank{self.rank}.pt"
+        save_torch(rank_state, tmp / rank_file, final / rank_file)
+        fsync_path(tmp / rank_file)
+        if self.rank == 0:
+            with reporting_disk_full(final / "sae.safetensors"):
+                save_file({k: v.detach().cpu().contiguous() for k, v in sae_state.items()}, str(tmp / "sae.safetensors"))
+            save_torch(trainer_state, tmp / "trainer.pt", final / "trainer.pt")
+            for f in ("sae.safetensors", "trainer.pt"):
+                fsync_path(tmp / f)
+
+    def clean(self) -> List[str]:
+        """Remove what a killed :meth:`save` left (a half-written ``.tmp-step_*`` folder, a
+        replaced ``.stale-step_*`` one, the pointer's temporary file); returns their names. Call
+        it only when no process is writing checkpoints here."""
+        if not self.dir.is_dir():
+            return []
+        removed = []
+        for path in self.dir.iterdir():
+            if _LEFTOVER.match(path.name):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path.name)
+        return sorted(removed)
 
     def _prune(self, keep_name: str) -> None:
         steps = sorted(self.complete())
@@ -138,13 +178,52 @@ class CheckpointManager:
         return found[-1] if found else None
 
     def load(self, path: Path) -> Dict[str, Any]:
-        """{"sae": state_dict, "trainer": ..., "rank": this process's state} of checkpoint ``path``."""
+        """{"sae": state_dict, "trainer": ..., "rank": this process's state} of checkpoint ``path``.
+        A missing or unreadable file raises CorruptFileError naming it."""
         rank_file = path / f"rank{self.rank}.pt"
-        if not rank_file.is_file():
+        if self.rank > 0 and not rank_file.is_file() and (path / "rank0.pt").is_file():
             raise ValueError(f"checkpoint {path} has no state for rank {self.rank}: it was written by a run "
                              "with fewer processes; resume with the same number of processes")
-        return {
-            "sae": load_file(str(path / "sae.safetensors")),
-            "trainer": torch.load(path / "trainer.pt", weights_only=True, map_location="cpu"),
-            "rank": torch.load(rank_file, weights_only=True, map_location="cpu"),
-        }
+        try:
+            return {
+                "sae": load_safetensors(path / "sae.safetensors"),
+                "trainer": load_torch(path / "trainer.pt"),
+                "rank": load_torch(rank_file),
+            }
+        except FileNotFoundError as err:
+            raise CorruptFileError(err.filename, "the file is missing") from None
+
+    def load_newest_readable(self, agree: Callable[[bool], bool] = lambda ok: ok
+                             ) -> Optional[Tuple[Path, Dict[str, Any]]]:
+        """(folder, :meth:`load` of it) for ``latest``, or for the newest older checkpoint when
+        ``latest`` has a truncated, damaged or missing file (a warning names both); None when
+        there is no checkpoint. ``agree(ok)`` is True when every process read the candidate
+        (processes decide together under DDP). Checkpoints passed over are renamed
+        ``damaged-step_*`` (kept, never read or pruned again). When none can be read, a ValueError
+        lists why."""
+        latest = self.latest()
+        if latest is None:
+            return None
+        step = int(_STEP_DIR.match(latest.name).group(1))
+        candidates = [latest] + [p for p in reversed(self.complete())
+                                 if int(_STEP_DIR.match(p.name).group(1)) < step]
+        unreadable: List[str] = []
+        for path in candidates:
+            try:
+                state, ok = self.load(path), True
+            except CorruptFileError as err:
+                state, ok, reason = None, False, str(err)
+            if agree(ok):
+                if unreadable:
+                    skipped = candidates[:len(unreadable)]
+                    log.warning("checkpoint %s cannot be read: %s; resuming from %s instead (the unreadable "
+                                "checkpoint is kept as %s)", candidates[0], unreadable[0], path,
+                                ", ".join(f"damaged-{p.name}" for p in skipped))
+                    if self.rank == 0:
+                        for bad in skipped:
+                            bad.rename(bad.with_name(f"damaged-{bad.name}"))
+                    self._barrier()
+                return path, state
+            unreadable.append(reason if not ok else f"another process could not read {path.name}")
+        raise ValueError(f"no checkpoint in {self.dir} can be read ({'; '.join(unreadable)}); move the "
+                         "checkpoints folder away and resume again to restart the run from step 0")

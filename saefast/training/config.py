@@ -21,6 +21,7 @@ import yaml
 
 from ..config import SAEConfig, architectures, canonical_architecture, variant_class, variant_classes, variant_options
 from ..utils import parse_hook
+from .distributed import parse_device
 
 __all__ = ["TrainConfig", "NORMALIZATIONS", "SYNTHETIC_DEFAULTS"]
 
@@ -146,6 +147,8 @@ class _RunOptions:
                 flag = "--" + f.name.replace("_", "-")
                 raise ValueError(f"{f.name}={value} ({flag}) must be a finite number")
         self.architecture = canonical_architecture(self.architecture)
+        if self.device is not None:
+            parse_device(self.device)
         self._check_sae_options()
         if self.normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize={self.normalize!r} must be one of {NORMALIZATIONS}")
@@ -346,9 +349,20 @@ def load_config_file(path: Union[str, Path]) -> Dict[str, Any]:
     """The option mapping in a YAML or JSON file (ValueError if it is not a mapping)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise FileNotFoundError(f"config file {path} does not exist" if not path.exists() else
+                                f"config file {path} is not a file")
     text = path.read_text()
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"config file {path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}; "
+                         "fix the file (an object of option names to values)") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ValueError(f"config file {path} is not valid YAML: {problem}{where}; fix the file (one "
+                         "'option_name: value' per line)") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

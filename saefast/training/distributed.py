@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["DistInfo", "init_distributed", "dist_info", "all_reduce_sum", "broadcast_object", "barrier",
-           "resolve_device"]
+           "parse_device", "resolve_device"]
 
 
 @dataclass(frozen=True)
@@ -84,12 +84,35 @@ def barrier() -> None:
         dist.barrier()
 
 
+def parse_device(device: str) -> torch.device:
+    """``torch.device(device)``, or a ValueError naming the option (``--device``) and the choices."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device={device!r} (--device) is not a device name: use cpu, cuda or cuda:N "
+                         "(or leave it unset: CUDA when available, else cpu)") from None
+
+
 def resolve_device(device: Optional[str], info: Optional[DistInfo] = None) -> torch.device:
-    """``device`` or the default (CUDA when available); under torchrun, CUDA uses cuda:<LOCAL_RANK>."""
+    """``device`` or the default (CUDA when available); under torchrun, CUDA uses cuda:<LOCAL_RANK>.
+    A device this machine does not have raises a ValueError naming ``--device`` and the fix."""
     info = info or dist_info()
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and info.enabled:
-        dev = torch.device("cuda", info.local_rank)
+    dev = parse_device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} (--device): this machine has no usable CUDA device (or torch was "
+                             "built without CUDA); pass --device cpu, or leave --device unset")
+        if info.enabled:
+            dev = torch.device("cuda", info.local_rank)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={str(dev)!r} (--device): this machine has {torch.cuda.device_count()} CUDA "
+                             f"device(s), numbered from 0")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError) as err:
+            raise ValueError(f"device={device!r} (--device) is not available here ({' '.join(str(err).split())[:120]}); "
+                             "pass --device cpu or cuda") from None
     return dev

@@ -4,18 +4,22 @@ Layout of ``<out_dir>/<run_name>/``: ``config.json`` (the run's options), ``metr
 ``tensorboard/``, ``checkpoints/`` (see :mod:`saefast.training.checkpoint`), and at the end
 ``sae/`` (the trained SAE, SAELens layout), ``eval.json`` and ``training_curves.png``.
 
-:meth:`RunFolder.prepare` runs once per run, before any work: a new run must not reuse a
-non-empty folder; a resumed run needs a complete checkpoint and the same options (up to logging
-and checkpoint cadence). Its ``config.json`` is read once (:func:`read_run_config`).
+:meth:`RunFolder.prepare` runs once per run, before any work: ``out_dir`` must be a folder (or
+not exist yet); a new run must not reuse a non-empty folder; a resumed run needs the same options
+(up to logging and checkpoint cadence), and one killed before its first checkpoint starts again
+from step 0 (saying so). Its ``config.json`` is read once (:func:`read_run_config`).
+:meth:`RunFolder.start` removes what an interrupted run left half-written (temporary files and
+folders of the atomic writers, half-written checkpoints).
 """
 from __future__ import annotations
 
 import logging
+import shutil
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
-from ..utils import read_json, write_atomic, write_json
+from ..utils import is_temporary_name, read_json, write_atomic, write_json
 from .checkpoint import CheckpointManager
 from .config import TrainConfig
 from .distributed import barrier, broadcast_object
@@ -28,6 +32,17 @@ CONFIG_FILENAME = "config.json"
 EVAL_FILENAME = "eval.json"
 CURVES_FILENAME = "training_curves.png"
 SAE_DIRNAME = "sae"
+
+
+def _check_out_dir(out_dir: Union[str, Path]) -> None:
+    """``out_dir`` (or its nearest existing parent) must be a folder."""
+    for folder in (Path(out_dir), *Path(out_dir).parents):
+        if folder.exists():
+            if not folder.is_dir():
+                what = "is a file" if folder == Path(out_dir) else f"is inside {folder}, which is a file"
+                raise ValueError(f"out_dir={str(out_dir)!r} (--out-dir) {what}, not a folder; run folders go inside "
+                                 "out_dir: choose another --out-dir")
+            return
 
 
 def read_run_config(run_dir: Union[str, Path]) -> Dict[str, Any]:
@@ -52,6 +67,7 @@ class RunFolder:
         when unset (the same on every process). ``saved``: the run's config.json when the caller
         has read it already (resume)."""
         cfg.check_trainable()
+        _check_out_dir(cfg.out_dir)
         if cfg.run_name is None:
             if resume:
                 raise ValueError("resume needs run_name (the run folder to continue)")
@@ -71,8 +87,9 @@ class RunFolder:
                 raise ValueError(f"--resume: {path} was trained with a different config ({lines}). "
                                  "Resume with the run's own config, or start a new run_name.")
             if CheckpointManager(path).latest() is None:
-                raise ValueError(f"--resume: {path} has no complete checkpoint to resume from")
-        elif path.exists() and any(path.iterdir()):
+                log.warning("%s has no checkpoint yet (the run stopped before its first one): starting it again "
+                            "from step 0 with its own config", path)
+        elif path.exists() and any(not is_temporary_name(p.name) for p in path.iterdir()):
             raise ValueError(f"run folder {path} already exists and is not empty; pick another run_name, "
                              f"or pass --resume {path} to continue it")
         if cfg.wandb:
@@ -99,8 +116,19 @@ class RunFolder:
         return CheckpointManager(self.path, keep=keep, rank=rank, barrier=barrier)
 
     def start(self) -> None:
-        """Create the folder and (for a new run) write its config.json; main process only."""
+        """Create the folder, remove what an interrupted run left half-written, and (for a new
+        run) write its config.json; main process only."""
         self.path.mkdir(parents=True, exist_ok=True)
+        removed = [p.name for p in self.path.iterdir() if is_temporary_name(p.name)]
+        for name in removed:
+            leftover = self.path / name
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+        removed += [f"checkpoints/{name}" for name in CheckpointManager(self.path).clean()]
+        if removed:
+            log.info("removed what an interrupted run left half-written in %s: %s", self.path, ", ".join(sorted(removed)))
         if not self.resume:
             write_atomic(self.path / CONFIG_FILENAME, lambda p: write_json(self.cfg.to_dict(), p))
 
@@ -108,6 +136,12 @@ class RunFolder:
         write_atomic(self.eval_path, lambda p: write_json(metrics, p))
 
     def draw_curves(self) -> Optional[Path]:
-        """training_curves.png from metrics.jsonl, or None when there is nothing to draw."""
+        """training_curves.png from metrics.jsonl, or None when there is nothing to draw or it
+        could not be drawn (a warning says why: the picture is never worth failing a run for)."""
         from ..analysis.plots import plot_training_curves
-        return plot_training_curves(self.path, self.curves_path)
+        try:
+            return plot_training_curves(self.path, self.curves_path)
+        except Exception as err:  # noqa: BLE001 - a full disk, a plotting backend, a damaged log
+            log.warning("could not draw %s (%s); the run itself is complete", self.curves_path,
+                        " ".join(str(err).split()) or type(err).__name__)
+            return None

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..utils import DiskFullError
 from .checkpoint import capture_rng_state, restore_rng_state
 from .config import TrainConfig
 from .distributed import all_reduce_sum, barrier, dist_info
@@ -97,8 +98,10 @@ class Trainer:
         source: activation source (iterable of [batch, d_in] tensors, ``.d_in``, ``state_dict``).
             Under DDP each process passes its own slice of the data.
         cfg: the run's options; the run folder is ``cfg.out_dir / cfg.run_name``.
-        resume: continue from the newest checkpoint in the run folder. The folder's config must
-            match ``cfg`` (except logging / checkpoint cadence) or a ValueError is raised.
+        resume: continue from the newest checkpoint in the run folder that reads (a damaged
+            latest one is skipped, with a warning); a run with no checkpoint yet starts again from
+            step 0. The folder's config must match ``cfg`` (except logging / checkpoint cadence)
+            or a ValueError is raised.
         model: transformer-lens model, for the CE/KL evals and the end-to-end losses.
         eval_tokens: [n, context] token ids for the model evals (CE, CE recovered, KL).
         e2e_tokens: iterator of [e2e_batch_size, context] token batches for the end-to-end
@@ -145,9 +148,9 @@ class Trainer:
         self.run_dir = self.run.path
         barrier()  # every process checks the folder before rank 0 writes into it
         self.checkpoints = self.run.checkpoints(cfg.keep_checkpoints, self.dist.rank)
-        self._resume_from: Optional[Path] = None
-        if resume:
-            self._resume_from = self.checkpoints.latest()
+        self._resume_from: Optional[Path] = None  # the checkpoint resumed from, once loaded
+        self._logger: Optional[MetricLogger] = None
+        self._resume_rows: Optional[int] = None  # metrics rows the resumed checkpoint recorded
 
         params = [p for p in sae.parameters() if p.requires_grad]
         adam = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
@@ -235,9 +238,14 @@ class Trainer:
         return x.contiguous()
 
     def _load_checkpoint(self) -> Optional[Dict[str, Any]]:
-        if self._resume_from is None:
+        """The newest readable checkpoint's state restored (None for a new run, or a resumed one
+        that has no checkpoint yet); returns this process's rank state."""
+        if not self.run.resume:
             return None
-        ckpt = self.checkpoints.load(self._resume_from)
+        found = self.checkpoints.load_newest_readable(agree=self._all_agree)
+        if found is None:
+            return None
+        self._resume_from, ckpt = found
         t = ckpt["trainer"]
         if t["world_size"] != self.dist.world_size:
             raise ValueError(f"the checkpoint was written by {t['world_size']} process(es); resume with the "
@@ -249,14 +257,21 @@ class Trainer:
         self.norm_mean = t["norm_mean"]
         self.norm_scale = t["norm_scale"]
         restore_rng_state(ckpt["rank"]["rng"])
+        self._resume_rows = t.get("metrics_rows")
         log.info("resumed %s at step %d", self._resume_from, self.step)
         return ckpt["rank"]
+
+    def _all_agree(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every process."""
+        failed = torch.tensor([0.0 if ok else 1.0], device=self.device if self.dist.enabled else "cpu")
+        return all_reduce_sum(failed).item() == 0
 
     def _save_checkpoint(self) -> Path:
         trainer_state = {
             "step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.dist.world_size,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "norm_mean": self.norm_mean, "norm_scale": self.norm_scale, "config": self.cfg.to_dict(),
+            "metrics_rows": self._logger.rows if self._logger is not None else None,
         }
         rank_state = {"rng": capture_rng_state(), "source": self.source.state_dict(),
                       "heldout_source": self._heldout_state}
@@ -362,7 +377,16 @@ class Trainer:
     def train(self) -> Dict[str, Any]:
         """Run to ``total_steps`` (from the checkpoint when resuming); save the SAE to
         ``<run>/sae`` (cfg.json + sae_weights.safetensors), write ``<run>/eval.json`` and return
-        the final metrics."""
+        the final metrics. A full disk raises ``DiskFullError`` naming the file being written and
+        the last complete checkpoint (what ``--resume`` continues from once there is room)."""
+        try:
+            return self._train()
+        except DiskFullError as err:
+            latest = self.checkpoints.latest()
+            raise err.with_note(f"the last complete checkpoint is {latest}" if latest is not None
+                                else "no checkpoint has been written yet") from None
+
+    def _train(self) -> Dict[str, Any]:
         cfg = self.cfg
         if self.dist.is_main:
             self.run.start()
@@ -372,7 +396,10 @@ class Trainer:
         if rank_state is None:
             self._estimate_normalization()
         self._step_inner.input_scale = self.norm_scale
-        logger = MetricLogger(self.run_dir, cfg, self.dist.is_main, resume_step=self.step if rank_state else None)
+        # A resumed run (even one restarted from step 0) cuts its log back to its checkpoint.
+        logger = MetricLogger(self.run_dir, cfg, self.dist.is_main, resume_step=self.step if self.run.resume else None,
+                              resume_rows=self._resume_rows if rank_state is not None else 0)
+        self._logger = logger
         self.history = logger.history
         kill_after = int(os.environ.get("SAEFAST_KILL_AFTER_STEP", "0"))
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress_bar and self.dist.is_main),
