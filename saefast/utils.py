@@ -5,6 +5,7 @@
   :func:`write_atomic` (one file, via a temporary sibling), :func:`fsync_path`,
   :func:`read_json` / :func:`write_json`.
 * Modules: :func:`eval_mode` (eval() for a block, the previous mode restored after).
+* Results: :class:`LazyDict` (a dict with entries computed only when read, e.g. dense features).
 * SAE weights: :func:`fill_weights` (copy named tensors into an SAE with shape and finiteness
   checks), :func:`without_rng` (build without consuming the global RNG).
 * Hook names: :func:`parse_hook` (``"blocks.8.hook_resid_pre"`` -> layer 8, name ``"hook_resid_pre"``).
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["OUTPUT_MARKER", "output_folder", "write_atomic", "fsync_path", "read_json", "write_json", "eval_mode",
-           "fill_weights", "check_finite", "without_rng", "parse_hook"]
+           "LazyDict", "fill_weights", "check_finite", "without_rng", "parse_hook"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -164,6 +165,34 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
         yield module
     finally:
         module.train(was_training)
+
+
+class LazyDict(dict):
+    """A dict whose ``lazy`` entries (name -> zero-argument function) are computed on first read
+    (``d[name]`` or ``d.get(name)``) and stored from then on.
+
+    ``name in d`` is True for a lazy entry before it is computed; iteration, ``len``, ``keys()``
+    and ``items()`` show only the entries computed so far, so logging or copying the dict never
+    triggers the computation.
+    """
+
+    def __init__(self, values: Any = (), lazy: Optional[Mapping[str, Callable[[], Any]]] = None) -> None:
+        super().__init__(values)
+        self._lazy: Dict[str, Callable[[], Any]] = dict(lazy or {})
+
+    def __missing__(self, key: Any) -> Any:
+        make = self._lazy.get(key) if isinstance(key, str) else None
+        if make is None:
+            raise KeyError(key)
+        value = make()
+        self[key] = value
+        return value
+
+    def __contains__(self, key: Any) -> bool:
+        return dict.__contains__(self, key) or (isinstance(key, str) and key in self._lazy)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self[key] if key in self else default
 
 
 def check_finite(where: str, name: str, tensor: Tensor) -> None:

@@ -374,7 +374,7 @@ def test_reference_state_dict_converts_both_ways(tmp_path):
     json_cfg = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in cfg.items()}
     (folder / "config.json").write_text(json.dumps(json_cfg))
     from_disk = load_sae(folder)
-    assert isinstance(from_disk, BatchTopKSAE) and from_disk.config.torch_dtype == torch.float32
+    assert isinstance(from_disk, BatchTopKSAE) and from_disk.config.torch_dtype() == torch.float32
     for name, tensor in weights.items():
         assert torch.equal(getattr(from_disk, name), tensor), name
 

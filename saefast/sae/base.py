@@ -27,8 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import batchtopk_compat, io, ops
-from ..config import SAEConfig, dtype_name, register_variant
+from ..config import SAEConfig, dtype_name, register_variant, variant_class
 from ..ops import SparseActs
+from ..utils import LazyDict
 
 __all__ = ["BaseSAE", "Codes", "SavedExtras"]
 
@@ -111,6 +112,9 @@ class BaseSAE(nn.Module):
             register_variant(cls)
 
     def __new__(cls, cfg: Any = None, *args: Any, **kwargs: Any):
+        if cls is BaseSAE and isinstance(cfg, SAEConfig):
+            # saefast.SAE(cfg), the classic base class's name: the variant cfg.architecture names.
+            cls = variant_class(cfg.architecture)
         if isinstance(cfg, dict) and not issubclass(cls, batchtopk_compat.DictAPI):
             cls = batchtopk_compat.dict_api_class(cls)
         return super().__new__(cls)
@@ -118,14 +122,15 @@ class BaseSAE(nn.Module):
     def __init__(self, cfg: Union[SAEConfig, Dict[str, Any]]):
         super().__init__()
         if not self.architecture:
-            raise TypeError("BaseSAE is abstract; use create_sae(cfg) or a variant class such as BatchTopKSAE")
+            raise TypeError("BaseSAE (saefast.SAE) builds the variant an SAEConfig names: pass an SAEConfig, or use "
+                            "a variant class such as BatchTopKSAE")
         self.cfg = cfg
         self.config = self._config_from(cfg)
         c = self.config
         self.d_in, self.d_sae = c.d_in, c.d_sae
         self.use_error_term = c.use_error_term
         self.hook_spec = c.hook_spec
-        device, dtype = torch.device(c.device), c.torch_dtype
+        device, dtype = torch.device(c.device), c.torch_dtype()
         W_enc, W_dec = self._initial_weights()
         self.W_enc = nn.Parameter(W_enc.to(device=device, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(c.d_sae, device=device, dtype=dtype),
@@ -160,6 +165,17 @@ class BaseSAE(nn.Module):
 
     def _init_variant(self, device: torch.device) -> None:
         """Variant-specific parameters and buffers."""
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """(Re)draw the weights as at construction, in place: W_enc kaiming-uniform (seeded by
+        ``config.seed`` when set), W_dec = W_enc.T with unit rows, b_enc and b_dec zero. Other
+        state (dead-latent counters, thresholds) is left as it is."""
+        W_enc, W_dec = self._initial_weights()
+        self.W_enc.copy_(W_enc)
+        self.W_dec.copy_(W_dec)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
 
     def weight_shapes(self) -> Dict[str, Tuple[int, ...]]:
         """Every saved parameter's name and shape: W_enc, b_enc, W_dec, b_dec and the variant's."""
@@ -358,7 +374,9 @@ class BaseSAE(nn.Module):
         dead latents' reconstruction of the detached residual, latents dead before this batch;
         jumprelu: its optional pre-activation loss), ``l0`` (mean active latents per token),
         ``x_recon`` (shaped like x), ``acts`` (SparseActs), ``num_dead_features``, and any terms a
-        variant adds (see its class).
+        variant adds (see its class). ``features`` (the dense [..., d_sae] activations,
+        differentiable, for classic loops that pass them to ``update_inactive_features``) is built
+        only when read; iterating over the dict or copying it does not build it.
 
         With ``update_stats`` (and in training mode) the dead-latent counters and BatchTopK's
         running threshold are updated; otherwise the caller does it (after an all-reduce) with
@@ -373,8 +391,10 @@ class BaseSAE(nn.Module):
             self.update_inactive_features(codes.acts)
             self.update_threshold(codes.acts.kept_min)
         x_recon = self._unstandardize(x_hat, mean, std).reshape(*lead, self.d_in)
-        return {"loss": loss, **terms, "sparsity_loss": codes.sparsity_loss, "l0": codes.acts.l0(),
-                "x_recon": x_recon, "acts": codes.acts, "num_dead_features": self.dead_mask().sum()}
+        acts = codes.acts
+        return LazyDict({"loss": loss, **terms, "sparsity_loss": codes.sparsity_loss, "l0": acts.l0(),
+                         "x_recon": x_recon, "acts": acts, "num_dead_features": self.dead_mask().sum()},
+                        lazy={"features": lambda: acts.to_dense().reshape(*lead, self.d_sae)})
 
     def _training_losses(self, x_in: Tensor, dead: Tensor) -> Tuple[Codes, Tensor, Dict[str, Tensor]]:
         """The codes, the reconstruction x_hat [N, d_in] and the loss terms of a training forward
