@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import SAEConfig, dtype_name, parse_dtype, variant_class, variant_classes
-from .utils import LazyDict, fill_weights, read_json, without_rng
+from .utils import LazyDict, fill_weights, load_torch_weights, read_json, without_rng
 
 __all__ = ["DictAPI", "dict_api_class", "config_from_dict", "from_reference_state_dict", "to_reference_state_dict",
            "load_reference_checkpoint", "is_reference_checkpoint", "REFERENCE_CFG_FILENAME",
@@ -236,5 +236,5 @@ def load_reference_checkpoint(path: Union[str, os.PathLike], device: Optional[st
     cfg = read_json(path / REFERENCE_CFG_FILENAME)
     if device is not None:
         cfg["device"] = device
-    state_dict = torch.load(path / REFERENCE_WEIGHTS_FILENAME, map_location="cpu", weights_only=True)
+    state_dict = load_torch_weights(path / REFERENCE_WEIGHTS_FILENAME)
     return from_reference_state_dict(state_dict, cfg)

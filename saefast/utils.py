@@ -7,7 +7,8 @@
 * Modules: :func:`eval_mode` (eval() for a block, the previous mode restored after).
 * Results: :class:`LazyDict` (a dict with entries computed only when read, e.g. dense features).
 * SAE weights: :func:`fill_weights` (copy named tensors into an SAE with shape and finiteness
-  checks), :func:`without_rng` (build without consuming the global RNG).
+  checks), :func:`load_torch_weights` (a ``.pt`` state dict, weights only: never unpickles
+  arbitrary objects), :func:`without_rng` (build without consuming the global RNG).
 * Hook names: :func:`parse_hook` (``"blocks.8.hook_resid_pre"`` -> layer 8, name ``"hook_resid_pre"``).
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["OUTPUT_MARKER", "output_folder", "write_atomic", "fsync_path", "read_json", "write_json", "eval_mode",
-           "LazyDict", "fill_weights", "check_finite", "without_rng", "parse_hook"]
+           "LazyDict", "fill_weights", "load_torch_weights", "check_finite", "without_rng", "parse_hook"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -220,6 +221,20 @@ def fill_weights(module: nn.Module, weights: Mapping[str, Tensor], expected: Map
             check_finite(where, name, tensor)
             target = getattr(module, name)
             target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+
+
+def load_torch_weights(file: PathLike) -> Dict[str, Tensor]:
+    """A state dict from a ``.pt`` file through ``torch.load(weights_only=True)``: tensors and
+    plain containers only; a file holding other objects is refused with a ValueError naming it."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError ... all mean "not loadable"
+        raise ValueError(f"{file} cannot be read as a weights-only state dict ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}); saefast never unpickles arbitrary "
+                         "objects: save the state dict (model.state_dict()) instead") from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{file} must hold a state dict (a dict of tensors), got {type(state).__name__}")
+    return state
 
 
 T = TypeVar("T")

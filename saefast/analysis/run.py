@@ -192,14 +192,14 @@ def analyze(path: PathLike, out: Optional[PathLike] = None, *, model: Optional[s
 
     Returns the summary dict (also written to ``summary.json``) with ``"out_dir"`` added.
     """
-    from ..io import load_sae
+    from ..io import load_sae, sae_folder_kind
     from ..training.config import TrainConfig
 
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"{root} does not exist; pass a run folder (saefast train) or an SAE folder")
     is_run = (root / "config.json").is_file() and (root / "sae").is_dir()
-    if (root / "config.json").is_file() and not is_run and not (root / "sae.pt").is_file():
+    if (root / "config.json").is_file() and not is_run and sae_folder_kind(root) is None:
         raise ValueError(f"{root} is a run folder without a trained SAE (no {root / 'sae'}); finish or resume "
                          "the run first")
     for name, value in (("n_tokens", n_tokens), ("batch_size", batch_size)):

@@ -570,9 +570,14 @@ class BaseSAE(nn.Module):
 
     @classmethod
     def load(cls, path, device: str = "cpu", load_history: bool = False):
-        """Load a folder written by :meth:`save` (or any folder :func:`saefast.io.load_sae` reads).
-        Returns the SAE, or ``(sae, history)`` with load_history=True."""
-        sae = io.load_sae(path, device=device)
+        """Load a folder written by :meth:`save` or by the classic SAE API (``weights.pt`` +
+        ``config.json`` + ``history.json``; its config names no architecture, so this class's is
+        used), or any folder :func:`saefast.io.load_sae` reads. Returns the SAE, or
+        ``(sae, history)`` with load_history=True (history None when the folder has none)."""
+        if cls is not BaseSAE and io.sae_folder_kind(path) == "classic":
+            sae = io.load_classic_checkpoint(path, device=device, architecture=cls.architecture)
+        else:
+            sae = io.load_sae(path, device=device)
         if cls is not BaseSAE and not isinstance(sae, cls):
             raise ValueError(f"{path} holds a {type(sae).__name__} (architecture={sae.architecture!r}), not a "
                              f"{cls.__name__}; load it with saefast.load_sae(path)")
