@@ -36,6 +36,7 @@ folder first, then renames (the whole folder when the target is new, file by fil
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -184,6 +185,11 @@ def save_sae(sae: nn.Module, path: PathLike, history: Optional[Dict[str, Any]] =
 
     ``log_sparsity`` [d_sae] (log10 of each latent's firing frequency) is written to
     ``sparsity.safetensors`` under the key "sparsity", as SAELens does.
+    Decoder rows are saved with unit norm, as SAEBench and tools built on SAELens expect: rows
+    further from 1 than 1e-5 (1e-2 in 16-bit) are folded into the encoder in the saved copy
+    (``sae.fold_decoder_norms()``, reconstructions unchanged, those latents' activations scaled
+    by their norm); ``sae`` itself is not modified. A TopK variant cannot fold its norms and is
+    saved as it is, with a warning.
     Raises FileExistsError if ``path`` already holds an SAE and ``overwrite`` is False.
     """
     if not _is_sae(sae):
@@ -192,6 +198,13 @@ def save_sae(sae: nn.Module, path: PathLike, history: Optional[Dict[str, Any]] =
         raise TypeError(f"history must be a dict (e.g. {{'loss': [...]}}) or None, got {type(history).__name__}")
     if log_sparsity is not None and (not isinstance(log_sparsity, Tensor) or log_sparsity.shape != (sae.d_sae,)):
         raise ValueError(f"log_sparsity must be a tensor of shape [{sae.d_sae}] (d_sae)")
+    if not sae.decoder_norms_are_unit():
+        if sae.folds_decoder_norms:
+            sae = copy.deepcopy(sae).fold_decoder_norms()
+            logger.info("%s: decoder rows were not unit norm; folded into the encoder in the saved copy", path)
+        else:
+            logger.warning("%s: the decoder rows are not unit norm and a %s cannot fold them; saved as they are "
+                           "(SAEBench expects unit-norm decoder rows)", path, type(sae).__name__)
     cfg, weights, state = _native_files(sae)
     writers: Dict[str, Callable[[Path], None]] = {
         WEIGHTS_FILENAME: lambda p: save_file(weights, str(p)),

@@ -89,6 +89,11 @@ class BaseSAE(nn.Module):
       ``reads_saelens``: the SAELens architectures loaded as this variant. What else differs in
       a saved folder goes through ``saelens_export`` / ``saelens_import``.
     * ``reference_name``: its ``sae_type`` in the BatchTopK reference code (None: not there).
+    * ``folds_decoder_norms``: scaling a latent's pre-activation by a positive number scales its
+      activation and keeps the selection (true for ReLU and per-latent thresholds, false for the
+      TopK variants, whose selection compares latents), so :meth:`fold_decoder_norms` is exact.
+    * ``saebench_architecture``: the ``architecture`` label SAEBench gets (default:
+      ``saelens_architecture``).
     * ``summary``: one line for help texts.
     """
 
@@ -103,6 +108,8 @@ class BaseSAE(nn.Module):
     saelens_weights: ClassVar[Tuple[str, ...]] = ()
     reads_saelens: ClassVar[Tuple[str, ...]] = ()
     reference_name: ClassVar[Optional[str]] = None
+    folds_decoder_norms: ClassVar[bool] = True
+    saebench_architecture: ClassVar[Optional[str]] = None
     summary: ClassVar[str] = ""
     reference_mode: ClassVar[bool] = False
 
@@ -536,8 +543,40 @@ class BaseSAE(nn.Module):
             self.b_dec.div_(scale)
             self._fold_threshold(scale)
 
-    def _fold_threshold(self, scale: float) -> None:
-        """Divide the variant's thresholds by scale."""
+    def _fold_threshold(self, scale: Union[float, Tensor]) -> None:
+        """Divide the variant's thresholds by scale (a float, or a [d_sae] tensor of one scale per
+        latent)."""
+
+    def decoder_norms_are_unit(self) -> bool:
+        """Whether every W_dec row has norm 1 within 1e-5 (1e-2 for 16-bit weights): the check
+        SAEBench applies to custom SAEs."""
+        tol = 1e-2 if self.dtype in (torch.bfloat16, torch.float16) else 1e-5
+        return bool(((self.W_dec.detach().float().norm(dim=1) - 1).abs() <= tol).all())
+
+    @torch.no_grad()
+    def fold_decoder_norms(self) -> "BaseSAE":
+        """Give every W_dec row norm 1 without changing the reconstruction, in place: latent i's
+        decoder norm n_i moves into the encoder (W_enc[:, i], b_enc[i] and its threshold times
+        n_i), so its activation scales by n_i and ``activation * W_dec[i]`` is unchanged.
+        Exact for variants with ``folds_decoder_norms``; a TopK variant (whose selection compares
+        latents, so scaling them would change which are kept) raises a ValueError unless its
+        rows are already unit norm. Returns self."""
+        norms = self.W_dec.detach().float().norm(dim=1)
+        if self.decoder_norms_are_unit():
+            return self
+        if not self.folds_decoder_norms:
+            raise ValueError(f"{type(self).__name__} selects latents by comparing their activations, so moving its "
+                             f"decoder norms (from {float(norms.min()):.4g} to {float(norms.max()):.4g}) into the "
+                             "encoder would change which latents are kept; renormalise with sae.normalize_decoder() "
+                             "and fine-tune, or evaluate it as it is")
+        if not bool((norms > 0).all()):
+            raise ValueError(f"W_dec has {int((norms == 0).sum())} all-zero row(s): their norm cannot be folded")
+        scale = norms.to(self.dtype)
+        self.W_enc.mul_(scale)
+        self.b_enc.mul_(scale)
+        self.W_dec.div_(scale[:, None])
+        self._fold_threshold(1.0 / norms)
+        return self
 
     # ------------------------------------------------------------------------------------------
     # The SAELens layout (saefast.io writes and reads the files; the variant says what differs)
