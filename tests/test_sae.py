@@ -768,6 +768,48 @@ def test_reference_dict_keeps_its_training_keys_and_warns_on_foreign_ones(caplog
     assert "'my_note' is not an SAE option" in caplog.text and "'lr'" not in caplog.text
 
 
+def _bf16_ulp(t):
+    """The spacing of bf16 numbers at |t| (8 significant bits)."""
+    return torch.exp2(torch.floor(torch.log2(t.abs().clamp_min(1e-30))) - 7)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_16bit_jumprelu_differs_from_saelens_maths_only_near_the_threshold(monkeypatch, backend):
+    """docs/sae.md: SAELens rounds (x - b_dec) @ W_enc to bf16 before adding b_enc and compares with
+    the bf16 threshold of the saved folder; saefast rounds once and compares with the fp32 one. In
+    float32 both select the same entries; in bf16 a small fraction differs, all within a few bf16
+    steps of the threshold, and shared entries differ by at most two bf16 steps."""
+    monkeypatch.setenv("SAEFAST_BACKEND", backend)
+    for dtype in (torch.float32, torch.bfloat16):
+        g = torch.Generator().manual_seed(11)
+        sae = JumpReLUSAE(SAEConfig(d_in=96, d_sae=384, architecture="jumprelu", dtype=str(dtype)[6:],
+                                    device="cpu", seed=0)).eval()
+        with torch.no_grad():
+            sae.b_enc.copy_(0.1 * torch.randn(384, generator=g))
+            sae.b_dec.copy_(0.1 * torch.randn(96, generator=g))
+            sae.threshold.copy_(0.3 + 0.2 * torch.rand(384, generator=g))
+            x = torch.randn(300, 96, generator=g).to(dtype)
+            ours = sae.encode(x)
+            sae_in = x - sae.b_dec
+            hidden_pre = sae_in @ sae.W_enc + sae.b_enc  # SAELens' order, in the weights' dtype
+            theirs = F.relu(hidden_pre) * (hidden_pre > sae.threshold.to(dtype))
+            exact_pre = sae_in.double() @ sae.W_enc.double() + sae.b_enc.double()
+        differ = (ours != 0) != (theirs != 0)
+        if dtype == torch.float32:
+            assert not differ.any()
+            torch.testing.assert_close(ours, theirs)
+            continue
+        threshold = sae.threshold.detach().double().expand_as(exact_pre)
+        steps = (exact_pre - threshold).abs() / _bf16_ulp(threshold)
+        assert 0 < differ.float().mean() < 0.003, f"{differ.float().mean():.4%} of entries differ"
+        assert steps[differ].max() <= 3, "an entry away from its threshold was selected differently"
+        both = (ours != 0) & (theirs != 0)
+        gap = (ours.float() - theirs.float()).abs()[both]
+        # each side is within one step of the exact value (two roundings, or the interpreter's
+        # conversion to bf16), so shared entries are at most two steps apart
+        assert bool((gap <= 2 * _bf16_ulp(torch.maximum(ours.float().abs(), theirs.float().abs()))[both]).all())
+
+
 def test_jumprelu_threshold_rule_is_the_same_in_training_and_eval():
     """bf16 pre-activations equal to a threshold's bf16 rounding: the eval encode and the training
     path's selection agree (both compare widened values with the float32 threshold)."""
