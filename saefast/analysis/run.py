@@ -395,8 +395,8 @@ def _headline(summary: Dict[str, Any]) -> Dict[str, Any]:
     head: Dict[str, Any] = {k: summary[k] for k in ("source", "model", "hook", "dataset", "cache_dir", "d_in", "d_sae",
                                                      "architecture", "feature_recovery") if summary.get(k) is not None}
     sp = summary.get("sparsity", {})
-    for k in ("n_tokens", "l0_mean", "l0_median", "l1_mean", "n_dead", "dead_fraction", "n_dense", "dense_fraction",
-              "n_rare", "training_dead"):
+    for k in ("n_tokens", "l0_mean", "l0_median", "l1_mean", "n_dead", "dead_fraction", "n_inactive",
+              "inactive_fraction", "n_dense", "dense_fraction", "n_rare"):
         if sp.get(k) is not None:
             head[k] = sp[k]
     for k in ("explained_variance", "mse", "cosine_similarity"):

@@ -98,11 +98,17 @@ class RunFolder:
     def checkpoints(self, keep: int, rank: int) -> CheckpointManager:
         return CheckpointManager(self.path, keep=keep, rank=rank, barrier=barrier)
 
-    def start(self) -> None:
-        """Create the folder and (for a new run) write its config.json; main process only."""
+    def start(self, d_in: Optional[int] = None, d_sae: Optional[int] = None) -> None:
+        """Create the folder and (for a new run) write its config.json, with ``d_in`` / ``d_sae``
+        filled in where the options left them to be derived (the hook's width, expansion_factor *
+        d_in); main process only."""
         self.path.mkdir(parents=True, exist_ok=True)
         if not self.resume:
-            write_atomic(self.path / CONFIG_FILENAME, lambda p: write_json(self.cfg.to_dict(), p))
+            values = self.cfg.to_dict()
+            for name, resolved in (("d_in", d_in), ("d_sae", d_sae)):
+                if values.get(name) is None:
+                    values[name] = resolved
+            write_atomic(self.path / CONFIG_FILENAME, lambda p: write_json(values, p))
 
     def write_eval(self, metrics: Dict[str, Any]) -> None:
         write_atomic(self.eval_path, lambda p: write_json(metrics, p))

@@ -38,7 +38,11 @@ def test_analyze_synthetic_run(synthetic_run, capsys):
     assert summary["source"] == "synthetic" and summary["sparsity"]["n_tokens"] == 600
     assert summary["sparsity"]["nnz"] == db.nnz and summary["reconstruction"]["n_rows"] == 600
     assert 0 <= summary["feature_recovery"] <= 1 and "final_eval" in summary
-    assert summary["sparsity"]["n_dead"] == int((db.feature_counts() == 0).sum())
+    assert summary["sparsity"]["n_inactive"] == int((db.feature_counts() == 0).sum())
+    # one dead count for the SAE: its training counter, the same in the summary and the final eval
+    assert summary["sparsity"]["n_dead"] == sae.count_dead_features()
+    assert summary["sparsity"]["dead_fraction"] == summary["final_eval"]["dead_fraction"] \
+        == summary["reconstruction"]["dead_fraction"] == pytest.approx(sae.count_dead_features() / 48)
     features = summary["report_features"]
     assert len(features) == 4 and all(db.feature_counts()[f] > 0 for f in features)
     index = (out / "index.html").read_text()
