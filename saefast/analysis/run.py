@@ -9,6 +9,8 @@ its cache, or its synthetic planted-dictionary stream), and writes::
                               recovered and per-feature ablation (model sources), decoder-similarity
                               summary, the run's final eval
     similarity.csv            for every feature its nearest features by decoder cosine
+                              (synthetic sources: also which planted feature each latent recovers,
+                              on the pages and in summary.json's "planted")
     density.png               feature-density histogram (log10 firing frequency)
     training_curves.png       loss, L0, dead fraction, ... against the step (run folders)
     index.html, features/     the HTML report (pages for ``n_features`` features)
@@ -50,6 +52,7 @@ SELECTIONS = ("spread", "frequent", "random")
 _ANALYSIS_STREAM = 1_000  # synthetic sample stream of the analysis: same dictionary, unseen rows
 _METRIC_ROWS = 8192       # activation rows used for the reconstruction metrics
 _NEAR_DUPLICATE = 0.9     # decoder cosine above which two features count as near duplicates
+_PLANTED_MATCH = 0.9      # decoder cosine above which a latent counts as recovering a planted feature
 
 
 def select_features(frequency: Tensor, n: int, how: str = "spread", seed: int = 0) -> List[int]:
@@ -235,6 +238,7 @@ class _Activations:
     model: Optional[nn.Module] = None
     ablation_tokens: Optional[Tensor] = None    # [windows, seq] for the ablation study
     ablation_kwargs: Dict[str, Any] = field(default_factory=dict)
+    planted: Optional[Tensor] = None            # [n_planted, d_in] planted directions (synthetic data)
 
 
 def _from_model(sae: nn.Module, inputs: _Inputs, n_tokens: int, batch_size: int, ablation_windows: int,
@@ -299,7 +303,13 @@ def _from_synthetic(sae: nn.Module, cfg: Any, n_tokens: int, progress: bool) -> 
         batches.append(next(synth))
     db = build_database_from_activations(sae, batches, n_tokens=n_tokens, progress=progress,
                                          metadata={"synthetic_features": cfg.synthetic_features})
-    return _Activations(db, batches, {"feature_recovery": feature_recovery(sae.W_dec, synth.true_features)})
+    planted = synth.true_features
+    cos = (torch.nn.functional.normalize(sae.W_dec.detach().float().cpu(), dim=1) @ planted.T)
+    info = {"feature_recovery": feature_recovery(sae.W_dec, planted),
+            "planted": {"n_planted": planted.shape[0], "match_threshold": _PLANTED_MATCH,
+                        "planted_recovered": int((cos.max(dim=0).values > _PLANTED_MATCH).sum()),
+                        "latents_matching_a_planted_feature": int((cos.max(dim=1).values > _PLANTED_MATCH).sum())}}
+    return _Activations(db, batches, info, planted=planted)
 
 
 def _write_similarity_csv(path: Path, neighbours: Any) -> None:
@@ -384,7 +394,8 @@ def _analyze_into(out: Path, sae: nn.Module, sae_dir: Path, run_dir: Optional[Pa
         summary["final_eval"] = json.loads((run_dir / "eval.json").read_text())
     write_html_report(out, features, db=db, W_dec=sae.W_dec, tokenizer=found.tokenizer if found else None,
                       summary=_headline(summary), images=images, neighbours=neighbours, ablation=ablation,
-                      n_examples=n_examples, title=f"SAE analysis: {sae_dir}", log10_density=log10_density)
+                      n_examples=n_examples, title=f"SAE analysis: {sae_dir}", log10_density=log10_density,
+                      planted=found.planted if found is not None else None)
     summary["report_features"] = features
     (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
     return summary
@@ -405,6 +416,11 @@ def _headline(summary: Dict[str, Any]) -> Dict[str, Any]:
     for k in ("ce_clean", "ce_spliced", "ce_zero_ablation", "ce_loss_recovered", "kl"):
         if k in summary.get("ablation", {}):
             head[k] = summary["ablation"][k]
+    planted = summary.get("planted")
+    if planted:
+        cut = planted["match_threshold"]
+        head[f"planted features recovered (cos > {cut})"] = f"{planted['planted_recovered']} of {planted['n_planted']}"
+        head[f"latents matching a planted feature (cos > {cut})"] = planted["latents_matching_a_planted_feature"]
     for k, v in summary.get("decoder_similarity", {}).items():
         head[f"decoder {k}"] = v
     return head

@@ -1,6 +1,7 @@
 """``saefast analyze`` on tiny runs: synthetic default, a model + dataset, an SAE folder alone, bad input."""
 import csv
 import json
+import re
 
 import pytest
 import torch
@@ -47,9 +48,24 @@ def test_analyze_synthetic_run(synthetic_run, capsys):
     assert len(features) == 4 and all(db.feature_counts()[f] > 0 for f in features)
     index = (out / "index.html").read_text()
     assert '<img src="density.png"' in index and '<img src="training_curves.png"' in index
+    # synthetic rows have no tokens: the pages show the planted feature each latent recovers, not contexts
+    from saefast.data.synthetic import SyntheticActivations
+    planted = SyntheticActivations(16, 24, 8).true_features
+    cos = torch.nn.functional.normalize(sae.W_dec.detach(), dim=1) @ planted.T
+    assert "planted feature (cos)" in index
     for f in features:
         page = (out / "features" / f"feature_{f:05d}.html").read_text()
-        assert f"Feature {f}" in page and "Max-activating examples" in page and "no token text" in page
+        assert f"Feature {f}" in page and "Planted features it recovers" in page
+        assert "Max-activating examples" not in page and "\u00b7" not in page and "no token" not in page
+        best, ids = cos[f].topk(3)
+        table = page.split("Planted features it recovers")[1].split("</table>")[0]
+        found = re.findall(r"<tr><td>(\d+)</td><td class=\"num\">([-\d.e]+)</td></tr>", table)
+        assert [int(i) for i, _ in found] == ids.tolist()
+        assert [float(c) for _, c in found] == pytest.approx(best.tolist(), abs=1e-3)
+        assert f"<td>{int(ids[0])} ({float(best[0]):.3f})</td>" in index
+    matched = summary["planted"]
+    assert matched["n_planted"] == 24 and matched["planted_recovered"] == int((cos.max(0).values > 0.9).sum())
+    assert matched["latents_matching_a_planted_feature"] == int((cos.max(1).values > 0.9).sum())
     with open(out / "similarity.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == sae.d_sae * 10
