@@ -69,8 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train an SAE",
         description="Train an SAE. With no --model/--dataset/--cache-dir it trains on the embedded synthetic "
                     "default (planted dictionary, no network, well under two minutes on a laptop CPU), whose "
-                    f"own defaults are {SYNTHETIC_DEFAULTS} unless given. Options may also "
-                    "come from --config FILE (YAML or JSON); flags override the file. Launch under torchrun for "
+                    f"own defaults are {SYNTHETIC_DEFAULTS} unless given (--total-tokens replaces train_steps, "
+                    "--d-sae expansion_factor). Options may also come from --config FILE (YAML or JSON); flags "
+                    "override the file. An option that would have no effect on the run (another source's, "
+                    "another architecture's) is refused with the reason. Launch under torchrun for "
                     "data-parallel training.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train.add_argument("--config", metavar="FILE", help="YAML or JSON file of options (same names as the flags, "
