@@ -218,6 +218,7 @@ def analyze(path: PathLike, out: Optional[PathLike] = None, *, model: Optional[s
     sae = load_sae(str(sae_dir), device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sae.eval()
     inputs = _resolve_inputs(sae, train_cfg, model, dataset, hook, cache_dir, context_size)
+    _check_no_ignored_options(inputs.kind, context_size=context_size, batch_size=batch_size, n_tokens=n_tokens)
     out_dir = Path(out) if out is not None else root / "analysis"
     with output_folder(out_dir, "analysis", overwrite, argument="--out") as tmp:
         summary = _analyze_into(tmp, sae, sae_dir, root if is_run else None, inputs, n_tokens=n_tokens,
@@ -225,6 +226,20 @@ def analyze(path: PathLike, out: Optional[PathLike] = None, *, model: Optional[s
                                 ablation_windows=ablation_windows, n_examples=n_examples, progress=progress)
     summary["out_dir"] = str(out_dir)
     return summary
+
+
+def _check_no_ignored_options(kind: str, **given: Any) -> None:
+    """Refuse an option that would have no effect on this source: --context-size and --batch-size
+    act on a model only, --n-tokens on any source of activations."""
+    defaults = {"context_size": None, "batch_size": 8, "n_tokens": 32768}
+    acts_on = {"context_size": ("model",), "batch_size": ("model",), "n_tokens": ("model", "cache", "synthetic")}
+    for name, value in given.items():
+        if value != defaults[name] and kind not in acts_on[name]:
+            where = {"none": "there are no activations (an SAE folder and no --model/--dataset/--hook or "
+                             "--cache-dir)", "cache": "the activations come from a cache",
+                     "synthetic": "the activations are the run's synthetic data"}[kind]
+            raise ValueError(f"--{name.replace('_', '-')} {value} has no effect here: {where}; drop it"
+                             + (", or give a source of activations" if kind == "none" else ""))
 
 
 @dataclass

@@ -130,6 +130,15 @@ def test_analyze_on_a_model_and_dataset(synthetic_run, tmp_path, monkeypatch, ca
     assert "either --cache-dir or --model" in capsys.readouterr().err
     assert main(["analyze", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # options that would have no effect on the source are refused, before any output
+    refused = ((synthetic_run, ["--context-size", "16"],
+                "--context-size 16 has no effect here: the activations are the run's synthetic data"),
+               (synthetic_run, ["--batch-size", "2"], "--batch-size 2 has no effect here"),
+               (synthetic_run / "sae", ["--n-tokens", "100"], "--n-tokens 100 has no effect here: there are no "
+                                                               "activations"))
+    for target, flags, message in refused:
+        assert main(["analyze", str(target), *flags, "--out", str(tmp_path / "ignored")]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "ignored").exists()
 
 
 def test_analyze_sae_folder_without_activations(synthetic_run, tmp_path):
