@@ -209,12 +209,12 @@ class _RunOptions:
             raise ValueError("e2e_block_mse_weight > 0 needs e2e_downstream_hooks (the later hooks to compare)")
         if self.synthetic_active <= 0:
             raise ValueError(f"synthetic_active={self.synthetic_active} must be positive")
-        self._check_no_ignored_options()
 
-    def _check_no_ignored_options(self) -> None:
-        """Every option set away from its default must act on this run: one that would be ignored
+    def check_no_ignored_options(self) -> None:
+        """Every option set away from its default must act on the run: one that would be ignored
         (an option of another activation source, total_tokens next to train_steps, a TopK option on
-        a ReLU SAE, ...) is refused with the reason."""
+        a ReLU SAE, ...) raises a ValueError with the reason. A new run checks this before any work
+        (``RunFolder.prepare``); the config of an existing run is read back without it."""
         kind = self.source_kind
         what = {"model": "a model run (--model/--hook/--dataset)", "cache": "a cache run (--cache-dir)",
                 "synthetic": "the synthetic default (no --model, --dataset or --cache-dir)"}

@@ -72,9 +72,11 @@ class RunFolder:
                                  "Resume with the run's own config, or start a new run_name.")
             if CheckpointManager(path).latest() is None:
                 raise ValueError(f"--resume: {path} has no complete checkpoint to resume from")
-        elif path.exists() and any(path.iterdir()):
-            raise ValueError(f"run folder {path} already exists and is not empty; pick another run_name, "
-                             f"or pass --resume {path} to continue it")
+        else:
+            cfg.check_no_ignored_options()
+            if path.exists() and any(path.iterdir()):
+                raise ValueError(f"run folder {path} already exists and is not empty; pick another run_name, "
+                                 f"or pass --resume {path} to continue it")
         if cfg.wandb:
             try:
                 import wandb  # noqa: F401

@@ -81,7 +81,7 @@ def test_total_tokens_sets_the_length_of_the_synthetic_run(tmp_path, capsys):
     (["--hook", "blocks.0.hook_resid_pre"], "--hook) only acts on a model run or a cache run"),
     (["--model-batch-size", "4"], "--model-batch-size) only acts on a model run"),
     (["--eval-ce-batches", "2"], "--eval-ce-batches) only acts on a model run"),
-    (["--cache-dir", "acts", "--synthetic-noise", "0.1"], "--synthetic-noise) only acts on the synthetic default"),
+    (["--cache-dir", "acts", "--top-k", "4", "--synthetic-noise", "0.1"], "--synthetic-noise) only acts on the synthetic default"),
     (["--architecture", "relu", "--top-k", "4"], "--top-k) has no effect on architecture='relu'"),
     (["--architecture", "jumprelu", "--aux-penalty", "0.1"], "--aux-penalty) has no effect on architecture='jumprelu'"),
     (["--l1-coefficient", "0.5"], "--l1-coefficient) has no effect on architecture='batchtopk'"),

@@ -112,3 +112,15 @@ def test_topk_variants_need_top_k_named_by_its_flag():
     with pytest.raises(ValueError, match="needs top_k.*--top-k"):
         cfg.sae_config(8, "cpu")
     assert TrainConfig(architecture="relu").sae_config(8, "cpu").top_k is None
+
+
+def test_ignored_options_are_refused_for_new_runs_and_saved_configs_still_read(tmp_path):
+    from saefast.training.run_folder import RunFolder
+    # older versions wrote top_k=4 into synthetic relu runs: such a config.json still reads back (eval, analyze)
+    saved = TrainConfig(architecture="relu", top_k=4, out_dir=str(tmp_path), run_name="old").to_dict()
+    cfg = TrainConfig.from_dict(saved)
+    assert cfg.top_k == 4
+    with pytest.raises(ValueError, match=r"top_k=4 \(--top-k\) has no effect on architecture='relu'"):
+        RunFolder.prepare(cfg, resume=False)  # a new run with it is refused before any work
+    assert not (tmp_path / "old").exists()
+    RunFolder.prepare(TrainConfig(architecture="relu", out_dir=str(tmp_path), run_name="new"), resume=False)
