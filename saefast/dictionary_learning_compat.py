@@ -15,12 +15,16 @@ BatchTopKSAE           ``relu(pre)`` where ``> threshold`` (a scalar)      Batch
                                                                            trained), eval() mode
 JumpReluAutoEncoder    ``relu(x @ W_enc + b_enc)`` where ``> threshold``   JumpReLUSAE,
                        (per latent; b_dec not subtracted)                  apply_b_dec_to_input=False
+MatryoshkaBatchTopKSAE ``relu(pre)`` where ``> threshold`` (a scalar)      MatryoshkaBatchTopKSAE
+                                                                           (prefixes: the cumulative
+                                                                           group sizes), eval() mode
 =====================  ==================================================  ==========================
 
 The first three store ``encoder.weight [d_sae, d_in]``, ``encoder.bias``, ``decoder.weight
 [d_in, d_sae]`` and ``bias`` (AutoEncoder) or ``b_dec``; the TopK ones also ``k`` and
-``threshold``. JumpReluAutoEncoder stores ``W_enc [d_in, d_sae]``, ``b_enc``, ``W_dec
-[d_sae, d_in]``, ``b_dec`` and ``threshold [d_sae]``. A BatchTopK threshold still at its initial
+``threshold``. JumpReluAutoEncoder and MatryoshkaBatchTopKSAE store ``W_enc [d_in, d_sae]``,
+``b_enc``, ``W_dec [d_sae, d_in]``, ``b_dec`` and ``threshold`` ([d_sae] for JumpReLU, a scalar
+for Matryoshka, which also stores ``k`` and ``group_sizes``). A BatchTopK threshold still at its initial
 -1 (training stopped before it was estimated) keeps every positive activation there, so it loads
 as threshold 0, which does the same. Thresholds are compared in float32 (see docs/sae.md); for
 float32 checkpoints every encode is identical. Decoder rows are loaded as they are (not
@@ -53,7 +57,9 @@ DICT_CLASSES: Dict[str, str] = {
     "AutoEncoderTopK": "topk",
     "BatchTopKSAE": "batchtopk",
     "JumpReluAutoEncoder": "jumprelu",
+    "MatryoshkaBatchTopKSAE": "matryoshka_batchtopk",
 }
+_PARAMETER_STYLE = ("JumpReluAutoEncoder", "MatryoshkaBatchTopKSAE")  # W_enc/b_enc/W_dec/b_dec, not nn.Linear
 _TRAINER_CLASSES = {
     "StandardTrainer": "AutoEncoder", "StandardTrainerAprilUpdate": "AutoEncoder", "TopKTrainer": "AutoEncoderTopK",
     "BatchTopKTrainer": "BatchTopKSAE", "JumpReluTrainer": "JumpReluAutoEncoder",
@@ -88,6 +94,8 @@ def _dict_class(trainer: Dict[str, Any], state: Dict[str, Tensor], where: str) -
             name = "AutoEncoder"
         elif {"W_enc", "threshold"} <= set(state) and state["threshold"].dim() == 1:
             name = "JumpReluAutoEncoder"
+        elif {"W_enc", "group_sizes"} <= set(state):
+            name = "MatryoshkaBatchTopKSAE"
         else:
             raise ValueError(f"{where}: the config names no dict_class or trainer_class and the state dict does not "
                              f"tell which dictionary it is; add trainer.dict_class (one of {sorted(DICT_CLASSES)})")
@@ -114,6 +122,8 @@ def from_dictionary_learning_state_dict(state: Dict[str, Tensor], trainer: Dict[
     arch = DICT_CLASSES[dict_class]
     if dict_class == "JumpReluAutoEncoder":
         weights = {k: _tensor(state, k, where, dict_class) for k in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
+    elif dict_class in _PARAMETER_STYLE:
+        weights = {k: _tensor(state, k, where, dict_class) for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
     else:
         weights = {"W_enc": _tensor(state, "encoder.weight", where, dict_class).t(),
                    "b_enc": _tensor(state, "encoder.bias", where, dict_class),
@@ -126,12 +136,16 @@ def from_dictionary_learning_state_dict(state: Dict[str, Tensor], trainer: Dict[
     values: Dict[str, Any] = dict(metadata or {})
     values.update(d_in=int(d_in), d_sae=int(d_sae), architecture=arch, device="cpu", train_b_enc=True,
                   dtype=dtype_name(parse_dtype(dtype) if dtype is not None else weights["W_enc"].dtype))
-    if arch in ("topk", "batchtopk"):
+    if variant_class(arch).needs_top_k:
         k = _tensor(state, "k", where, dict_class)
         values["top_k"] = int(k.item() if isinstance(k, Tensor) else k)
     if dict_class == "JumpReluAutoEncoder":
         values["apply_b_dec_to_input"] = False  # its encode uses x as it is
-    unknown = sorted(set(state) - _LINEAR_KEYS - {"bias", "b_dec", "k", "threshold", "W_enc", "b_enc", "W_dec"})
+    if dict_class == "MatryoshkaBatchTopKSAE":
+        sizes = _tensor(state, "group_sizes", where, dict_class).reshape(-1).tolist()
+        values["matryoshka_prefixes"] = [int(sum(sizes[:i + 1])) for i in range(len(sizes))]
+    unknown = sorted(set(state) - _LINEAR_KEYS - {"bias", "b_dec", "k", "threshold", "W_enc", "b_enc", "W_dec",
+                                                  "group_sizes"})
     if unknown:
         raise ValueError(f"{where}: unexpected tensors {unknown} for a {dict_class}")
     try:
@@ -141,7 +155,7 @@ def from_dictionary_learning_state_dict(state: Dict[str, Tensor], trainer: Dict[
     sae = without_rng(lambda: variant_class(arch)(config))
     shapes = sae.weight_shapes()
     fill_weights(sae, weights, {k: shapes[k] for k in weights}, where, f"d_in={d_in}, d_sae={d_sae}")
-    if arch == "batchtopk":
+    if hasattr(sae, "topk_threshold"):  # BatchTopK and Matryoshka: the global inference threshold
         threshold = float(_tensor(state, "threshold", where, dict_class).float().reshape(()))
         if threshold < 0:
             logger.warning("%s: the BatchTopK threshold was never estimated (%g), so dictionary_learning keeps every "

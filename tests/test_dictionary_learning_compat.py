@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from saefast import BatchTopKSAE, JumpReLUSAE, SAEConfig, TopKSAE, VanillaSAE, load_sae
+from saefast import BatchTopKSAE, JumpReLUSAE, MatryoshkaBatchTopKSAE, SAEConfig, TopKSAE, VanillaSAE, load_sae
 from saefast import io as sio
 
 D_IN, D_SAE, K = 12, 40, 5
@@ -34,9 +34,13 @@ def make_state(dict_class, seed=0, threshold=0.3):
         state.update(k=torch.tensor(K, dtype=torch.int), threshold=torch.tensor(threshold, dtype=torch.float32))
         return state
     g = torch.Generator().manual_seed(seed)
-    return {"W_enc": torch.randn(D_IN, D_SAE, generator=g) * 0.4, "b_enc": torch.randn(D_SAE, generator=g) * 0.2,
-            "W_dec": torch.randn(D_SAE, D_IN, generator=g) * 0.3, "b_dec": torch.randn(D_IN, generator=g) * 0.1,
-            "threshold": 0.1 + 0.4 * torch.rand(D_SAE, generator=g)}
+    state = {"W_enc": torch.randn(D_IN, D_SAE, generator=g) * 0.4, "b_enc": torch.randn(D_SAE, generator=g) * 0.2,
+             "W_dec": torch.randn(D_SAE, D_IN, generator=g) * 0.3, "b_dec": torch.randn(D_IN, generator=g) * 0.1,
+             "threshold": 0.1 + 0.4 * torch.rand(D_SAE, generator=g)}
+    if dict_class == "MatryoshkaBatchTopKSAE":
+        state.update(k=torch.tensor(K, dtype=torch.int), threshold=torch.tensor(threshold, dtype=torch.float32),
+                     group_sizes=torch.tensor([5, 10, 25]))
+    return state
 
 
 def plain_encode(dict_class, state, x):
@@ -44,6 +48,9 @@ def plain_encode(dict_class, state, x):
     if dict_class == "JumpReluAutoEncoder":
         pre = x @ state["W_enc"] + state["b_enc"]
         return F.relu(pre * (pre > state["threshold"]))
+    if dict_class == "MatryoshkaBatchTopKSAE":  # every group active, as a loaded dictionary has them
+        post = F.relu((x - state["b_dec"]) @ state["W_enc"] + state["b_enc"])
+        return post * (post > state["threshold"])
     b_dec = state["bias" if dict_class == "AutoEncoder" else "b_dec"]
     post = F.relu(F.linear(x - b_dec, state["encoder.weight"], state["encoder.bias"]))
     if dict_class == "AutoEncoder":
@@ -55,15 +62,16 @@ def plain_encode(dict_class, state, x):
 
 
 def plain_decode(dict_class, state, f):
-    if dict_class == "JumpReluAutoEncoder":
+    if dict_class in ("JumpReluAutoEncoder", "MatryoshkaBatchTopKSAE"):
         return f @ state["W_dec"] + state["b_dec"]
     return F.linear(f, state["decoder.weight"]) + state["bias" if dict_class == "AutoEncoder" else "b_dec"]
 
 
 TRAINERS = {"AutoEncoder": "StandardTrainerAprilUpdate", "AutoEncoderTopK": "TopKTrainer",
-            "BatchTopKSAE": "BatchTopKTrainer", "JumpReluAutoEncoder": "JumpReluTrainer"}
+            "BatchTopKSAE": "BatchTopKTrainer", "JumpReluAutoEncoder": "JumpReluTrainer",
+            "MatryoshkaBatchTopKSAE": "MatryoshkaBatchTopKTrainer"}
 CLASSES = {"AutoEncoder": VanillaSAE, "AutoEncoderTopK": TopKSAE, "BatchTopKSAE": BatchTopKSAE,
-           "JumpReluAutoEncoder": JumpReLUSAE}
+           "JumpReluAutoEncoder": JumpReLUSAE, "MatryoshkaBatchTopKSAE": MatryoshkaBatchTopKSAE}
 
 
 def write_trainer(folder, class_name, state, **trainer_overrides):
@@ -93,10 +101,12 @@ def test_each_dictionary_loads_with_identical_encodes(tmp_path, monkeypatch, dic
     assert (c.d_in, c.d_sae, c.model_name, c.context_size) == (D_IN, D_SAE, "EleutherAI/pythia-70m-deduped", 128)
     assert c.hook_spec == "blocks.3.hook_resid_post" and c.b_enc_trained
     assert c.apply_b_dec_to_input is (dict_class != "JumpReluAutoEncoder")
-    if dict_class in ("AutoEncoderTopK", "BatchTopKSAE"):
+    if dict_class in ("AutoEncoderTopK", "BatchTopKSAE", "MatryoshkaBatchTopKSAE"):
         assert c.top_k == K
-    if dict_class == "BatchTopKSAE":
+    if dict_class in ("BatchTopKSAE", "MatryoshkaBatchTopKSAE"):
         assert sae.inference_threshold == pytest.approx(0.3)
+    if dict_class == "MatryoshkaBatchTopKSAE":
+        assert list(c.prefix_sizes) == [5, 15, 40]  # the cumulative group sizes
     for n in (1, 33):
         x = data(n, seed=n)
         expected = plain_encode(dict_class, state, x)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from saefast import BatchTopKSAE, JumpReLUSAE, SAEConfig, TopKSAE, VanillaSAE, create_sae, load_sae
+from saefast.config import variant_class
 from saefast.data.models import tiny_model
 from saefast.saebench import SAEBenchSAE, to_saebench
 
@@ -32,7 +33,7 @@ SAEBENCH_FIELDS = {
 
 
 def trained(arch, steps=4, **extra):
-    cfg = SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture=arch, top_k=4 if arch in ("batchtopk", "topk") else None,
+    cfg = SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture=arch, top_k=4 if variant_class(arch).needs_top_k else None,
                     device="cpu", seed=0, hook_layer=LAYER, hook_name="hook_resid_post", model_name="tiny",
                     context_size=12, **extra)
     sae = create_sae(cfg)
@@ -55,7 +56,7 @@ def check_decoder_norms(W_dec):
     return torch.allclose(norms, torch.ones_like(norms), atol=tol)
 
 
-@pytest.mark.parametrize("arch", ["batchtopk", "topk", "relu", "jumprelu"])
+@pytest.mark.parametrize("arch", ["batchtopk", "topk", "relu", "jumprelu", "matryoshka_batchtopk"])
 def test_interface_field_by_field(arch):
     sae = trained(arch)
     custom = to_saebench(sae)
@@ -73,8 +74,8 @@ def test_interface_field_by_field(arch):
         assert isinstance(getattr(cfg, name), types), (name, getattr(cfg, name))
     assert (cfg.model_name, cfg.d_in, cfg.d_sae, cfg.hook_layer, cfg.hook_name, cfg.context_size) == \
         ("tiny", D_IN, D_SAE, LAYER, HOOK, 12)
-    assert cfg.architecture == {"batchtopk": "batch_topk", "topk": "topk", "relu": "standard",
-                                "jumprelu": "jumprelu"}[arch]
+    assert cfg.architecture == {"batchtopk": "batch_topk", "topk": "topk", "relu": "standard", "jumprelu": "jumprelu",
+                                "matryoshka_batchtopk": "matryoshka_batch_topk"}[arch]
     assert (cfg.activation_fn_str, cfg.activation_fn_kwargs) == (("topk", {"k": 4}) if arch == "topk" else ("relu", {}))
     assert cfg.dtype == "float32" and cfg.apply_b_dec_to_input is True
     as_dict = cfg.to_dict()
