@@ -101,8 +101,11 @@ def test_commands_not_run_are_still_in_the_docs():
 # python blocks
 # ------------------------------------------------------------------------------------------------
 
-_PRELOAD = ["torch", "saefast", "saefast.sae", "saefast.training", "saefast.analysis", "saefast.data.models",
-            "saefast.evals.model_evals", "transformer_lens", "datasets"]
+# What the blocks import, loaded once by the server they are forked from (torch._dynamo: the fused
+# Adam optimizer imports it; matplotlib: the trainer draws training curves).
+_PRELOAD = ["torch", "torch._dynamo", "saefast", "saefast.sae", "saefast.training", "saefast.analysis",
+            "matplotlib.figure", "matplotlib.backends.backend_agg", "saefast.data.models", "saefast.evals.model_evals",
+            "transformer_lens", "datasets"]
 
 
 def _run_python(code: str, name: str, folder: str) -> None:
