@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import SAEConfig, dtype_name, parse_dtype, variant_class, variant_classes
-from .utils import fill_weights, load_torch, read_json, without_rng
+from .utils import LazyDict, fill_weights, load_torch_weights, read_json, without_rng
 
 __all__ = ["DictAPI", "dict_api_class", "config_from_dict", "from_reference_state_dict", "to_reference_state_dict",
            "load_reference_checkpoint", "is_reference_checkpoint", "REFERENCE_CFG_FILENAME",
@@ -92,25 +92,6 @@ def config_from_dict(cfg: Dict[str, Any], architecture: str) -> SAEConfig:
         context_size=cfg.get("seq_len"))
 
 
-class _LossDict(dict):
-    """The reference code's forward() dict. ``feature_acts`` (dense [B, d_sae]) is built on first
-    access only; ``acts`` holds the same activations sparsely."""
-
-    def __missing__(self, key):
-        if key == "feature_acts":
-            acts, lead = dict.__getitem__(self, "acts"), self._lead
-            dense = acts.to_dense().reshape(*lead, acts.d_sae)
-            self[key] = dense
-            return dense
-        raise KeyError(key)
-
-    def __contains__(self, key) -> bool:
-        return key == "feature_acts" or dict.__contains__(self, key)
-
-    def get(self, key, default=None):
-        return self[key] if key in self else default
-
-
 class DictAPI:
     """Mixed in before a saefast SAE class: the BatchTopK reference code's behaviour (see the
     module docstring). ``self.cfg`` is the dict; ``self.config`` its SAEConfig."""
@@ -151,8 +132,8 @@ class DictAPI:
         l1_norm = acts.values.float().abs().sum() / n_rows
         l1_loss = c.l1_coefficient * l1_norm
         l0_norm = torch.tensor(acts.nnz / n_rows, device=x2.device)
-        out = _LossDict()
-        out._lead = lead
+        # The dense [B, d_sae] feature_acts is built only when read; "acts" holds them sparsely.
+        out = LazyDict(lazy={"feature_acts": lambda: acts.to_dense().reshape(*lead, acts.d_sae)})
         out["sae_out"] = self._unstandardize(x_hat, mean, std).reshape(*lead, self.d_in)
         out["num_dead_features"] = (self.num_batches_not_active > c.n_batches_to_dead).sum()
         if self.needs_top_k:
@@ -255,5 +236,5 @@ def load_reference_checkpoint(path: Union[str, os.PathLike], device: Optional[st
     cfg = read_json(path / REFERENCE_CFG_FILENAME)
     if device is not None:
         cfg["device"] = device
-    state_dict = load_torch(path / REFERENCE_WEIGHTS_FILENAME, "save the checkpoint again, or restore it from a copy")
+    state_dict = load_torch_weights(path / REFERENCE_WEIGHTS_FILENAME, "save the checkpoint again, or restore it from a copy")
     return from_reference_state_dict(state_dict, cfg)

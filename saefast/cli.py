@@ -70,8 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train an SAE",
         description="Train an SAE. With no --model/--dataset/--cache-dir it trains on the embedded synthetic "
                     "default (planted dictionary, no network, well under two minutes on a laptop CPU), whose "
-                    f"own defaults are {SYNTHETIC_DEFAULTS} unless given. Options may also "
-                    "come from --config FILE (YAML or JSON); flags override the file. Launch under torchrun for "
+                    f"own defaults are {SYNTHETIC_DEFAULTS} unless given (--total-tokens replaces train_steps, "
+                    "--d-sae expansion_factor). Options may also come from --config FILE (YAML or JSON); flags "
+                    "override the file. An option that would have no effect on the run (another source's, "
+                    "another architecture's) is refused with the reason. Launch under torchrun for "
                     "data-parallel training.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train.add_argument("--config", metavar="FILE", help="YAML or JSON file of options (same names as the flags, "
@@ -167,7 +169,8 @@ def _natural_key(name: str) -> List[Any]:
 
 def _format_metrics(metrics: Dict[str, Any]) -> str:
     order = ["feature_recovery", "mse", "explained_variance", "cosine_similarity", "l0", "dead_fraction",
-             "dense_fraction", "ce_clean", "ce_spliced", "ce_zero_ablation", "ce_loss_recovered", "kl"]
+             "inactive_fraction", "dense_fraction", "ce_clean", "ce_spliced", "ce_zero_ablation", "ce_loss_recovered",
+             "kl"]
     keys = [k for k in order if k in metrics] + sorted((k for k in metrics if k not in order), key=_natural_key)
     return "\n".join(f"  {k:<20} {v:.6g}" if isinstance(v, float) else f"  {k:<20} {v}" for k in keys
                      for v in [metrics[k]])
@@ -222,8 +225,24 @@ def _run_training(cfg: TrainConfig, run: Any, device: Any, info: Any) -> int:
         if "feature_recovery" in metrics:
             head += ("\nplanted-feature recovery (mean over planted features of the max cosine similarity "
                      "with a decoder row) next to reconstruction metrics on held-out activations:")
-        print(head + "\n" + _format_metrics(metrics))
+        print(head + "\n" + _format_metrics(metrics) + _dead_note(cfg, sae, metrics))
     return 0
+
+
+def _dead_note(cfg: Any, sae: Any, metrics: Dict[str, Any]) -> str:
+    """What dead_fraction counts, and on the synthetic default why about half the latents are dead."""
+    if "dead_fraction" not in metrics:
+        return ""
+    n_dead = round(metrics["dead_fraction"] * sae.d_sae)
+    note = (f"\ndead: {n_dead} of {sae.d_sae} latents have not fired in the last {sae.config.n_batches_to_dead} "
+            "training steps (n_batches_to_dead); inactive_fraction counts the latents that fired on none of the "
+            "held-out rows")
+    if cfg.source_kind == "synthetic" and sae.d_sae > cfg.synthetic_features:
+        note += (f"\nthe synthetic data has {cfg.synthetic_features} planted features for {sae.d_sae} latents: the "
+                 f"other {sae.d_sae - cfg.synthetic_features} latents have no feature to learn and die as training "
+                 f"goes on, so up to {1 - cfg.synthetic_features / sae.d_sae:.0%} dead is expected "
+                 "(--expansion-factor sets d_sae)")
+    return note
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:

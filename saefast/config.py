@@ -246,9 +246,8 @@ class SAEConfig(metaclass=_ConfigDispatch):
         if not 1 <= k <= self.d_sae:
             raise ValueError(f"{name}={k} must be between 1 and d_sae={self.d_sae}")
 
-    @property
     def torch_dtype(self) -> torch.dtype:
-        """``dtype`` as a torch.dtype."""
+        """``dtype`` as a torch.dtype (a method, as in the classic SAE API: ``cfg.torch_dtype()``)."""
         return parse_dtype(self.dtype)
 
     @property

@@ -24,8 +24,12 @@ never imports the SAE classes: it finds them through the variant registry of ``s
 Converters: SAELens folders (v6 nested ``metadata`` and pre-6 flat configs; inference folders and
 training checkpoints, with ``rescale_acts_by_decoder_norm`` folded into unit decoder rows), sparsify folders
 (``cfg.json`` + ``sae.safetensors`` with ``encoder.weight [d_sae, d_in]``, ``encoder.bias``,
-``W_dec [d_sae, d_in]``, ``b_dec``), and the BatchTopK reference code's state dict + config dict
-(or its checkpoint folder, ``config.json`` + ``sae.pt``; see ``saefast.batchtopk_compat``).
+``W_dec [d_sae, d_in]``, ``b_dec``), the BatchTopK reference code's state dict + config dict
+(or its checkpoint folder, ``config.json`` + ``sae.pt``; see ``saefast.batchtopk_compat``),
+the classic SAE API's checkpoints (``weights.pt`` + ``config.json`` + ``history.json``) and
+dictionary_learning's (``ae.pt`` + ``config.json``; see ``saefast.dictionary_learning_compat``).
+``.pt`` files are read with ``torch.load(weights_only=True)``, which refuses anything but tensors
+and plain containers.
 
 Saving never replaces an existing SAE unless ``overwrite=True``, and writes into a temporary
 folder first, then renames (the whole folder when the target is new, file by file otherwise); a
@@ -34,6 +38,7 @@ A truncated or damaged weights file raises ``saefast.utils.CorruptFileError`` na
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -50,14 +55,17 @@ from torch import Tensor, nn
 from .batchtopk_compat import (REFERENCE_CFG_FILENAME, REFERENCE_WEIGHTS_FILENAME, from_reference_state_dict,
                                is_reference_checkpoint, load_reference_checkpoint, to_reference_state_dict)
 from .config import SAEConfig, dtype_name, parse_dtype, variant_class, variant_classes
-from .utils import (check_finite, fill_weights, load_safetensors, parse_hook, read_json, reporting_disk_full,
-                    without_rng, write_json)
+from .dictionary_learning_compat import (DL_CFG_FILENAME, DL_WEIGHTS_FILENAME, dictionary_learning_folder,
+                                         load_dictionary_learning)
+from .utils import (check_finite, fill_weights, load_safetensors, load_torch_weights, parse_hook, read_json,
+                    reporting_disk_full, without_rng, write_json)
 from .version import __version__
 
 __all__ = [
     "save_sae", "load_sae", "load_saelens", "load_sparsify", "save_sparsify", "from_reference_state_dict",
-    "to_reference_state_dict", "load_reference_checkpoint", "read_history", "read_log_sparsity",
-    "CFG_FILENAME", "WEIGHTS_FILENAME", "STATE_FILENAME", "HISTORY_FILENAME",
+    "to_reference_state_dict", "load_reference_checkpoint", "load_classic_checkpoint", "load_dictionary_learning",
+    "sae_folder_kind", "read_history", "read_log_sparsity", "CFG_FILENAME", "WEIGHTS_FILENAME", "STATE_FILENAME",
+    "HISTORY_FILENAME",
 ]
 
 logger = logging.getLogger(__name__)
@@ -70,6 +78,8 @@ STATE_FILENAME = "saefast_state.safetensors"
 HISTORY_FILENAME = "history.json"
 SPARSITY_FILENAME = "sparsity.safetensors"
 SPARSIFY_WEIGHTS_FILENAME = "sae.safetensors"
+CLASSIC_WEIGHTS_FILENAME = "weights.pt"
+CLASSIC_CFG_FILENAME = "config.json"
 SAELENS_FORMAT_VERSION = "6.0.0"
 _SHARED_WEIGHTS = ("W_enc", "b_enc", "W_dec", "b_dec")
 _COUNTERS = ("num_batches_not_active", "ever_fired")
@@ -180,6 +190,11 @@ def save_sae(sae: nn.Module, path: PathLike, history: Optional[Dict[str, Any]] =
 
     ``log_sparsity`` [d_sae] (log10 of each latent's firing frequency) is written to
     ``sparsity.safetensors`` under the key "sparsity", as SAELens does.
+    Decoder rows are saved with unit norm, as SAEBench and tools built on SAELens expect: rows
+    further from 1 than 1e-5 (1e-2 in 16-bit) are folded into the encoder in the saved copy
+    (``sae.fold_decoder_norms()``, reconstructions unchanged, those latents' activations scaled
+    by their norm); ``sae`` itself is not modified. A TopK variant cannot fold its norms and is
+    saved as it is, with a warning.
     Raises FileExistsError if ``path`` already holds an SAE and ``overwrite`` is False.
     """
     if not _is_sae(sae):
@@ -188,6 +203,13 @@ def save_sae(sae: nn.Module, path: PathLike, history: Optional[Dict[str, Any]] =
         raise TypeError(f"history must be a dict (e.g. {{'loss': [...]}}) or None, got {type(history).__name__}")
     if log_sparsity is not None and (not isinstance(log_sparsity, Tensor) or log_sparsity.shape != (sae.d_sae,)):
         raise ValueError(f"log_sparsity must be a tensor of shape [{sae.d_sae}] (d_sae)")
+    if not sae.decoder_norms_are_unit():
+        if sae.folds_decoder_norms:
+            sae = copy.deepcopy(sae).fold_decoder_norms()
+            logger.info("%s: decoder rows were not unit norm; folded into the encoder in the saved copy", path)
+        else:
+            logger.warning("%s: the decoder rows are not unit norm and a %s cannot fold them; saved as they are "
+                           "(SAEBench expects unit-norm decoder rows)", path, type(sae).__name__)
     cfg, weights, state = _native_files(sae)
     writers: Dict[str, Callable[[Path], None]] = {
         WEIGHTS_FILENAME: lambda p: save_file(weights, str(p)),
@@ -215,28 +237,143 @@ def read_log_sparsity(path: PathLike) -> Optional[Tensor]:
     return load_safetensors(file, _RESAVE)["sparsity"] if file.exists() else None
 
 
+def sae_folder_kind(path: PathLike) -> Optional[str]:
+    """Which SAE layout the folder ``path`` holds: ``"saelens"`` (saefast's own folders too),
+    ``"sparsify"``, ``"reference"`` (the BatchTopK reference code), ``"classic"`` (the classic
+    SAE API), ``"dictionary_learning"`` (a ``trainer_N`` folder, or a folder holding exactly one),
+    or None."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    if (path / CFG_FILENAME).is_file() and (path / WEIGHTS_FILENAME).is_file():
+        return "saelens"
+    if (path / CFG_FILENAME).is_file() and (path / SPARSIFY_WEIGHTS_FILENAME).is_file():
+        return "sparsify"
+    if is_reference_checkpoint(path):
+        return "reference"
+    if (path / CLASSIC_CFG_FILENAME).is_file() and (path / CLASSIC_WEIGHTS_FILENAME).is_file():
+        return "classic"
+    if dictionary_learning_folder(path) is not None:
+        return "dictionary_learning"
+    return None
+
+
 def load_sae(path: PathLike, device: str = "cpu", dtype: Optional[Union[str, torch.dtype]] = None) -> nn.Module:
     """Load any SAE folder saefast understands, returning the right class:
     saefast / SAELens (``cfg.json`` + ``sae_weights.safetensors``), sparsify (``cfg.json`` +
-    ``sae.safetensors``) or the BatchTopK reference code's checkpoint (``config.json`` + ``sae.pt``).
-    ``dtype`` overrides the stored one."""
+    ``sae.safetensors``), the BatchTopK reference code's checkpoint (``config.json`` + ``sae.pt``),
+    the classic SAE API's (``config.json`` + ``weights.pt``) or dictionary_learning's
+    (``trainer_N/`` with ``config.json`` + ``ae.pt``). ``dtype`` overrides the stored one."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     if not path.is_dir():
         raise ValueError(f"{path} is not a folder; an SAE is saved as a folder holding cfg.json and "
                          f"{WEIGHTS_FILENAME}")
-    if (path / CFG_FILENAME).exists() and (path / WEIGHTS_FILENAME).exists():
+    kind = sae_folder_kind(path)
+    if kind == "saelens":
         return load_saelens(path, device=device, dtype=dtype)
-    if (path / CFG_FILENAME).exists() and (path / SPARSIFY_WEIGHTS_FILENAME).exists():
+    if kind == "sparsify":
         return load_sparsify(path, device=device, dtype=dtype)
-    if is_reference_checkpoint(path):
+    if kind == "reference":
         sae = load_reference_checkpoint(path, device=device)
         return sae if dtype is None else sae.to(parse_dtype(dtype))
+    if kind == "classic":
+        return load_classic_checkpoint(path, device=device, dtype=dtype)
+    if kind == "dictionary_learning":
+        return load_dictionary_learning(path, device=device, dtype=dtype)
     found = sorted(p.name for p in path.iterdir())[:10]
     raise ValueError(f"{path} is not an SAE folder: expected {CFG_FILENAME} + {WEIGHTS_FILENAME} (saefast / "
-                     f"SAELens), {CFG_FILENAME} + {SPARSIFY_WEIGHTS_FILENAME} (sparsify) or {REFERENCE_CFG_FILENAME} "
-                     f"+ {REFERENCE_WEIGHTS_FILENAME} (BatchTopK reference code); found {found}")
+                     f"SAELens), {CFG_FILENAME} + {SPARSIFY_WEIGHTS_FILENAME} (sparsify), {REFERENCE_CFG_FILENAME} "
+                     f"+ {REFERENCE_WEIGHTS_FILENAME} (BatchTopK reference code), {CLASSIC_CFG_FILENAME} + "
+                     f"{CLASSIC_WEIGHTS_FILENAME} (the classic SAE API) or {DL_CFG_FILENAME} + {DL_WEIGHTS_FILENAME} "
+                     f"(dictionary_learning); found {found}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The classic SAE API's checkpoints (weights.pt + config.json + history.json)
+# ----------------------------------------------------------------------------------------------
+
+_CLASSIC_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+def _classic_architecture(cfg: Dict[str, Any], state: Dict[str, Tensor], hint: Optional[str]) -> str:
+    """The classic config names no architecture: the loading class says it, else a BatchTopK
+    (its config has top_k and its state a num_batches_not_active counter) or the ReLU base SAE."""
+    if cfg.get("architecture") is not None:
+        return str(cfg["architecture"])
+    if hint is not None:
+        return hint
+    return "batchtopk" if cfg.get("top_k") is not None or "num_batches_not_active" in state else "relu"
+
+
+def load_classic_checkpoint(path: PathLike, device: str = "cpu", dtype: Optional[Union[str, torch.dtype]] = None,
+                            architecture: Optional[str] = None) -> nn.Module:
+    """Load a checkpoint folder of the classic SAE API: ``weights.pt`` (state dict: W_enc
+    [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec, and the buffers ``ever_fired`` /
+    ``num_batches_not_active``, any float or int dtype) and ``config.json`` (its
+    ``SAEConfig.to_dict()``); ``history.json`` is read by :func:`read_history`.
+
+    ``architecture`` names the class to build when the config does not (``BatchTopKSAE.load``
+    passes its own); otherwise a config with ``top_k`` (or a state with the BatchTopK counter) is a
+    BatchTopK SAE and the rest the ReLU base SAE. The classic BatchTopK encode has no encoder
+    bias, so a nonzero ``b_enc`` there is dropped with a warning. Keys of the config that SAEConfig
+    does not have are ignored with a warning.
+    """
+    path = Path(path)
+    for name in (CLASSIC_CFG_FILENAME, CLASSIC_WEIGHTS_FILENAME):
+        if not (path / name).is_file():
+            raise ValueError(f"{path} is not a classic SAE checkpoint: {name} is missing")
+    cfg = read_json(path / CLASSIC_CFG_FILENAME)
+    wfile = path / CLASSIC_WEIGHTS_FILENAME
+    state = load_torch_weights(wfile, _RESAVE)
+    arch = _classic_architecture(cfg, state, architecture)
+    cls = variant_class(arch)
+    names = {f.name for f in dataclasses.fields(getattr(cls, "config_class", SAEConfig))}
+    ignored = sorted(k for k in cfg if k not in names)
+    if ignored:
+        logger.warning("%s: keys %s are not SAEConfig options; they are ignored", path / CLASSIC_CFG_FILENAME, ignored)
+    values = {k: v for k, v in cfg.items() if k in names}
+    values.update(architecture=cls.architecture, device="cpu")
+    if "hook_spec" not in values and "hook_layer" in values and "hook_name" in values:
+        values["hook_spec"] = f"blocks.{values['hook_layer']}.{values['hook_name']}"
+    if dtype is not None:
+        values["dtype"] = dtype_name(parse_dtype(dtype))
+    elif "dtype" in values:
+        values["dtype"] = dtype_name(parse_dtype(values["dtype"], f"{path / CLASSIC_CFG_FILENAME}: dtype"))
+    try:
+        config = SAEConfig(**values)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path / CLASSIC_CFG_FILENAME}: {err}") from None
+    unknown = sorted(set(state) - set(_CLASSIC_TENSORS) - set(_COUNTERS) - set(cls.extra_parameters))
+    if unknown:
+        raise ValueError(f"{wfile}: unexpected tensors {unknown}; a classic checkpoint holds "
+                         f"{list(_CLASSIC_TENSORS) + list(_COUNTERS)}")
+    weights = {k: v for k, v in state.items() if k not in _COUNTERS}
+    if "b_enc" not in weights:
+        weights["b_enc"] = torch.zeros(config.d_sae)
+    if not config.b_enc_trained and bool(weights["b_enc"].ne(0).any()):
+        logger.warning("%s: b_enc is nonzero but a %s encodes without an encoder bias; it is dropped", wfile,
+                       cls.__name__)
+        weights["b_enc"] = torch.zeros_like(weights["b_enc"])
+    sae = without_rng(lambda: cls(config))
+    _fill(sae, weights, str(wfile))
+    with torch.no_grad():
+        for name in _COUNTERS:
+            if name not in state:
+                continue
+            value = state[name]
+            if tuple(value.shape) != (sae.d_sae,):
+                raise ValueError(f"{wfile}: {name} has shape {tuple(value.shape)}, expected [{sae.d_sae}] (d_sae)")
+            if name == "num_batches_not_active":
+                if not bool(torch.isfinite(value.double()).all()) or bool((value < 0).any()) \
+                        or not torch.equal(value.double(), value.double().round()):
+                    raise ValueError(f"{wfile}: num_batches_not_active must hold whole numbers >= 0")
+                value = value.long()
+            else:
+                value = value.bool()
+            getattr(sae, name).copy_(value)
+    return sae.to(device)
 
 
 def _saelens_variants() -> Dict[str, type]:

@@ -9,8 +9,10 @@
   full disk while writing is a :class:`DiskFullError` naming the file), :func:`is_temporary_name`
   (what the writers above leave behind when killed).
 * Modules: :func:`eval_mode` (eval() for a block, the previous mode restored after).
+* Results: :class:`LazyDict` (a dict with entries computed only when read, e.g. dense features).
 * SAE weights: :func:`fill_weights` (copy named tensors into an SAE with shape and finiteness
-  checks), :func:`without_rng` (build without consuming the global RNG).
+  checks), :func:`load_torch_weights` (a ``.pt`` state dict, weights only: never unpickles
+  arbitrary objects), :func:`without_rng` (build without consuming the global RNG).
 * Hook names: :func:`parse_hook` (``"blocks.8.hook_resid_pre"`` -> layer 8, name ``"hook_resid_pre"``).
 """
 from __future__ import annotations
@@ -31,7 +33,8 @@ from torch import Tensor, nn
 
 __all__ = ["OUTPUT_MARKER", "output_folder", "write_atomic", "fsync_path", "read_json", "write_json", "eval_mode",
            "fill_weights", "check_finite", "without_rng", "parse_hook", "CorruptFileError", "load_safetensors",
-           "load_torch", "save_torch", "DiskFullError", "is_disk_full", "reporting_disk_full", "is_temporary_name"]
+           "load_torch", "load_torch_weights", "save_torch", "DiskFullError", "is_disk_full", "reporting_disk_full",
+           "is_temporary_name", "LazyDict"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -305,6 +308,34 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
         module.train(was_training)
 
 
+class LazyDict(dict):
+    """A dict whose ``lazy`` entries (name -> zero-argument function) are computed on first read
+    (``d[name]`` or ``d.get(name)``) and stored from then on.
+
+    ``name in d`` is True for a lazy entry before it is computed; iteration, ``len``, ``keys()``
+    and ``items()`` show only the entries computed so far, so logging or copying the dict never
+    triggers the computation.
+    """
+
+    def __init__(self, values: Any = (), lazy: Optional[Mapping[str, Callable[[], Any]]] = None) -> None:
+        super().__init__(values)
+        self._lazy: Dict[str, Callable[[], Any]] = dict(lazy or {})
+
+    def __missing__(self, key: Any) -> Any:
+        make = self._lazy.get(key) if isinstance(key, str) else None
+        if make is None:
+            raise KeyError(key)
+        value = make()
+        self[key] = value
+        return value
+
+    def __contains__(self, key: Any) -> bool:
+        return dict.__contains__(self, key) or (isinstance(key, str) and key in self._lazy)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+
 def check_finite(where: str, name: str, tensor: Tensor) -> None:
     """Raise a ValueError naming ``where`` and ``name`` when a float tensor holds NaN or inf."""
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
@@ -330,6 +361,23 @@ def fill_weights(module: nn.Module, weights: Mapping[str, Tensor], expected: Map
             check_finite(where, name, tensor)
             target = getattr(module, name)
             target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+
+
+def load_torch_weights(file: PathLike, fix: str = "") -> Dict[str, Tensor]:
+    """A state dict from a ``.pt`` file through :func:`load_torch` (``weights_only=True``: tensors
+    and plain containers only). A file pickling other objects is refused with a ValueError naming
+    it; a truncated or damaged one raises :class:`CorruptFileError`."""
+    try:
+        state = load_torch(file, fix)
+    except CorruptFileError as err:
+        if isinstance(err.__cause__, pickle.UnpicklingError):
+            raise ValueError(f"{file} cannot be read as a weights-only state dict ({_reason(err.__cause__)}); "
+                             "saefast never unpickles arbitrary objects: save the state dict "
+                             "(model.state_dict()) instead") from None
+        raise
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{file} must hold a state dict (a dict of tensors), got {type(state).__name__}")
+    return state
 
 
 T = TypeVar("T")

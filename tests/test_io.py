@@ -12,8 +12,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import saefast
 from saefast import BatchTopKSAE, JumpReLUSAE, SAEConfig, TopKSAE, VanillaSAE, create_sae, load_sae
 from saefast import io as sio
+
+
+class Note:
+    """A picklable object that is not a tensor (a weights-only load must refuse it)."""
+
+    def __init__(self, text):
+        self.text = text
 
 
 
@@ -374,7 +382,7 @@ def test_reference_state_dict_converts_both_ways(tmp_path):
     json_cfg = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in cfg.items()}
     (folder / "config.json").write_text(json.dumps(json_cfg))
     from_disk = load_sae(folder)
-    assert isinstance(from_disk, BatchTopKSAE) and from_disk.config.torch_dtype == torch.float32
+    assert isinstance(from_disk, BatchTopKSAE) and from_disk.config.torch_dtype() == torch.float32
     for name, tensor in weights.items():
         assert torch.equal(getattr(from_disk, name), tensor), name
 
@@ -504,3 +512,131 @@ def test_full_disk_while_saving_names_the_file_and_leaves_nothing_half_written(t
     with pytest.raises(OSError, match=f"no space left on device while writing {folder / sio.WEIGHTS_FILENAME}$"):
         sae.save(folder)
     assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# The classic SAE API's checkpoints: weights.pt + config.json + history.json
+# ------------------------------------------------------------------------------------------------
+
+class PlainClassicSAE(torch.nn.Module):
+    """The classic SAE API in plain dense PyTorch: forward centres x by b_dec; the base SAE encodes
+    relu(x_c @ W_enc + b_enc), the BatchTopK one relu(x_c @ W_enc) and keeps the batch's B*k
+    largest entries; decode f @ W_dec + b_dec. Buffers as the classic code registers them (float
+    zeros for the counter)."""
+
+    def __init__(self, top_k=None, seed=0):
+        super().__init__()
+        self.top_k = top_k
+        for name, tensor in random_weights(seed).items():
+            setattr(self, name, torch.nn.Parameter(tensor))
+        self.register_buffer("ever_fired", torch.zeros(D_SAE, dtype=torch.bool))
+        if top_k is not None:
+            self.register_buffer("num_batches_not_active", torch.zeros(D_SAE))
+
+    def forward(self, x):
+        x2 = x.reshape(-1, D_IN) - self.b_dec
+        if self.top_k is None:
+            f = F.relu(x2 @ self.W_enc + self.b_enc)
+        else:
+            pre = F.relu(x2 @ self.W_enc)
+            top = pre.flatten().topk(self.top_k * x2.shape[0])
+            f = torch.zeros_like(pre.flatten()).scatter(0, top.indices, top.values).reshape(pre.shape)
+        return (f @ self.W_dec + self.b_dec).reshape(x.shape), f.reshape(*x.shape[:-1], D_SAE)
+
+    @torch.no_grad()
+    def update_inactive_features(self, features):
+        fired = (features.reshape(-1, D_SAE) > 0).any(0)
+        self.ever_fired |= fired
+        if self.top_k is not None:
+            self.num_batches_not_active += (~fired).float()
+            self.num_batches_not_active[fired] = 0
+
+
+def classic_config(top_k=None, **overrides):
+    """What the classic SAEConfig.to_dict() writes (no architecture; hook_layer as a string)."""
+    cfg = {"d_in": D_IN, "d_sae": D_SAE, "l1_coefficient": 0.01, "dtype": "float32", "device": "cuda",
+           "use_error_term": False, "hook_layer": "14", "hook_name": "hook_mlp_out",
+           "hook_spec": "blocks.14.hook_mlp_out", "top_k": top_k, "top_k_aux": None if top_k is None else 2,
+           "n_batches_to_dead": 3, "aux_penalty": 1 / 32}
+    cfg.update(overrides)
+    return cfg
+
+
+def write_classic(folder, plain, cfg, history=None):
+    folder.mkdir(parents=True)
+    torch.save(plain.state_dict(), folder / "weights.pt")
+    (folder / "config.json").write_text(json.dumps(cfg))
+    if history is not None:
+        (folder / "history.json").write_text(json.dumps(history))
+    return folder
+
+
+def test_classic_batchtopk_checkpoint_loads_three_ways(tmp_path):
+    plain = PlainClassicSAE(top_k=4)
+    for step in range(5):  # counters the way the classic loop leaves them (float, some dead)
+        plain.update_inactive_features(plain(data(6, seed=step) * (step + 1) / 4)[1])
+    assert plain.num_batches_not_active.max() >= 3 and plain.ever_fired.any()
+    history = {"loss": [0.5, 0.25], "dead_pct": [0.0, 12.5]}
+    folder = write_classic(tmp_path / "ckpt", plain, classic_config(top_k=4), history)
+
+    loaded = [BatchTopKSAE.load(folder), load_sae(folder), saefast.SAE.load(folder)]
+    with_history = BatchTopKSAE.load(folder, load_history=True)
+    assert isinstance(with_history, tuple) and with_history[1] == history
+    loaded.append(with_history[0])
+    x = 1 + data(10, seed=9).reshape(2, 5, D_IN)
+    x_recon, features = plain(x)
+    for sae in loaded:
+        assert type(sae) is BatchTopKSAE and sae.config.top_k == 4 and sae.config.top_k_aux == 2
+        assert sae.config.hook_spec == "blocks.14.hook_mlp_out" and sae.config.hook_layer == "14"
+        assert sae.device.type == "cpu" and sae.dtype == torch.float32
+        assert torch.equal(sae.num_batches_not_active, plain.num_batches_not_active.long())
+        assert torch.equal(sae.ever_fired, plain.ever_fired)
+        assert sae.count_dead_features() == int((plain.num_batches_not_active >= 3).sum())
+        ours_recon, ours_features = sae(x)
+        torch.testing.assert_close(ours_features, features)
+        torch.testing.assert_close(ours_recon, x_recon)
+    assert sio.sae_folder_kind(folder) == "classic"
+
+
+def test_classic_base_sae_checkpoint_is_a_relu_sae(tmp_path):
+    plain = PlainClassicSAE(top_k=None, seed=2)
+    folder = write_classic(tmp_path / "relu", plain, classic_config(dtype="torch.bfloat16"))
+    for sae in (load_sae(folder), saefast.SAE.load(folder), VanillaSAE.load(folder)):
+        assert type(sae) is VanillaSAE and sae.dtype == torch.bfloat16
+        x = data(7, seed=3)
+        expected = plain(x)[1]
+        torch.testing.assert_close(sae.encode(x.to(torch.bfloat16)).float(), expected, rtol=2e-2, atol=2e-2)
+    fp32 = load_sae(folder, dtype="float32")
+    torch.testing.assert_close(fp32.encode(data(7, seed=3)), plain(data(7, seed=3))[1])
+    assert VanillaSAE.load(folder, load_history=True)[1] is None  # no history.json
+    with pytest.raises(ValueError, match="needs top_k"):  # loading it as a BatchTopK SAE says what is missing
+        BatchTopKSAE.load(folder)
+
+
+def test_classic_checkpoint_refuses_pickled_objects_and_bad_counters(tmp_path, caplog):
+    plain = PlainClassicSAE(top_k=4)
+    state = dict(plain.state_dict(), note=Note("not a tensor"))
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    torch.save(state, folder / "weights.pt")
+    (folder / "config.json").write_text(json.dumps(classic_config(top_k=4)))
+    with pytest.raises(ValueError, match=r"weights.pt cannot be read as a weights-only state dict"):
+        load_sae(folder)
+
+    bad = PlainClassicSAE(top_k=4)
+    bad.num_batches_not_active[0] = 1.5
+    with pytest.raises(ValueError, match="num_batches_not_active must hold whole numbers"):
+        load_sae(write_classic(tmp_path / "frac", bad, classic_config(top_k=4)))
+
+    extra = PlainClassicSAE(top_k=4)
+    extra.register_buffer("mystery", torch.ones(3))
+    with pytest.raises(ValueError, match=r"unexpected tensors \['mystery'\]"):
+        load_sae(write_classic(tmp_path / "extra", extra, classic_config(top_k=4)))
+
+    biased = PlainClassicSAE(top_k=4)  # its encode ignores b_enc: saefast drops it, loudly
+    folder = write_classic(tmp_path / "biased", biased, classic_config(top_k=4, some_new_option=1))
+    with caplog.at_level("WARNING"):
+        sae = load_sae(folder)
+    assert "b_enc is nonzero" in caplog.text and "some_new_option" in caplog.text
+    assert torch.count_nonzero(sae.b_enc) == 0
+    torch.testing.assert_close(sae(data(5))[1], biased(data(5))[1])

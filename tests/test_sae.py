@@ -246,7 +246,7 @@ def test_user_init_matches_design():
     assert not sae.b_enc.requires_grad and torch.count_nonzero(sae.b_enc) == 0
     assert torch.count_nonzero(sae.b_dec) == 0
     assert cfg.top_k_aux == 2 and cfg.hook_spec == "blocks.9.hook_resid_post"
-    assert cfg.torch_dtype == torch.float32
+    assert cfg.torch_dtype() == torch.float32
 
 
 @pytest.mark.parametrize("shape", [(32,), (4, 8)])
@@ -318,6 +318,90 @@ def test_training_forward_matches_plain_and_stays_sparse(monkeypatch):
         assert torch.equal(ours.num_batches_not_active.float(), plain.num_batches_not_active)
     for name in ("W_enc", "W_dec", "b_dec"):
         torch.testing.assert_close(getattr(ours, name), getattr(plain, name), rtol=1e-4, atol=1e-5)
+
+
+def test_classic_loop_reads_features_from_training_forward_which_builds_them_only_then(monkeypatch):
+    """A classic loop passes out["features"] to update_inactive_features: the entry is the dense
+    [batch, (seq,) d_sae] activations, built on that read only, and the counters match the plain
+    dense implementation step by step."""
+    cfg = user_cfg()
+    ours = BatchTopKSAE(cfg)
+    plain = PlainUserBatchTopK(cfg, dict(ours.named_parameters()))
+    opt_a = torch.optim.Adam([p for p in ours.parameters() if p.requires_grad], lr=2e-3)
+    opt_b = torch.optim.Adam(plain.parameters(), lr=2e-3)
+    built = []
+    to_dense = SparseActs.to_dense
+    monkeypatch.setattr(SparseActs, "to_dense", lambda self: built.append(self.n_rows) or to_dense(self))
+    for step, x in enumerate(planted_batches(12, 32, 16, seed=6, shape=(4, 8))):
+        out = ours.training_forward(x, update_stats=False)
+        assert "features" in out and not built, "training_forward built dense features before they were read"
+        logged = {k: v for k, v in out.items()}  # logging / copying must not build them either
+        assert "features" not in logged and not built
+        features = out["features"]
+        assert built == [32] and out.get("features") is features
+        built.clear()
+        x_recon, plain_features = plain(x)
+        assert features.shape == (4, 8, 64)
+        _close(features, plain_features, torch.float32, f"step {step} features")
+        for sae, opt, loss in ((ours, opt_a, out["loss"]),
+                               (plain, opt_b, F.mse_loss(x_recon, x) + plain.get_auxiliary_loss(x, x_recon))):
+            opt.zero_grad()
+            loss.backward()
+            sae.project_decoder_gradients()
+            opt.step()
+            sae.normalize_decoder()
+        ours.update_inactive_features(features)
+        plain.update_inactive_features(plain_features)
+        assert torch.equal(ours.num_batches_not_active.float(), plain.num_batches_not_active)
+    assert ours.count_dead_features() > 0, "no latent died; the counters were not exercised"
+    # the sparse codes give the same update as the dense features
+    other = BatchTopKSAE(cfg)
+    x = planted_batches(1, 32, 16, seed=7)[0]
+    out = other.training_forward(x, update_stats=False)
+    twin = BatchTopKSAE(cfg)
+    other.update_inactive_features(out["acts"])
+    twin.update_inactive_features(out["features"])
+    assert torch.equal(other.num_batches_not_active, twin.num_batches_not_active)
+
+
+def test_features_entry_is_differentiable():
+    """An L1 term on out["features"] (as classic loops add) gives the same gradients as on the sparse values."""
+    cfg = user_cfg(architecture="relu", top_k=None)
+    x = planted_batches(1, 8, 16, seed=8)[0]
+    grads = []
+    for use_dense in (True, False):
+        sae = VanillaSAE(cfg)
+        out = sae.training_forward(x)
+        l1 = out["features"].abs().sum() if use_dense else out["acts"].values.abs().sum()
+        l1.backward()
+        grads.append(sae.W_enc.grad.clone())
+    assert grads[0].abs().sum() > 0
+    _close(grads[0], grads[1], torch.float32, "W_enc grad through features")
+
+
+def test_classic_base_class_name_torch_dtype_and_initialize_weights():
+    assert saefast.SAE is saefast.sae.BaseSAE and "SAE" in saefast.__all__
+    assert type(saefast.SAE(user_cfg())) is BatchTopKSAE
+    assert type(saefast.SAE(user_cfg(architecture="relu", top_k=None))) is VanillaSAE
+    assert user_cfg(dtype="bfloat16").torch_dtype() is torch.bfloat16
+    assert user_cfg(dtype=torch.float16).torch_dtype() is torch.float16
+    with pytest.raises(TypeError, match="SAEConfig"):
+        saefast.SAE(None)
+    sae = BatchTopKSAE(user_cfg())
+    fresh = BatchTopKSAE(user_cfg())
+    opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=1e-2)
+    for x in planted_batches(3, 16, 16):
+        out = sae.training_forward(x)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    with torch.no_grad():
+        sae.b_enc.add_(1.0)
+    assert not torch.equal(sae.W_enc, fresh.W_enc)
+    sae.initialize_weights()
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        assert torch.equal(getattr(sae, name), getattr(fresh, name)), name
+    assert torch.count_nonzero(sae.b_enc) == 0 and torch.allclose(sae.W_dec.norm(dim=1), torch.ones(64))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -682,6 +766,48 @@ def test_reference_dict_keeps_its_training_keys_and_warns_on_foreign_ones(caplog
     with caplog.at_level("WARNING"):
         BatchTopKSAE(cfg)
     assert "'my_note' is not an SAE option" in caplog.text and "'lr'" not in caplog.text
+
+
+def _bf16_ulp(t):
+    """The spacing of bf16 numbers at |t| (8 significant bits)."""
+    return torch.exp2(torch.floor(torch.log2(t.abs().clamp_min(1e-30))) - 7)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_16bit_jumprelu_differs_from_saelens_maths_only_near_the_threshold(monkeypatch, backend):
+    """docs/sae.md: SAELens rounds (x - b_dec) @ W_enc to bf16 before adding b_enc and compares with
+    the bf16 threshold of the saved folder; saefast rounds once and compares with the fp32 one. In
+    float32 both select the same entries; in bf16 a small fraction differs, all within a few bf16
+    steps of the threshold, and shared entries differ by at most two bf16 steps."""
+    monkeypatch.setenv("SAEFAST_BACKEND", backend)
+    for dtype in (torch.float32, torch.bfloat16):
+        g = torch.Generator().manual_seed(11)
+        sae = JumpReLUSAE(SAEConfig(d_in=96, d_sae=384, architecture="jumprelu", dtype=str(dtype)[6:],
+                                    device="cpu", seed=0)).eval()
+        with torch.no_grad():
+            sae.b_enc.copy_(0.1 * torch.randn(384, generator=g))
+            sae.b_dec.copy_(0.1 * torch.randn(96, generator=g))
+            sae.threshold.copy_(0.3 + 0.2 * torch.rand(384, generator=g))
+            x = torch.randn(300, 96, generator=g).to(dtype)
+            ours = sae.encode(x)
+            sae_in = x - sae.b_dec
+            hidden_pre = sae_in @ sae.W_enc + sae.b_enc  # SAELens' order, in the weights' dtype
+            theirs = F.relu(hidden_pre) * (hidden_pre > sae.threshold.to(dtype))
+            exact_pre = sae_in.double() @ sae.W_enc.double() + sae.b_enc.double()
+        differ = (ours != 0) != (theirs != 0)
+        if dtype == torch.float32:
+            assert not differ.any()
+            torch.testing.assert_close(ours, theirs)
+            continue
+        threshold = sae.threshold.detach().double().expand_as(exact_pre)
+        steps = (exact_pre - threshold).abs() / _bf16_ulp(threshold)
+        assert 0 < differ.float().mean() < 0.003, f"{differ.float().mean():.4%} of entries differ"
+        assert steps[differ].max() <= 3, "an entry away from its threshold was selected differently"
+        both = (ours != 0) & (theirs != 0)
+        gap = (ours.float() - theirs.float()).abs()[both]
+        # each side is within one step of the exact value (two roundings, or the interpreter's
+        # conversion to bf16), so shared entries are at most two steps apart
+        assert bool((gap <= 2 * _bf16_ulp(torch.maximum(ours.float().abs(), theirs.float().abs()))[both]).all())
 
 
 def test_jumprelu_threshold_rule_is_the_same_in_training_and_eval():

@@ -2,7 +2,7 @@
 
 * :func:`feature_stats`: firing count, density (firing frequency), log10 density, mean and max
   activation of every feature.
-* :func:`sparsity_report`: L0 per token, dead / dense / rare features (JSON-safe dict).
+* :func:`sparsity_report`: L0 per token, inactive / dense / rare features, the SAE's dead count (JSON-safe dict).
 * :func:`max_activating_examples`: the tokens where a feature fires most strongly, each with the
   surrounding tokens and the feature's activation on every one of them (for highlighting), and the
   decoded text when a tokenizer is given. Order: decreasing activation, ties by lower token index.
@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ..evals.metrics import training_dead_fraction
 from .database import ActivationDatabase
 
 __all__ = ["FeatureStats", "feature_stats", "sparsity_report", "Example", "max_activating_examples",
@@ -61,12 +62,13 @@ def sparsity_report(db: ActivationDatabase, dense_threshold: float = 0.1, rare_t
     """Sparsity and dead-feature report of ``db``, as a JSON-safe dict.
 
     Keys: ``n_tokens``, ``d_sae``, ``nnz``; ``l0_mean``, ``l0_std``, ``l0_median``, ``l0_max`` (active
-    features per token); ``l1_mean`` (sum of activations per token); ``n_dead`` / ``dead_fraction``
-    / ``dead_features`` (never fire on these tokens); ``n_dense`` / ``dense_fraction`` /
-    ``dense_features`` (fire on more than ``dense_threshold`` of the tokens); ``n_rare`` /
-    ``rare_fraction`` (fire, but on fewer than ``rare_threshold`` of the tokens);
+    features per token); ``l1_mean`` (sum of activations per token); ``n_inactive`` /
+    ``inactive_fraction`` / ``inactive_features`` (fire on none of these tokens); ``n_dense`` /
+    ``dense_fraction`` / ``dense_features`` (fire on more than ``dense_threshold`` of the tokens);
+    ``n_rare`` / ``rare_fraction`` (fire, but on fewer than ``rare_threshold`` of the tokens);
     ``log10_density_quantiles`` (p1, p10, p50, p90, p99 over the features that fire). With a saefast
-    ``sae``, also ``training_dead`` (its dead-latent counter at the end of training) and
+    ``sae`` that carries training counters, also ``n_dead`` / ``dead_fraction`` (latents not fired
+    in the last ``n_batches_to_dead`` training steps: saefast's one meaning of dead) and
     ``training_never_fired``.
     """
     if not 0 < dense_threshold <= 1:
@@ -76,10 +78,10 @@ def sparsity_report(db: ActivationDatabase, dense_threshold: float = 0.1, rare_t
     stats = feature_stats(db)
     l0 = db.token_l0().double()
     l1 = torch.zeros(db.n_tokens, dtype=torch.float64).index_add_(0, db.token_index, db.values.double())
-    dead = stats.counts == 0
+    inactive = stats.counts == 0
     dense = stats.density > dense_threshold
-    rare = (~dead) & (stats.density < rare_threshold)
-    live = stats.log10_density[~dead]
+    rare = (~inactive) & (stats.density < rare_threshold)
+    live = stats.log10_density[~inactive]
     quantiles: Dict[str, float] = {}
     if live.numel():
         qs = torch.tensor([0.01, 0.1, 0.5, 0.9, 0.99], dtype=torch.float64)
@@ -92,17 +94,19 @@ def sparsity_report(db: ActivationDatabase, dense_threshold: float = 0.1, rare_t
         "l0_median": float(l0.median()) if db.n_tokens else 0.0,
         "l0_max": int(l0.max()) if db.n_tokens else 0,
         "l1_mean": float(l1.mean()) if db.n_tokens else 0.0,
-        "n_dead": int(dead.sum()), "dead_fraction": float(dead.sum()) / d,
-        "dead_features": torch.nonzero(dead).flatten().tolist(),
+        "n_inactive": int(inactive.sum()), "inactive_fraction": float(inactive.sum()) / d,
+        "inactive_features": torch.nonzero(inactive).flatten().tolist(),
         "n_dense": int(dense.sum()), "dense_fraction": float(dense.sum()) / d,
         "dense_features": torch.nonzero(dense).flatten().tolist(),
         "dense_threshold": dense_threshold,
         "n_rare": int(rare.sum()), "rare_fraction": float(rare.sum()) / d, "rare_threshold": rare_threshold,
         "log10_density_quantiles": quantiles,
     }
-    if sae is not None and hasattr(sae, "count_dead_features"):
-        report["training_dead"] = int(sae.count_dead_features())
-        report["training_never_fired"] = int(sae.count_never_fired()) if hasattr(sae, "count_never_fired") else None
+    dead = training_dead_fraction(sae) if sae is not None else None
+    if dead is not None:
+        report["n_dead"] = int(sae.count_dead_features())
+        report["dead_fraction"] = dead
+        report["training_never_fired"] = int(sae.count_never_fired())
     return report
 
 

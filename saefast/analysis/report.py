@@ -8,6 +8,11 @@ Layout of the report folder::
                                activation on it), most similar features (decoder cosine),
                                co-occurring features, ablation effect when measured
 
+Activations without token ids (synthetic data, caches written without them) have no contexts to
+show, so those sections are left out; for synthetic data with planted features each page shows
+instead the planted features closest to the latent's decoder row (cosine), and the index which
+planted feature each latent recovers.
+
 Every piece of text that comes from data (token text, metric names, metadata) goes through
 ``html.escape``. Pictures are referenced by relative path, so the folder can be moved or served
 as is.
@@ -27,7 +32,7 @@ from .database import ActivationDatabase
 from .features import FeatureStats, feature_stats, max_activating_examples, token_strings, top_tokens
 from .similarity import cooccurring_features
 
-__all__ = ["write_html_report", "feature_page_name"]
+__all__ = ["write_html_report", "feature_page_name", "planted_matches"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -137,7 +142,7 @@ def write_html_report(out_dir: PathLike, features: Sequence[int], *, db: Optiona
                       neighbours: Optional[Tuple[Tensor, Tensor]] = None,
                       ablation: Optional[Mapping[int, float]] = None, n_examples: int = 20,
                       context: Tuple[int, int] = (12, 4), n_similar: int = 10, title: str = "SAE analysis",
-                      log10_density: Optional[Tensor] = None) -> Path:
+                      log10_density: Optional[Tensor] = None, planted: Optional[Tensor] = None) -> Path:
     """Write ``index.html`` and ``features/feature_<id>.html`` for ``features`` into ``out_dir``.
 
     Args:
@@ -157,6 +162,9 @@ def write_html_report(out_dir: PathLike, features: Sequence[int], *, db: Optiona
         title: the index page's title.
         log10_density: [d_sae] log10 firing frequency for a report without a database (e.g. from
             SAELens' sparsity file).
+        planted: [n_planted, d_in] the planted directions of synthetic data (needs ``W_dec``): each
+            page lists the planted features closest to the latent (decoder cosine), the index the
+            best one.
 
     Returns the path of ``index.html``.
     """
@@ -182,15 +190,21 @@ def write_html_report(out_dir: PathLike, features: Sequence[int], *, db: Optiona
         near = {}
     page_set = set(features)
     has_text = tokenizer is not None and db is not None and db.has_token_ids
+    matches: Dict[int, Tuple[Tensor, Tensor]] = {}
+    if planted is not None:
+        if W_dec is None:
+            raise ValueError("planted needs W_dec (the decoder rows are matched to the planted directions)")
+        matches = planted_matches(W_dec, planted, features, n=min(3, planted.shape[0]))
 
     rows = []
     for pos, f in enumerate(features):
         prev_f = features[pos - 1] if pos > 0 else None
         next_f = features[pos + 1] if pos + 1 < len(features) else None
         body = _feature_page(f, db, stats, near.get(f), page_set, tokenizer, has_text, ablation, n_examples,
-                             context, n_similar, prev_f, next_f, log10_density)
+                             context, n_similar, prev_f, next_f, log10_density, matches.get(f))
         (pages_dir / feature_page_name(f)).write_text(_page(f"Feature {f}", body), encoding="utf-8")
-        rows.append(_index_row(f, db, stats, near.get(f), page_set, tokenizer, has_text, ablation, log10_density))
+        rows.append(_index_row(f, db, stats, near.get(f), page_set, tokenizer, has_text, ablation, log10_density,
+                               matches.get(f)))
 
     parts = [f"<h1>{_e(title)}</h1>"]
     if summary:
@@ -198,6 +212,8 @@ def write_html_report(out_dir: PathLike, features: Sequence[int], *, db: Optiona
     for caption, rel in images:
         parts.append(f"<h2>{_e(caption)}</h2><img src=\"{_e(Path(rel).as_posix())}\" alt=\"{_e(caption)}\">")
     header = ["feature", "density", "log10 density", "mean act", "max act", "nearest (cos)"]
+    if matches:
+        header.append("planted feature (cos)")
     if has_text:
         header.append("top tokens")
     if ablation:
@@ -223,14 +239,29 @@ def _top_token_text(db: ActivationDatabase, f: int, tokenizer: Any, n: int = 5) 
     return [(token_strings(tokenizer, [t])[0], c) for t, c in top_tokens(db, f, n)]
 
 
+def planted_matches(W_dec: Tensor, planted: Tensor, features: Sequence[int], n: int = 3) -> Dict[int, Tuple[Tensor, Tensor]]:
+    """For each latent of ``features``: the ``n`` planted directions ([n_planted, d_in]) closest to
+    its decoder row (W_dec [d_sae, d_in]), as (cosines [n], planted ids [n]), best first."""
+    if planted.dim() != 2 or planted.shape[1] != W_dec.shape[1]:
+        raise ValueError(f"planted must be [n_planted, d_in={W_dec.shape[1]}], got {tuple(planted.shape)}")
+    if not features:
+        return {}
+    rows = torch.nn.functional.normalize(W_dec.detach()[list(features)].float().cpu(), dim=1)
+    cos = rows @ torch.nn.functional.normalize(planted.detach().float().cpu(), dim=1).T
+    vals, ids = cos.topk(min(n, planted.shape[0]), dim=1)
+    return {f: (vals[i], ids[i]) for i, f in enumerate(features)}
+
+
 def _index_row(f: int, db: Optional[ActivationDatabase], stats: Optional[FeatureStats], near: Any, pages: set,
                tokenizer: Any, has_text: bool, ablation: Optional[Mapping[int, float]],
-               log10_density: Optional[Tensor]) -> List[str]:
+               log10_density: Optional[Tensor], match: Any = None) -> List[str]:
     row = [_feature_link(f, pages, "features/")] + _density_cells(f, stats, log10_density)
     if near is not None and len(near[1]):
         row.append(f"{_feature_link(int(near[1][0]), pages, 'features/')} ({float(near[0][0]):.3f})")
     else:
         row.append("")
+    if match is not None:
+        row.append(f"{int(match[1][0])} ({float(match[0][0]):.3f})")
     if has_text:
         row.append(", ".join(f"<code>{_e(repr(t))}</code>" for t, _ in _top_token_text(db, f, tokenizer, 3)))
     if ablation:
@@ -245,7 +276,7 @@ def _where(ex: Any) -> str:
 def _feature_page(f: int, db: Optional[ActivationDatabase], stats: Optional[FeatureStats], near: Any, pages: set,
                   tokenizer: Any, has_text: bool, ablation: Optional[Mapping[int, float]], n_examples: int,
                   context: Tuple[int, int], n_similar: int, prev_f: Optional[int], next_f: Optional[int],
-                  log10_density: Optional[Tensor]) -> str:
+                  log10_density: Optional[Tensor], match: Any = None) -> str:
     nav = ["<a href=\"../index.html\">index</a>"]
     if prev_f is not None:
         nav.append(f"<a href=\"{feature_page_name(prev_f)}\">&larr; feature {prev_f}</a>")
@@ -264,9 +295,15 @@ def _feature_page(f: int, db: Optional[ActivationDatabase], stats: Optional[Feat
         info["CE loss increase when ablated"] = float(ablation[f])
     if info:
         parts.append("<h2>Statistics</h2>" + _kv_table(info))
+    if match is not None:
+        rows = [[_e(int(i)), _fmt(float(v))] for v, i in zip(match[0], match[1])]
+        parts.append("<h2>Planted features it recovers</h2><p class=\"muted\">the planted directions of the synthetic "
+                     "data closest to this latent's decoder row; a cosine near 1 means the latent found that "
+                     "feature</p>" + _table(["planted feature", "cosine"], rows, num_cols=(1,)))
     if db is not None:
         _, values = db.feature_activations(f)
         parts.append("<h2>Activation histogram</h2>" + _histogram_html(values))
+    if db is not None and db.has_token_ids:
         if has_text:
             tops = _top_token_text(db, f, tokenizer, n_similar)
             if tops:
@@ -280,10 +317,12 @@ def _feature_page(f: int, db: Optional[ActivationDatabase], stats: Optional[Feat
             parts.append(f"<h2>Max-activating examples ({len(examples)})</h2>"
                          + _table(["activation", "context", "where"], rows, num_cols=(0,)))
             if not has_text:
-                parts.append("<p class=\"muted\">no token text: the activations have no token ids or no tokenizer "
-                             "was given</p>")
+                parts.append("<p class=\"muted\">no token text: no tokenizer was given, so tokens show as ids</p>")
         else:
             parts.append("<h2>Max-activating examples</h2><p class=\"muted\">never fires on the analysed tokens</p>")
+    elif db is not None and match is None:
+        parts.append("<p class=\"muted\">these activations carry no token ids, so there are no contexts to "
+                     "show</p>")
     if near is not None and len(near[1]):
         rows = [[_feature_link(int(i), pages, ""), _fmt(float(v))] for v, i in zip(near[0], near[1])]
         parts.append("<h2>Most similar features (decoder cosine)</h2>" + _table(["feature", "cosine"], rows,

@@ -9,6 +9,8 @@ its cache, or its synthetic planted-dictionary stream), and writes::
                               recovered and per-feature ablation (model sources), decoder-similarity
                               summary, the run's final eval
     similarity.csv            for every feature its nearest features by decoder cosine
+                              (synthetic sources: also which planted feature each latent recovers,
+                              on the pages and in summary.json's "planted")
     density.png               feature-density histogram (log10 firing frequency)
     training_curves.png       loss, L0, dead fraction, ... against the step (run folders)
     index.html, features/     the HTML report (pages for ``n_features`` features)
@@ -50,6 +52,7 @@ SELECTIONS = ("spread", "frequent", "random")
 _ANALYSIS_STREAM = 1_000  # synthetic sample stream of the analysis: same dictionary, unseen rows
 _METRIC_ROWS = 8192       # activation rows used for the reconstruction metrics
 _NEAR_DUPLICATE = 0.9     # decoder cosine above which two features count as near duplicates
+_PLANTED_MATCH = 0.9      # decoder cosine above which a latent counts as recovering a planted feature
 
 
 def select_features(frequency: Tensor, n: int, how: str = "spread", seed: int = 0) -> List[int]:
@@ -192,14 +195,14 @@ def analyze(path: PathLike, out: Optional[PathLike] = None, *, model: Optional[s
 
     Returns the summary dict (also written to ``summary.json``) with ``"out_dir"`` added.
     """
-    from ..io import load_sae
+    from ..io import load_sae, sae_folder_kind
     from ..training.config import TrainConfig
 
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"{root} does not exist; pass a run folder (saefast train) or an SAE folder")
     is_run = (root / "config.json").is_file() and (root / "sae").is_dir()
-    if (root / "config.json").is_file() and not is_run and not (root / "sae.pt").is_file():
+    if (root / "config.json").is_file() and not is_run and sae_folder_kind(root) is None:
         raise ValueError(f"{root} is a run folder without a trained SAE (no {root / 'sae'}); finish or resume "
                          "the run first")
     for name, value in (("n_tokens", n_tokens), ("batch_size", batch_size)):
@@ -215,6 +218,7 @@ def analyze(path: PathLike, out: Optional[PathLike] = None, *, model: Optional[s
     sae = load_sae(str(sae_dir), device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sae.eval()
     inputs = _resolve_inputs(sae, train_cfg, model, dataset, hook, cache_dir, context_size)
+    _check_no_ignored_options(inputs.kind, context_size=context_size, batch_size=batch_size, n_tokens=n_tokens)
     out_dir = Path(out) if out is not None else root / "analysis"
     with output_folder(out_dir, "analysis", overwrite, argument="--out") as tmp:
         summary = _analyze_into(tmp, sae, sae_dir, root if is_run else None, inputs, n_tokens=n_tokens,
@@ -222,6 +226,20 @@ def analyze(path: PathLike, out: Optional[PathLike] = None, *, model: Optional[s
                                 ablation_windows=ablation_windows, n_examples=n_examples, progress=progress)
     summary["out_dir"] = str(out_dir)
     return summary
+
+
+def _check_no_ignored_options(kind: str, **given: Any) -> None:
+    """Refuse an option that would have no effect on this source: --context-size and --batch-size
+    act on a model only, --n-tokens on any source of activations."""
+    defaults = {"context_size": None, "batch_size": 8, "n_tokens": 32768}
+    acts_on = {"context_size": ("model",), "batch_size": ("model",), "n_tokens": ("model", "cache", "synthetic")}
+    for name, value in given.items():
+        if value != defaults[name] and kind not in acts_on[name]:
+            where = {"none": "there are no activations (an SAE folder and no --model/--dataset/--hook or "
+                             "--cache-dir)", "cache": "the activations come from a cache",
+                     "synthetic": "the activations are the run's synthetic data"}[kind]
+            raise ValueError(f"--{name.replace('_', '-')} {value} has no effect here: {where}; drop it"
+                             + (", or give a source of activations" if kind == "none" else ""))
 
 
 @dataclass
@@ -235,6 +253,7 @@ class _Activations:
     model: Optional[nn.Module] = None
     ablation_tokens: Optional[Tensor] = None    # [windows, seq] for the ablation study
     ablation_kwargs: Dict[str, Any] = field(default_factory=dict)
+    planted: Optional[Tensor] = None            # [n_planted, d_in] planted directions (synthetic data)
 
 
 def _from_model(sae: nn.Module, inputs: _Inputs, n_tokens: int, batch_size: int, ablation_windows: int,
@@ -299,7 +318,13 @@ def _from_synthetic(sae: nn.Module, cfg: Any, n_tokens: int, progress: bool) -> 
         batches.append(next(synth))
     db = build_database_from_activations(sae, batches, n_tokens=n_tokens, progress=progress,
                                          metadata={"synthetic_features": cfg.synthetic_features})
-    return _Activations(db, batches, {"feature_recovery": feature_recovery(sae.W_dec, synth.true_features)})
+    planted = synth.true_features
+    cos = (torch.nn.functional.normalize(sae.W_dec.detach().float().cpu(), dim=1) @ planted.T)
+    info = {"feature_recovery": feature_recovery(sae.W_dec, planted),
+            "planted": {"n_planted": planted.shape[0], "match_threshold": _PLANTED_MATCH,
+                        "planted_recovered": int((cos.max(dim=0).values > _PLANTED_MATCH).sum()),
+                        "latents_matching_a_planted_feature": int((cos.max(dim=1).values > _PLANTED_MATCH).sum())}}
+    return _Activations(db, batches, info, planted=planted)
 
 
 def _write_similarity_csv(path: Path, neighbours: Any) -> None:
@@ -384,7 +409,8 @@ def _analyze_into(out: Path, sae: nn.Module, sae_dir: Path, run_dir: Optional[Pa
         summary["final_eval"] = json.loads((run_dir / "eval.json").read_text())
     write_html_report(out, features, db=db, W_dec=sae.W_dec, tokenizer=found.tokenizer if found else None,
                       summary=_headline(summary), images=images, neighbours=neighbours, ablation=ablation,
-                      n_examples=n_examples, title=f"SAE analysis: {sae_dir}", log10_density=log10_density)
+                      n_examples=n_examples, title=f"SAE analysis: {sae_dir}", log10_density=log10_density,
+                      planted=found.planted if found is not None else None)
     summary["report_features"] = features
     (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
     return summary
@@ -395,8 +421,8 @@ def _headline(summary: Dict[str, Any]) -> Dict[str, Any]:
     head: Dict[str, Any] = {k: summary[k] for k in ("source", "model", "hook", "dataset", "cache_dir", "d_in", "d_sae",
                                                      "architecture", "feature_recovery") if summary.get(k) is not None}
     sp = summary.get("sparsity", {})
-    for k in ("n_tokens", "l0_mean", "l0_median", "l1_mean", "n_dead", "dead_fraction", "n_dense", "dense_fraction",
-              "n_rare", "training_dead"):
+    for k in ("n_tokens", "l0_mean", "l0_median", "l1_mean", "n_dead", "dead_fraction", "n_inactive",
+              "inactive_fraction", "n_dense", "dense_fraction", "n_rare"):
         if sp.get(k) is not None:
             head[k] = sp[k]
     for k in ("explained_variance", "mse", "cosine_similarity"):
@@ -405,6 +431,11 @@ def _headline(summary: Dict[str, Any]) -> Dict[str, Any]:
     for k in ("ce_clean", "ce_spliced", "ce_zero_ablation", "ce_loss_recovered", "kl"):
         if k in summary.get("ablation", {}):
             head[k] = summary["ablation"][k]
+    planted = summary.get("planted")
+    if planted:
+        cut = planted["match_threshold"]
+        head[f"planted features recovered (cos > {cut})"] = f"{planted['planted_recovered']} of {planted['n_planted']}"
+        head[f"latents matching a planted feature (cos > {cut})"] = planted["latents_matching_a_planted_feature"]
     for k, v in summary.get("decoder_similarity", {}).items():
         head[f"decoder {k}"] = v
     return head

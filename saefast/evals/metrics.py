@@ -9,19 +9,23 @@ so no [B, d_sae] tensor is built, and accumulated in float64 over any number of 
 * ``cosine_similarity``: mean over rows of cos(x, x_hat).
 * ``relative_mse``: sum ||x - x_hat||^2 / sum ||x||^2.
 * ``l0``: mean number of active latents per row; ``l1``: mean sum of activations per row.
-* ``dead_fraction``: latents that never fire on these rows; ``dense_fraction``: latents firing on
-  more than ``dense_threshold`` of the rows.
+* ``inactive_fraction``: latents that fire on none of these rows (a property of this sample);
+  ``dense_fraction``: latents firing on more than ``dense_threshold`` of the rows.
+* ``dead_fraction``: latents the SAE counts as dead, i.e. that have not fired in the last
+  ``n_batches_to_dead`` training steps (``sae.dead_mask()``, the count the aux-K loss, the
+  progress bar and metrics.jsonl use); present when the SAE carries training counters (it has
+  fired at least once since they were created or loaded).
 * SAEs with nested prefixes (``sae.decode_prefixes``, Matryoshka) add ``explained_variance_prefix_<p>``
   for each prefix size p: the explained variance of the reconstruction from latents 0..p-1 alone.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable
+from typing import Dict, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["reconstruction_metrics", "feature_recovery"]
+__all__ = ["reconstruction_metrics", "feature_recovery", "training_dead_fraction"]
 
 
 @torch.no_grad()
@@ -29,8 +33,9 @@ def reconstruction_metrics(sae: nn.Module, batches: Iterable[Tensor], dense_thre
     """Metrics of ``sae`` (in its current train/eval mode) on ``batches`` of [B, d_in] activations.
 
     Returns a dict of floats: mse, explained_variance, cosine_similarity, relative_mse, l0, l1,
-    dead_fraction, dense_fraction, n_rows (and explained_variance_prefix_<p> for nested-prefix
-    SAEs). Batches are moved to the SAE's device and dtype.
+    inactive_fraction, dense_fraction, n_rows, dead_fraction when the SAE carries training counters,
+    and explained_variance_prefix_<p> for nested-prefix SAEs. Batches are moved to the SAE's device
+    and dtype.
     """
     if not 0 < dense_threshold <= 1:
         raise ValueError(f"dense_threshold={dense_threshold} must be in (0, 1]")
@@ -79,14 +84,27 @@ def reconstruction_metrics(sae: nn.Module, batches: Iterable[Tensor], dense_thre
         "relative_mse": sq_err / sum_x2 if sum_x2 > 0 else float("nan"),
         "l0": nnz / n_rows,
         "l1": l1_sum / n_rows,
-        "dead_fraction": (counts == 0).sum().item() / d_sae,
+        "inactive_fraction": (counts == 0).sum().item() / d_sae,
         "dense_fraction": (counts > dense_threshold * n_rows).sum().item() / d_sae,
         "n_rows": n_rows,
     }
     if prefix_sq_err is not None:
         for size, err in zip(sae.config.prefix_sizes, prefix_sq_err.tolist()):
             metrics[f"explained_variance_prefix_{size}"] = 1.0 - err / total_var if total_var > 0 else float("nan")
+    dead = training_dead_fraction(sae)
+    if dead is not None:
+        metrics["dead_fraction"] = dead
     return metrics
+
+
+def training_dead_fraction(sae: nn.Module) -> Optional[float]:
+    """The fraction of latents ``sae`` counts as dead (``sae.dead_mask()``: not fired in the last
+    ``n_batches_to_dead`` training steps), or None when the SAE has no training counters (none of
+    its latents has fired since they were created or loaded, e.g. a folder from another library)."""
+    fired = getattr(sae, "ever_fired", None)
+    if not callable(getattr(sae, "dead_mask", None)) or fired is None or not bool(fired.any()):
+        return None
+    return sae.dead_mask().float().mean().item()
 
 
 @torch.no_grad()

@@ -9,7 +9,8 @@
   latents each reconstruct the input.
 
 Each class registers itself under its ``architecture`` when defined; :func:`create_sae` builds
-the class an SAEConfig names. See :class:`BaseSAE` for what a variant declares.
+the class an SAEConfig names, and so does ``SAE(cfg)`` (``SAE`` is :class:`BaseSAE` under the
+classic SAE API's name). See :class:`BaseSAE` for what a variant declares.
 """
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ from .relu import VanillaSAE  # isort: skip
 from .jumprelu import JumpReLUConfig, JumpReLUSAE  # isort: skip
 from .matryoshka import MatryoshkaBatchTopKConfig, MatryoshkaBatchTopKSAE  # isort: skip
 
-__all__ = ["BaseSAE", "Codes", "SavedExtras", "BatchTopKSAE", "TopKSAE", "VanillaSAE", "JumpReLUSAE",
+__all__ = ["BaseSAE", "SAE", "Codes", "SavedExtras", "BatchTopKSAE", "TopKSAE", "VanillaSAE", "JumpReLUSAE",
            "MatryoshkaBatchTopKSAE", "BatchTopKConfig", "JumpReLUConfig", "MatryoshkaBatchTopKConfig", "create_sae",
            "SAE_CLASSES"]
+
+SAE = BaseSAE  # the classic SAE API's name for the base class
 
 # Registration order: also the order of the architectures in help texts.
 SAE_CLASSES: Dict[str, type] = {cls.architecture: cls for cls in (BatchTopKSAE, TopKSAE, VanillaSAE, JumpReLUSAE,

@@ -27,8 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import batchtopk_compat, io, ops
-from ..config import SAEConfig, dtype_name, register_variant
+from ..config import SAEConfig, dtype_name, register_variant, variant_class
 from ..ops import SparseActs
+from ..utils import LazyDict
 
 __all__ = ["BaseSAE", "Codes", "SavedExtras"]
 
@@ -88,6 +89,11 @@ class BaseSAE(nn.Module):
       ``reads_saelens``: the SAELens architectures loaded as this variant. What else differs in
       a saved folder goes through ``saelens_export`` / ``saelens_import``.
     * ``reference_name``: its ``sae_type`` in the BatchTopK reference code (None: not there).
+    * ``folds_decoder_norms``: scaling a latent's pre-activation by a positive number scales its
+      activation and keeps the selection (true for ReLU and per-latent thresholds, false for the
+      TopK variants, whose selection compares latents), so :meth:`fold_decoder_norms` is exact.
+    * ``saebench_architecture``: the ``architecture`` label SAEBench gets (default:
+      ``saelens_architecture``).
     * ``summary``: one line for help texts.
     """
 
@@ -102,6 +108,8 @@ class BaseSAE(nn.Module):
     saelens_weights: ClassVar[Tuple[str, ...]] = ()
     reads_saelens: ClassVar[Tuple[str, ...]] = ()
     reference_name: ClassVar[Optional[str]] = None
+    folds_decoder_norms: ClassVar[bool] = True
+    saebench_architecture: ClassVar[Optional[str]] = None
     summary: ClassVar[str] = ""
     reference_mode: ClassVar[bool] = False
 
@@ -111,6 +119,9 @@ class BaseSAE(nn.Module):
             register_variant(cls)
 
     def __new__(cls, cfg: Any = None, *args: Any, **kwargs: Any):
+        if cls is BaseSAE and isinstance(cfg, SAEConfig):
+            # saefast.SAE(cfg), the classic base class's name: the variant cfg.architecture names.
+            cls = variant_class(cfg.architecture)
         if isinstance(cfg, dict) and not issubclass(cls, batchtopk_compat.DictAPI):
             cls = batchtopk_compat.dict_api_class(cls)
         return super().__new__(cls)
@@ -118,14 +129,15 @@ class BaseSAE(nn.Module):
     def __init__(self, cfg: Union[SAEConfig, Dict[str, Any]]):
         super().__init__()
         if not self.architecture:
-            raise TypeError("BaseSAE is abstract; use create_sae(cfg) or a variant class such as BatchTopKSAE")
+            raise TypeError("BaseSAE (saefast.SAE) builds the variant an SAEConfig names: pass an SAEConfig, or use "
+                            "a variant class such as BatchTopKSAE")
         self.cfg = cfg
         self.config = self._config_from(cfg)
         c = self.config
         self.d_in, self.d_sae = c.d_in, c.d_sae
         self.use_error_term = c.use_error_term
         self.hook_spec = c.hook_spec
-        device, dtype = torch.device(c.device), c.torch_dtype
+        device, dtype = torch.device(c.device), c.torch_dtype()
         W_enc, W_dec = self._initial_weights()
         self.W_enc = nn.Parameter(W_enc.to(device=device, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(c.d_sae, device=device, dtype=dtype),
@@ -160,6 +172,17 @@ class BaseSAE(nn.Module):
 
     def _init_variant(self, device: torch.device) -> None:
         """Variant-specific parameters and buffers."""
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """(Re)draw the weights as at construction, in place: W_enc kaiming-uniform (seeded by
+        ``config.seed`` when set), W_dec = W_enc.T with unit rows, b_enc and b_dec zero. Other
+        state (dead-latent counters, thresholds) is left as it is."""
+        W_enc, W_dec = self._initial_weights()
+        self.W_enc.copy_(W_enc)
+        self.W_dec.copy_(W_dec)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
 
     def weight_shapes(self) -> Dict[str, Tuple[int, ...]]:
         """Every saved parameter's name and shape: W_enc, b_enc, W_dec, b_dec and the variant's."""
@@ -358,7 +381,9 @@ class BaseSAE(nn.Module):
         dead latents' reconstruction of the detached residual, latents dead before this batch;
         jumprelu: its optional pre-activation loss), ``l0`` (mean active latents per token),
         ``x_recon`` (shaped like x), ``acts`` (SparseActs), ``num_dead_features``, and any terms a
-        variant adds (see its class).
+        variant adds (see its class). ``features`` (the dense [..., d_sae] activations,
+        differentiable, for classic loops that pass them to ``update_inactive_features``) is built
+        only when read; iterating over the dict or copying it does not build it.
 
         With ``update_stats`` (and in training mode) the dead-latent counters and BatchTopK's
         running threshold are updated; otherwise the caller does it (after an all-reduce) with
@@ -373,8 +398,10 @@ class BaseSAE(nn.Module):
             self.update_inactive_features(codes.acts)
             self.update_threshold(codes.acts.kept_min)
         x_recon = self._unstandardize(x_hat, mean, std).reshape(*lead, self.d_in)
-        return {"loss": loss, **terms, "sparsity_loss": codes.sparsity_loss, "l0": codes.acts.l0(),
-                "x_recon": x_recon, "acts": codes.acts, "num_dead_features": self.dead_mask().sum()}
+        acts = codes.acts
+        return LazyDict({"loss": loss, **terms, "sparsity_loss": codes.sparsity_loss, "l0": acts.l0(),
+                         "x_recon": x_recon, "acts": acts, "num_dead_features": self.dead_mask().sum()},
+                        lazy={"features": lambda: acts.to_dense().reshape(*lead, self.d_sae)})
 
     def _training_losses(self, x_in: Tensor, dead: Tensor) -> Tuple[Codes, Tensor, Dict[str, Tensor]]:
         """The codes, the reconstruction x_hat [N, d_in] and the loss terms of a training forward
@@ -516,8 +543,40 @@ class BaseSAE(nn.Module):
             self.b_dec.div_(scale)
             self._fold_threshold(scale)
 
-    def _fold_threshold(self, scale: float) -> None:
-        """Divide the variant's thresholds by scale."""
+    def _fold_threshold(self, scale: Union[float, Tensor]) -> None:
+        """Divide the variant's thresholds by scale (a float, or a [d_sae] tensor of one scale per
+        latent)."""
+
+    def decoder_norms_are_unit(self) -> bool:
+        """Whether every W_dec row has norm 1 within 1e-5 (1e-2 for 16-bit weights): the check
+        SAEBench applies to custom SAEs."""
+        tol = 1e-2 if self.dtype in (torch.bfloat16, torch.float16) else 1e-5
+        return bool(((self.W_dec.detach().float().norm(dim=1) - 1).abs() <= tol).all())
+
+    @torch.no_grad()
+    def fold_decoder_norms(self) -> "BaseSAE":
+        """Give every W_dec row norm 1 without changing the reconstruction, in place: latent i's
+        decoder norm n_i moves into the encoder (W_enc[:, i], b_enc[i] and its threshold times
+        n_i), so its activation scales by n_i and ``activation * W_dec[i]`` is unchanged.
+        Exact for variants with ``folds_decoder_norms``; a TopK variant (whose selection compares
+        latents, so scaling them would change which are kept) raises a ValueError unless its
+        rows are already unit norm. Returns self."""
+        norms = self.W_dec.detach().float().norm(dim=1)
+        if self.decoder_norms_are_unit():
+            return self
+        if not self.folds_decoder_norms:
+            raise ValueError(f"{type(self).__name__} selects latents by comparing their activations, so moving its "
+                             f"decoder norms (from {float(norms.min()):.4g} to {float(norms.max()):.4g}) into the "
+                             "encoder would change which latents are kept; renormalise with sae.normalize_decoder() "
+                             "and fine-tune, or evaluate it as it is")
+        if not bool((norms > 0).all()):
+            raise ValueError(f"W_dec has {int((norms == 0).sum())} all-zero row(s): their norm cannot be folded")
+        scale = norms.to(self.dtype)
+        self.W_enc.mul_(scale)
+        self.b_enc.mul_(scale)
+        self.W_dec.div_(scale[:, None])
+        self._fold_threshold(1.0 / norms)
+        return self
 
     # ------------------------------------------------------------------------------------------
     # The SAELens layout (saefast.io writes and reads the files; the variant says what differs)
@@ -550,9 +609,14 @@ class BaseSAE(nn.Module):
 
     @classmethod
     def load(cls, path, device: str = "cpu", load_history: bool = False):
-        """Load a folder written by :meth:`save` (or any folder :func:`saefast.io.load_sae` reads).
-        Returns the SAE, or ``(sae, history)`` with load_history=True."""
-        sae = io.load_sae(path, device=device)
+        """Load a folder written by :meth:`save` or by the classic SAE API (``weights.pt`` +
+        ``config.json`` + ``history.json``; its config names no architecture, so this class's is
+        used), or any folder :func:`saefast.io.load_sae` reads. Returns the SAE, or
+        ``(sae, history)`` with load_history=True (history None when the folder has none)."""
+        if cls is not BaseSAE and io.sae_folder_kind(path) == "classic":
+            sae = io.load_classic_checkpoint(path, device=device, architecture=cls.architecture)
+        else:
+            sae = io.load_sae(path, device=device)
         if cls is not BaseSAE and not isinstance(sae, cls):
             raise ValueError(f"{path} holds a {type(sae).__name__} (architecture={sae.architecture!r}), not a "
                              f"{cls.__name__}; load it with saefast.load_sae(path)")

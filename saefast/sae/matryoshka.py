@@ -111,6 +111,7 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     config_class = MatryoshkaBatchTopKConfig
     reads_saelens = ("matryoshka_batchtopk",)
     reference_name = None
+    saebench_architecture = "matryoshka_batch_topk"
     summary = "BatchTopK whose nested prefixes of latents each reconstruct the input (Matryoshka)"
 
     def extra_repr(self) -> str:

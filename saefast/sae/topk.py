@@ -49,6 +49,8 @@ class BatchTopKSAE(BaseSAE):
     saelens_weights = ("threshold", "topk_threshold")
     reads_saelens = ("batchtopk",)
     reference_name = "batchtopk"
+    folds_decoder_norms = False
+    saebench_architecture = "batch_topk"
     topk_mode = "batch"
     summary = "the B*k largest activations of the batch (BatchTopK); a learned global threshold at inference"
 
@@ -132,6 +134,7 @@ class TopKSAE(BaseSAE):
     saelens_architecture = "topk"
     reads_saelens = ("topk",)
     reference_name = "topk"
+    folds_decoder_norms = False
     topk_mode = "row"
     summary = "the k largest activations of each token (TopK)"
 

@@ -19,7 +19,8 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
-from ..config import SAEConfig, architectures, canonical_architecture, variant_class, variant_classes, variant_options
+from ..config import (DEFAULT_ARCHITECTURE, SAEConfig, architectures, canonical_architecture, variant_class,
+                      variant_classes, variant_options)
 from ..utils import parse_hook
 from .distributed import parse_device
 
@@ -37,10 +38,12 @@ SYNTHETIC_DEFAULTS: Dict[str, Any] = {
 }
 
 
-def _opt(default: Any, help: str, group: str, resume_safe: bool = False) -> Any:
+def _opt(default: Any, help: str, group: str, resume_safe: bool = False, sources: Optional[tuple] = None) -> Any:
     """A dataclass field with its --help text. ``resume_safe`` options may differ on --resume
-    because they do not change what is trained (logging, checkpoint cadence)."""
-    meta = {"help": help, "group": group, "resume_safe": resume_safe}
+    because they do not change what is trained (logging, checkpoint cadence). ``sources``: the
+    activation sources ("model", "cache", "synthetic") the option acts on; set to anything but its
+    default on another source, it is refused rather than ignored."""
+    meta = {"help": help, "group": group, "resume_safe": resume_safe, "sources": sources}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -102,30 +105,38 @@ class _RunOptions:
     # --- activation source: transformer-lens model + dataset, or a cache -------------------------
     model: Optional[str] = _opt(None, "transformer-lens model name (e.g. gpt2). Omit model, dataset and cache_dir "
                                       "to train on the embedded synthetic default.", "data")
-    hook: Optional[str] = _opt(None, "Hook to read activations from, e.g. blocks.8.hook_resid_pre.", "data")
+    hook: Optional[str] = _opt(None, "Hook to read activations from, e.g. blocks.8.hook_resid_pre (cache runs: recorded "
+                                     "in the saved SAE).", "data", sources=("model", "cache"))
     dataset: Optional[str] = _opt(None, "Hugging Face dataset name, or a local dataset folder / json / jsonl / csv / "
                                         "parquet / txt file (works offline).", "data")
-    dataset_split: str = _opt("train", "Dataset split.", "data")
-    text_column: str = _opt("text", "Column holding raw text (tokenised on the fly).", "data")
-    tokens_column: Optional[str] = _opt(None, "Column holding pre-tokenised ids; used instead of text_column.", "data")
-    context_size: int = _opt(128, "Tokens per window fed to the model (at most the model's context length).", "data")
-    prepend_bos: bool = _opt(True, "Prepend BOS to each window (its activation is dropped from training).", "data")
-    model_batch_size: int = _opt(8, "Windows per model forward pass.", "data")
-    buffer_tokens: int = _opt(65536, "Activations held in the shuffling buffer (mixes tokens across sequences).", "data")
-    model_dtype: str = _opt("float32", "dtype of the transformer-lens model.", "data")
+    dataset_split: str = _opt("train", "Dataset split.", "data", sources=("model",))
+    text_column: str = _opt("text", "Column holding raw text (tokenised on the fly).", "data", sources=("model",))
+    tokens_column: Optional[str] = _opt(None, "Column holding pre-tokenised ids; used instead of text_column.", "data",
+                                        sources=("model",))
+    context_size: int = _opt(128, "Tokens per window fed to the model (at most the model's context length).", "data",
+                             sources=("model",))
+    prepend_bos: bool = _opt(True, "Prepend BOS to each window (its activation is dropped from training).", "data",
+                             sources=("model",))
+    model_batch_size: int = _opt(8, "Windows per model forward pass.", "data", sources=("model",))
+    buffer_tokens: int = _opt(65536, "Activations held in the shuffling buffer (mixes tokens across sequences).", "data",
+                              sources=("model",))
+    model_dtype: str = _opt("float32", "dtype of the transformer-lens model.", "data", sources=("model",))
     cache_dir: Optional[str] = _opt(None, "Train from activations cached by `saefast cache` in this folder instead of "
                                           "running a model.", "data")
 
     # --- synthetic default ------------------------------------------------------------------
-    synthetic_features: int = _opt(128, "Synthetic default: planted dictionary size.", "synthetic")
-    synthetic_active: float = _opt(4.0, "Synthetic default: mean number of active planted features per row.", "synthetic")
+    synthetic_features: int = _opt(128, "Synthetic default: planted dictionary size.", "synthetic",
+                                   sources=("synthetic",))
+    synthetic_active: float = _opt(4.0, "Synthetic default: mean number of active planted features per row.", "synthetic",
+                                   sources=("synthetic",))
     synthetic_zipf_exponent: float = _opt(0.6, "Synthetic default: feature i fires with probability ~ (i+1)^-exponent.",
-                                          "synthetic")
-    synthetic_noise: float = _opt(0.01, "Synthetic default: std of Gaussian noise added to each activation entry.", "synthetic")
+                                          "synthetic", sources=("synthetic",))
+    synthetic_noise: float = _opt(0.01, "Synthetic default: std of Gaussian noise added to each activation entry.", "synthetic",
+                                  sources=("synthetic",))
 
     # --- model evals and end-to-end losses ----------------------------------------------------
     eval_ce_batches: int = _opt(4, "Model runs: batches of model_batch_size windows for the CE / KL evals with the SAE "
-                                   "spliced in; 0 disables them.", "evals", resume_safe=True)
+                                   "spliced in; 0 disables them.", "evals", resume_safe=True, sources=("model",))
     e2e_kl_weight: float = _opt(0.0, "Weight of KL(clean logits || SAE-patched logits) added to the loss (model runs); "
                                      "0 disables.", "e2e")
     e2e_block_mse_weight: float = _opt(0.0, "Weight of the MSE of later-layer activations with the SAE spliced in; "
@@ -202,6 +213,49 @@ class _RunOptions:
         if self.synthetic_active <= 0:
             raise ValueError(f"synthetic_active={self.synthetic_active} must be positive")
 
+    def check_no_ignored_options(self) -> None:
+        """Every option set away from its default must act on the run: one that would be ignored
+        (an option of another activation source, total_tokens next to train_steps, a TopK option on
+        a ReLU SAE, ...) raises a ValueError with the reason. A new run checks this before any work
+        (``RunFolder.prepare``); the config of an existing run is read back without it."""
+        kind = self.source_kind
+        what = {"model": "a model run (--model/--hook/--dataset)", "cache": "a cache run (--cache-dir)",
+                "synthetic": "the synthetic default (no --model, --dataset or --cache-dir)"}
+        for f in dataclasses.fields(self):
+            sources = f.metadata.get("sources")
+            if sources and kind not in sources and getattr(self, f.name) != _default(f):
+                needs = " or ".join(what[s].split(" (")[0] for s in sources)
+                raise ValueError(f"{f.name}={getattr(self, f.name)!r} ({_flag(f.name)}) only acts on {needs}; this is "
+                                 f"{what[kind]}: drop it")
+        defaults = {f.name: _default(f) for f in dataclasses.fields(self)}
+
+        def set_(name: str) -> bool:
+            return getattr(self, name) != defaults[name]
+
+        if self.train_steps is not None and set_("total_tokens"):
+            raise ValueError(f"total_tokens={self.total_tokens} (--total-tokens) has no effect when train_steps="
+                             f"{self.train_steps} (--train-steps) fixes the length of the run: give one of them")
+        if self.d_sae is not None and set_("expansion_factor") and self.d_in is not None \
+                and self.d_sae != self.expansion_factor * self.d_in:
+            raise ValueError(f"expansion_factor={self.expansion_factor} (--expansion-factor) has no effect when d_sae="
+                             f"{self.d_sae} (--d-sae) is given: give one of them")
+        if set_("wandb_project") and not self.wandb:
+            raise ValueError(f"wandb_project={self.wandb_project!r} (--wandb-project) has no effect without --wandb")
+        if self.e2e_block_mse_weight == 0 and set_("e2e_downstream_hooks"):
+            raise ValueError("e2e_downstream_hooks (--e2e-downstream-hooks) has no effect unless "
+                             "--e2e-block-mse-weight is above 0")
+        if not self.uses_e2e and set_("e2e_batch_size"):
+            raise ValueError(f"e2e_batch_size={self.e2e_batch_size} (--e2e-batch-size) has no effect without an "
+                             "end-to-end loss (--e2e-kl-weight or --e2e-block-mse-weight)")
+        cls = variant_class(self.architecture)
+        unused = ("l1_coefficient",) if cls.needs_top_k else ("top_k", "top_k_aux", "aux_penalty")
+        for name in unused:
+            if set_(name):
+                why = ("the TopK variants select by top_k and have no L1/L0 penalty" if cls.needs_top_k else
+                       "it has no TopK selection and no aux-K loss")
+                raise ValueError(f"{name}={getattr(self, name)!r} ({_flag(name)}) has no effect on architecture="
+                                 f"{self.architecture!r}: {why}; drop it")
+
     def _check_sae_options(self) -> None:
         """Options of another architecture than the chosen one must keep their defaults: a flag
         that would have no effect is refused rather than ignored."""
@@ -228,6 +282,10 @@ class _RunOptions:
         ``expansion_factor * d_in``), ``device``, the seed, the hook and ``metadata`` (model_name,
         dataset_path, ...). A missing or bad value raises a ValueError naming the flag."""
         d_sae = self.d_sae if self.d_sae is not None else self.expansion_factor * d_in
+        ef_default = next(_default(f) for f in dataclasses.fields(self) if f.name == "expansion_factor")
+        if self.d_sae is not None and self.expansion_factor != ef_default and self.d_sae != self.expansion_factor * d_in:
+            raise ValueError(f"expansion_factor={self.expansion_factor} (--expansion-factor) has no effect when "
+                             f"d_sae={self.d_sae} (--d-sae) is given: give one of them")
         names = {f.name for f in _sae_option_fields(variant_class(self.architecture))}
         values: Dict[str, Any] = {name: getattr(self, name) for name in names}
         values.update(d_in=d_in, d_sae=d_sae, device=str(device), seed=self.seed, **metadata)
@@ -281,7 +339,18 @@ class _RunOptions:
         """``from_dict``, with :data:`SYNTHETIC_DEFAULTS` beneath ``values`` when they name no
         model, dataset or cache (the embedded synthetic run)."""
         if all(values.get(k) is None for k in ("model", "dataset", "cache_dir")):
-            values = {**SYNTHETIC_DEFAULTS, **values}
+            defaults = dict(SYNTHETIC_DEFAULTS)
+            # a default gives way to the option it would contradict
+            if values.get("total_tokens") is not None:
+                defaults.pop("train_steps")
+            if values.get("d_sae") is not None:
+                defaults.pop("expansion_factor")
+            try:
+                if not variant_class(values.get("architecture", DEFAULT_ARCHITECTURE)).needs_top_k:
+                    defaults.pop("top_k")
+            except ValueError:
+                pass  # an unknown architecture is reported by validate()
+            values = {**defaults, **values}
         return cls.from_dict(values)
 
     @classmethod
@@ -293,11 +362,21 @@ class _RunOptions:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     def differences(self, other: "TrainConfig") -> Dict[str, tuple]:
-        """{option: (self value, other value)} for options that change what is trained."""
+        """{option: (self value, other value)} for options that change what is trained. ``d_in``
+        and ``d_sae`` left unset on one side (to be derived) match any value on the other."""
         mine, theirs = self.to_dict(), other.to_dict()
         return {f.name: (mine[f.name], theirs[f.name]) for f in dataclasses.fields(self)
                 if not f.metadata.get("resume_safe") and f.name not in ("out_dir", "run_name")
-                and mine[f.name] != theirs[f.name]}
+                and mine[f.name] != theirs[f.name]
+                and not (f.name in ("d_in", "d_sae") and None in (mine[f.name], theirs[f.name]))}
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
@@ -378,10 +457,6 @@ def _sae_option_fields(cls: Optional[type] = None) -> List[dataclasses.Field]:
     for variant in (variant_classes() if cls is None else (cls,)):
         fields.update((f.name, f) for f in variant_options(variant) if f.metadata.get("train") and f.name not in fields)
     return list(fields.values())
-
-
-def _default(f: dataclasses.Field) -> Any:
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
 def _train_config_class() -> type:

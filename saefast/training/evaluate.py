@@ -7,6 +7,7 @@ the batches its trainer held out.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -16,7 +17,7 @@ from ..evals.metrics import feature_recovery, reconstruction_metrics
 from ..utils import eval_mode
 from .config import TrainConfig
 from .distributed import DistInfo, resolve_device
-from .run_folder import SAE_DIRNAME, RunFolder, read_run_config
+from .run_folder import EVAL_FILENAME, SAE_DIRNAME, RunFolder, read_run_config
 
 __all__ = ["evaluate_sae", "evaluate_run", "model_eval_means"]
 
@@ -44,11 +45,39 @@ def evaluate_sae(sae: nn.Module, heldout: List[Tensor], cfg: TrainConfig, source
     return metrics
 
 
+def _trained_position(run: Path) -> Dict[str, Any]:
+    """``{"step", "tokens"}`` of the run's final SAE, from eval.json or metrics.jsonl ({} if neither has them)."""
+    from ..utils import read_json
+    from .metrics_log import METRICS_FILENAME
+
+    eval_file = run / EVAL_FILENAME
+    if eval_file.is_file():
+        try:
+            previous = read_json(eval_file)
+        except ValueError:
+            previous = {}
+        found = {k: previous[k] for k in ("step", "tokens") if k in previous}
+        if found:
+            return found
+    metrics_file = run / METRICS_FILENAME
+    if metrics_file.is_file():
+        for line in reversed(metrics_file.read_text().splitlines()):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if row.get("kind") == "eval" and "tokens" in row:
+                return {"step": row["step"], "tokens": row["tokens"]}
+    return {}
+
+
 def evaluate_run(run_dir: str, device: Optional[str] = None, n_batches: Optional[int] = None,
                  output: Optional[str] = None) -> Dict[str, Any]:
     """Evaluate ``<run_dir>/sae`` on the run's held-out activations (the first ``eval_batches``
     batches of a freshly built source, exactly those the trainer held out), plus planted-feature
-    recovery (synthetic runs) and the CE/KL evals (model runs). Writes ``eval.json`` (or ``output``)."""
+    recovery (synthetic runs) and the CE/KL evals (model runs). Writes ``eval.json`` (or ``output``),
+    keeping the ``step`` and ``tokens`` of the trained SAE that training recorded there (or, when
+    eval.json is missing, in the last eval row of metrics.jsonl)."""
     from ..io import load_sae
     from .build import build_inputs
 
@@ -71,6 +100,7 @@ def evaluate_run(run_dir: str, device: Optional[str] = None, n_batches: Optional
         inputs.close()
     metrics = evaluate_sae(sae, heldout, cfg, inputs.source, inputs.model, inputs.eval_tokens,
                            inputs.model_eval_kwargs)
+    metrics.update(_trained_position(run))
     if output is not None:
         from ..utils import write_atomic, write_json
         write_atomic(Path(output), lambda p: write_json(metrics, p))

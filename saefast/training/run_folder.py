@@ -89,9 +89,11 @@ class RunFolder:
             if CheckpointManager(path).latest() is None:
                 log.warning("%s has no checkpoint yet (the run stopped before its first one): starting it again "
                             "from step 0 with its own config", path)
-        elif path.exists() and any(not is_temporary_name(p.name) for p in path.iterdir()):
-            raise ValueError(f"run folder {path} already exists and is not empty; pick another run_name, "
-                             f"or pass --resume {path} to continue it")
+        else:
+            cfg.check_no_ignored_options()
+            if path.exists() and any(not is_temporary_name(p.name) for p in path.iterdir()):
+                raise ValueError(f"run folder {path} already exists and is not empty; pick another run_name, "
+                                 f"or pass --resume {path} to continue it")
         if cfg.wandb:
             try:
                 import wandb  # noqa: F401
@@ -115,9 +117,10 @@ class RunFolder:
     def checkpoints(self, keep: int, rank: int) -> CheckpointManager:
         return CheckpointManager(self.path, keep=keep, rank=rank, barrier=barrier)
 
-    def start(self) -> None:
+    def start(self, d_in: Optional[int] = None, d_sae: Optional[int] = None) -> None:
         """Create the folder, remove what an interrupted run left half-written, and (for a new
-        run) write its config.json; main process only."""
+        run) write its config.json, with ``d_in`` / ``d_sae`` filled in where the options left them
+        to be derived (the hook's width, expansion_factor * d_in); main process only."""
         self.path.mkdir(parents=True, exist_ok=True)
         removed = [p.name for p in self.path.iterdir() if is_temporary_name(p.name)]
         for name in removed:
@@ -130,7 +133,11 @@ class RunFolder:
         if removed:
             log.info("removed what an interrupted run left half-written in %s: %s", self.path, ", ".join(sorted(removed)))
         if not self.resume:
-            write_atomic(self.path / CONFIG_FILENAME, lambda p: write_json(self.cfg.to_dict(), p))
+            values = self.cfg.to_dict()
+            for name, resolved in (("d_in", d_in), ("d_sae", d_sae)):
+                if values.get(name) is None:
+                    values[name] = resolved
+            write_atomic(self.path / CONFIG_FILENAME, lambda p: write_json(values, p))
 
     def write_eval(self, metrics: Dict[str, Any]) -> None:
         write_atomic(self.eval_path, lambda p: write_json(metrics, p))

@@ -39,6 +39,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..utils import DiskFullError
 from .checkpoint import capture_rng_state, restore_rng_state
@@ -389,7 +390,7 @@ class Trainer:
     def _train(self) -> Dict[str, Any]:
         cfg = self.cfg
         if self.dist.is_main:
-            self.run.start()
+            self.run.start(d_in=self.sae.d_in, d_sae=self.sae.d_sae)
         barrier()
         rank_state = self._load_checkpoint()
         self._prepare_data(rank_state)
@@ -407,6 +408,9 @@ class Trainer:
                    mininterval=0.1 if sys.stderr.isatty() else 5.0)
         last_time, last_tokens = time.perf_counter(), self.tokens_seen
         last_ckpt = self.step if rank_state else -1
+        logs_above_bar = contextlib.ExitStack()  # log lines while the bar is shown go above it
+        if not bar.disable:
+            logs_above_bar.enter_context(logging_redirect_tqdm())
         try:
             while self.step < self.total_steps:
                 try:
@@ -415,7 +419,10 @@ class Trainer:
                     if self.dist.is_main:
                         log.error("%s", err)
                     raise
-                bar.update(1)
+                if self.step < self.total_steps:
+                    bar.update(1)
+                else:
+                    bar.n = self.step  # the final state is drawn once, by bar.close()
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     now = time.perf_counter()
                     values.update(lr=self.scheduler.get_last_lr()[0], tokens=self.tokens_seen,
@@ -424,7 +431,8 @@ class Trainer:
                     last_time, last_tokens = now, self.tokens_seen
                     logger.log_train(self.step, values)
                     bar.set_postfix(loss=f"{values['loss']:.4g}", l0=f"{values['l0']:.1f}",
-                                    dead=f"{values['dead_fraction']:.1%}", tok_s=f"{values['tokens_per_s']:.3g}")
+                                    dead=f"{values['dead_fraction']:.1%}", tok_s=f"{values['tokens_per_s']:.3g}",
+                                    refresh=False)  # redrawn at the bar's own pace, not once per log row
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
                     if self.dist.is_main:
                         logger.log_eval(self.step, self.evaluate())
@@ -436,8 +444,11 @@ class Trainer:
                     os._exit(75)
             if last_ckpt != self.step:
                 self._save_checkpoint()
+            logs_above_bar.close()
+            bar.close()  # before the final log line, which then starts on a line of its own
             self._finish(logger)
         finally:
+            logs_above_bar.close()
             bar.close()
             logger.close()
         return self.final_metrics

@@ -1,6 +1,7 @@
 """``saefast analyze`` on tiny runs: synthetic default, a model + dataset, an SAE folder alone, bad input."""
 import csv
 import json
+import re
 
 import pytest
 import torch
@@ -38,14 +39,33 @@ def test_analyze_synthetic_run(synthetic_run, capsys):
     assert summary["source"] == "synthetic" and summary["sparsity"]["n_tokens"] == 600
     assert summary["sparsity"]["nnz"] == db.nnz and summary["reconstruction"]["n_rows"] == 600
     assert 0 <= summary["feature_recovery"] <= 1 and "final_eval" in summary
-    assert summary["sparsity"]["n_dead"] == int((db.feature_counts() == 0).sum())
+    assert summary["sparsity"]["n_inactive"] == int((db.feature_counts() == 0).sum())
+    # one dead count for the SAE: its training counter, the same in the summary and the final eval
+    assert summary["sparsity"]["n_dead"] == sae.count_dead_features()
+    assert summary["sparsity"]["dead_fraction"] == summary["final_eval"]["dead_fraction"] \
+        == summary["reconstruction"]["dead_fraction"] == pytest.approx(sae.count_dead_features() / 48)
     features = summary["report_features"]
     assert len(features) == 4 and all(db.feature_counts()[f] > 0 for f in features)
     index = (out / "index.html").read_text()
     assert '<img src="density.png"' in index and '<img src="training_curves.png"' in index
+    # synthetic rows have no tokens: the pages show the planted feature each latent recovers, not contexts
+    from saefast.data.synthetic import SyntheticActivations
+    planted = SyntheticActivations(16, 24, 8).true_features
+    cos = torch.nn.functional.normalize(sae.W_dec.detach(), dim=1) @ planted.T
+    assert "planted feature (cos)" in index
     for f in features:
         page = (out / "features" / f"feature_{f:05d}.html").read_text()
-        assert f"Feature {f}" in page and "Max-activating examples" in page and "no token text" in page
+        assert f"Feature {f}" in page and "Planted features it recovers" in page
+        assert "Max-activating examples" not in page and "\u00b7" not in page and "no token" not in page
+        best, ids = cos[f].topk(3)
+        table = page.split("Planted features it recovers")[1].split("</table>")[0]
+        found = re.findall(r"<tr><td>(\d+)</td><td class=\"num\">([-\d.e]+)</td></tr>", table)
+        assert [int(i) for i, _ in found] == ids.tolist()
+        assert [float(c) for _, c in found] == pytest.approx(best.tolist(), abs=1e-3)
+        assert f"<td>{int(ids[0])} ({float(best[0]):.3f})</td>" in index
+    matched = summary["planted"]
+    assert matched["n_planted"] == 24 and matched["planted_recovered"] == int((cos.max(0).values > 0.9).sum())
+    assert matched["latents_matching_a_planted_feature"] == int((cos.max(1).values > 0.9).sum())
     with open(out / "similarity.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == sae.d_sae * 10
@@ -110,6 +130,15 @@ def test_analyze_on_a_model_and_dataset(synthetic_run, tmp_path, monkeypatch, ca
     assert "either --cache-dir or --model" in capsys.readouterr().err
     assert main(["analyze", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # options that would have no effect on the source are refused, before any output
+    refused = ((synthetic_run, ["--context-size", "16"],
+                "--context-size 16 has no effect here: the activations are the run's synthetic data"),
+               (synthetic_run, ["--batch-size", "2"], "--batch-size 2 has no effect here"),
+               (synthetic_run / "sae", ["--n-tokens", "100"], "--n-tokens 100 has no effect here: there are no "
+                                                               "activations"))
+    for target, flags, message in refused:
+        assert main(["analyze", str(target), *flags, "--out", str(tmp_path / "ignored")]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "ignored").exists()
 
 
 def test_analyze_sae_folder_without_activations(synthetic_run, tmp_path):

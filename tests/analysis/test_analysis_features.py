@@ -52,8 +52,10 @@ def test_feature_stats_and_sparsity_report_match_dense():
     assert report["l0_std"] == pytest.approx(float(l0.std(unbiased=False)))
     assert report["l0_median"] == float(l0.median()) and report["l0_max"] == int(l0.max())
     assert report["l1_mean"] == pytest.approx(float(dense.double().sum(1).mean()))
-    assert report["dead_features"] == torch.nonzero(counts == 0).flatten().tolist()
-    assert 3 in report["dead_features"] and report["dead_fraction"] == pytest.approx(report["n_dead"] / D_SAE)
+    assert report["inactive_features"] == torch.nonzero(counts == 0).flatten().tolist()
+    assert 3 in report["inactive_features"]
+    assert report["inactive_fraction"] == pytest.approx(report["n_inactive"] / D_SAE)
+    assert "n_dead" not in report  # dead is the SAE's training counter: no SAE given, no dead count
     density = counts.double() / dense.shape[0]
     assert report["dense_features"] == torch.nonzero(density > 0.3).flatten().tolist()
     assert report["n_rare"] == int(((counts > 0) & (density < 0.02)).sum())

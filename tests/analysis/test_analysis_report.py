@@ -113,7 +113,8 @@ def test_html_report_without_tokens_or_database(tmp_path):
     anon = ActivationDatabase(db.values, db.feature_ids, db.token_index, db.n_tokens, db.d_sae)
     write_html_report(tmp_path / "anon", [2], db=anon, W_dec=torch.randn(6, 5))
     page = (tmp_path / "anon" / "features" / feature_page_name(2)).read_text()
-    assert "no token text" in page and html.escape("<-1>") not in page
+    assert "no contexts to show" in page and "Max-activating examples" not in page and "\u00b7" not in page
+    assert html.escape("<-1>") not in page and "Activation histogram" in page
     weights_only = write_html_report(tmp_path / "w", [0, 3], W_dec=torch.randn(6, 5),
                                      log10_density=torch.tensor([-1.0, -2, -10, -3, -4, -5]))
     assert "features/feature_00003.html" in weights_only.read_text()
@@ -122,3 +123,27 @@ def test_html_report_without_tokens_or_database(tmp_path):
         write_html_report(tmp_path / "x", [0])
     with pytest.raises(ValueError, match=r"features \[9\] are not in \[0, d_sae=6\)"):
         write_html_report(tmp_path / "x", [9], W_dec=torch.randn(6, 5))
+
+
+def test_html_report_with_planted_features_names_the_closest_ones(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    planted = torch.nn.functional.normalize(torch.randn(4, 5, generator=g), dim=1)
+    W_dec = torch.cat([planted[[2, 0]] * 3 + 0.01 * torch.randn(2, 5, generator=g), torch.randn(4, 5, generator=g)])
+    db, _ = _db_with_text()
+    anon = ActivationDatabase(db.values, db.feature_ids, db.token_index, db.n_tokens, db.d_sae)
+    index = write_html_report(tmp_path / "p", [0, 1, 4], db=anon, W_dec=W_dec, planted=planted).read_text()
+    cos = torch.nn.functional.normalize(W_dec, dim=1) @ planted.T
+    for f in (0, 1, 4):
+        page = (tmp_path / "p" / "features" / feature_page_name(f)).read_text()
+        best, ids = cos[f].topk(3)
+        rows = re.findall(r"<tr><td>(\d+)</td><td class=\"num\">([-\d.e]+)</td></tr>",
+                          page.split("Planted features it recovers")[1].split("</table>")[0])
+        assert [int(i) for i, _ in rows] == ids.tolist()
+        assert [float(c) for _, c in rows] == pytest.approx(best.tolist(), abs=1e-3)
+        assert f"<td>{int(ids[0])} ({float(best[0]):.3f})</td>" in index
+        assert "no contexts to show" not in page  # the planted match replaces them
+    assert "<td>2 (1.000)</td>" in index and "<td>0 (1.000)</td>" in index
+    with pytest.raises(ValueError, match="planted needs W_dec"):
+        write_html_report(tmp_path / "q", [0], db=anon, planted=planted)
+    with pytest.raises(ValueError, match=r"planted must be \[n_planted, d_in=5\]"):
+        write_html_report(tmp_path / "q", [0], W_dec=W_dec, planted=torch.randn(4, 3))

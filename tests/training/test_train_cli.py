@@ -1,5 +1,8 @@
 """The saefast command: embedded synthetic default, eval, config files, model runs, bad input."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -33,6 +36,7 @@ def test_embedded_default_trains_reports_recovery_and_evals(tmp_path, capsys):
     assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and curves.stat().st_size > 10_000
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["train_steps"] == 150 and cfg["lr"] == 3e-3 and cfg["top_k"] == 4  # synthetic defaults + flags
+    assert cfg["d_in"] == 64 and cfg["d_sae"] == 256  # the sizes the run derived, not null
     trained = json.loads((run / "eval.json").read_text())
     sae = load_sae(str(run / "sae"))
     assert sae.d_in == 64 and sae.d_sae == 256
@@ -45,13 +49,68 @@ def test_embedded_default_trains_reports_recovery_and_evals(tmp_path, capsys):
     assert trained["feature_recovery"] == pytest.approx(feature_recovery(sae.W_dec, planted))
     assert trained["feature_recovery"] > feature_recovery(untrained.W_dec, planted) + 0.2
     assert trained["explained_variance"] > 0.5 and 3.0 < trained["l0"] < 6.0
+    # dead is the SAE's training counter, explained once in the output
+    assert trained["dead_fraction"] == pytest.approx(sae.count_dead_features() / 256)
+    assert f"dead: {sae.count_dead_features()} of 256 latents have not fired in the last 50 training steps" in out
+    assert "128 planted features for 256 latents" in out
 
     assert main(["eval", str(run)]) == 0
     out = capsys.readouterr().out
     assert "explained_variance" in out and "feature_recovery" in out
     evaluated = json.loads((run / "eval.json").read_text())
+    assert set(evaluated) == set(trained) and (evaluated["step"], evaluated["tokens"]) == (150, 150 * 256)
     for key, value in evaluated.items():  # the same held-out batches as at the end of training
         assert value == pytest.approx(trained[key], rel=1e-5, abs=1e-7), key
+    (run / "eval.json").unlink()  # without eval.json, step and tokens come from the final eval row of metrics.jsonl
+    assert main(["eval", str(run)]) == 0
+    assert json.loads((run / "eval.json").read_text()) == pytest.approx(evaluated, rel=1e-5, abs=1e-7)
+
+
+def test_total_tokens_sets_the_length_of_the_synthetic_run(tmp_path, capsys):
+    argv = ["train", "--out-dir", str(tmp_path), "--run-name", "t", "--total-tokens", "2000", "--batch-size", "256",
+            "--eval-batches", "1", *FAST]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "t" / "eval.json").read_text())
+    assert (result["step"], result["tokens"]) == (8, 8 * 256)  # ceil(2000 / 256) steps, not the default 1500
+    assert json.loads((tmp_path / "t" / "config.json").read_text())["train_steps"] is None
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--total-tokens", "5000", "--train-steps", "3"], "--total-tokens) has no effect when train_steps=3"),
+    (["--context-size", "64"], "--context-size) only acts on a model run; this is the synthetic default"),
+    (["--hook", "blocks.0.hook_resid_pre"], "--hook) only acts on a model run or a cache run"),
+    (["--model-batch-size", "4"], "--model-batch-size) only acts on a model run"),
+    (["--eval-ce-batches", "2"], "--eval-ce-batches) only acts on a model run"),
+    (["--cache-dir", "acts", "--top-k", "4", "--synthetic-noise", "0.1"], "--synthetic-noise) only acts on the synthetic default"),
+    (["--architecture", "relu", "--top-k", "4"], "--top-k) has no effect on architecture='relu'"),
+    (["--architecture", "jumprelu", "--aux-penalty", "0.1"], "--aux-penalty) has no effect on architecture='jumprelu'"),
+    (["--l1-coefficient", "0.5"], "--l1-coefficient) has no effect on architecture='batchtopk'"),
+    (["--wandb-project", "mine"], "--wandb-project) has no effect without --wandb"),
+    (["--e2e-batch-size", "4"], "--e2e-batch-size) has no effect without an end-to-end loss"),
+    (["--e2e-downstream-hooks", "blocks.1.hook_resid_post"], "has no effect unless --e2e-block-mse-weight"),
+    (["--d-sae", "100", "--expansion-factor", "3"], "--expansion-factor) has no effect when d_sae=100"),
+])
+def test_a_flag_that_would_be_ignored_is_refused_with_the_reason(tmp_path, capsys, flags, message):
+    steps = [] if "--train-steps" in flags else ["--train-steps", "2"]
+    assert main(["train", "--out-dir", str(tmp_path), "--run-name", "r", *steps, *FAST, *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused before any work
+
+
+def test_progress_bar_is_drawn_once_and_log_lines_start_on_their_own_line(tmp_path):
+    """The bar's final state appears once, and the final log line is not glued onto it."""
+    env = {k: v for k, v in os.environ.items() if k != "SAEFAST_KILL_AFTER_STEP"}
+    proc = subprocess.run([sys.executable, "-m", "saefast.cli", "train", "--out-dir", str(tmp_path), "--run-name", "p",
+                           "--train-steps", "12", "--batch-size", "128", "--log-every", "3", "--eval-batches", "1",
+                           "--no-tensorboard", "--checkpoint-every", "0"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    screen = [line.split("\r")[-1] if line.split("\r")[-1] else line for line in proc.stderr.split("\n")]
+    finals = [line for line in proc.stderr.replace("\r", "\n").split("\n") if "12/12" in line]
+    assert len(finals) == 1, finals
+    finished = [line for line in screen if "finished 12 steps" in line]
+    assert len(finished) == 1 and finished[0].split()[1] == "INFO", finished
+    assert "12/12" not in finished[0] and "saefast p:" not in finished[0]
 
 
 def test_config_file_and_errors(tmp_path, capsys):

@@ -19,13 +19,13 @@ def test_every_field_has_a_flag_with_its_help():
 
 def test_flags_override_file_which_overrides_defaults(tmp_path):
     cfg_file = tmp_path / "run.yaml"
-    cfg_file.write_text("lr: 1e-3\nbatch_size: 64\ntop_k: 4\ne2e_downstream_hooks: []\nprepend_bos: false\n")
+    cfg_file.write_text("lr: 1e-3\nbatch_size: 64\ntop_k: 4\ne2e_downstream_hooks: []\nmax_grad_norm: 0.5\n")
     args = build_parser().parse_args(["train", "--config", str(cfg_file), "--batch-size", "32",
                                       "--no-tensorboard", "--lr-decay-floor", "0.5"])
     cfg = _config_from_args(args)
     assert cfg.lr == 1e-3 and isinstance(cfg.lr, float)  # YAML reads 1e-3 as a string
     assert cfg.batch_size == 32 and cfg.top_k == 4 and cfg.lr_decay_floor == 0.5
-    assert cfg.tensorboard is False and cfg.prepend_bos is False
+    assert cfg.tensorboard is False and cfg.max_grad_norm == 0.5
     assert cfg.expansion_factor == SYNTHETIC_DEFAULTS["expansion_factor"]  # no model: synthetic defaults
     assert cfg.adam_beta2 == TrainConfig().adam_beta2
     real = _config_from_args(build_parser().parse_args(["train", "--model", "gpt2", "--hook", "blocks.0.hook_resid_pre",
@@ -94,7 +94,7 @@ def test_sae_options_are_declared_once_with_one_default():
         assert default(train_fields[name]) == default(f), name
         if name != "architecture":
             assert train_fields[name].metadata["help"] == f.metadata["help"], name
-    cfg = TrainConfig(architecture="jumprelu", top_k=3, jumprelu_bandwidth=0.05, l1_coefficient=0.2)
+    cfg = TrainConfig(architecture="jumprelu", jumprelu_bandwidth=0.05, l1_coefficient=0.2)
     sae_cfg = cfg.sae_config(16, "cpu")
     assert (sae_cfg.jumprelu_bandwidth, sae_cfg.l1_coefficient, sae_cfg.d_sae) == (0.05, 0.2, 16 * cfg.expansion_factor)
 
@@ -112,3 +112,15 @@ def test_topk_variants_need_top_k_named_by_its_flag():
     with pytest.raises(ValueError, match="needs top_k.*--top-k"):
         cfg.sae_config(8, "cpu")
     assert TrainConfig(architecture="relu").sae_config(8, "cpu").top_k is None
+
+
+def test_ignored_options_are_refused_for_new_runs_and_saved_configs_still_read(tmp_path):
+    from saefast.training.run_folder import RunFolder
+    # older versions wrote top_k=4 into synthetic relu runs: such a config.json still reads back (eval, analyze)
+    saved = TrainConfig(architecture="relu", top_k=4, out_dir=str(tmp_path), run_name="old").to_dict()
+    cfg = TrainConfig.from_dict(saved)
+    assert cfg.top_k == 4
+    with pytest.raises(ValueError, match=r"top_k=4 \(--top-k\) has no effect on architecture='relu'"):
+        RunFolder.prepare(cfg, resume=False)  # a new run with it is refused before any work
+    assert not (tmp_path / "old").exists()
+    RunFolder.prepare(TrainConfig(architecture="relu", out_dir=str(tmp_path), run_name="new"), resume=False)

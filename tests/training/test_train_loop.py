@@ -21,8 +21,9 @@ def _rows(path):
 
 @pytest.mark.parametrize("architecture", ["batchtopk", "topk", "relu", "jumprelu", "matryoshka_batchtopk"])
 def test_short_run_loss_falls_and_writes_a_loadable_sae(tmp_path, architecture):
+    l1 = {"l1_coefficient": 1e-4} if architecture in ("relu", "jumprelu") else {}
     cfg = tiny_config(tmp_path, architecture=architecture, train_steps=60, tensorboard=architecture == "batchtopk",
-                      checkpoint_every=30, eval_every=30, l1_coefficient=1e-4)
+                      checkpoint_every=30, eval_every=30, **l1)
     sae, source = synthetic_run(cfg)
     metrics = Trainer(sae, source, cfg).train()
     run = tmp_path / "run"
@@ -171,7 +172,8 @@ def test_the_trainer_owns_its_run_folder(tmp_path, monkeypatch):
     trainer.train()
     run = tmp_path / "run"
     assert trainer.curves == run / "training_curves.png" and trainer.curves.is_file()
-    assert json.loads((run / "config.json").read_text()) == cfg.to_dict()
+    # config.json holds the options, with d_sae (left to be derived) filled in
+    assert cfg.d_sae is None and json.loads((run / "config.json").read_text()) == {**cfg.to_dict(), "d_sae": 64}
 
     prepares, config_reads = [], []
     real_prepare, real_read = run_folder.RunFolder.prepare.__func__, run_folder.read_json

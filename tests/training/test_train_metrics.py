@@ -27,7 +27,8 @@ def test_perfect_reconstruction():
     assert m["explained_variance"] == pytest.approx(1.0) and m["cosine_similarity"] == pytest.approx(1.0)
     x = torch.cat(batches)
     assert m["l0"] == pytest.approx(d_in) and m["l1"] == pytest.approx(x.abs().sum(1).mean().item(), rel=1e-6)
-    assert m["dead_fraction"] == 0 and m["dense_fraction"] == 1.0 and m["n_rows"] == 57
+    assert m["inactive_fraction"] == 0 and m["dense_fraction"] == 1.0 and m["n_rows"] == 57
+    assert "dead_fraction" not in m  # a fresh SAE has no training counters to count dead latents with
 
 
 def test_predicting_the_mean_explains_nothing():
@@ -64,12 +65,29 @@ def test_matches_dense_pytorch(architecture):
         "relative_mse": err.sum().item() / x.pow(2).sum().item(),
         "l0": (feats > 0).sum(1).double().mean().item(),
         "l1": feats.abs().sum(1).mean().item(),
-        "dead_fraction": (freq == 0).float().mean().item(),
+        "inactive_fraction": (freq == 0).float().mean().item(),
         "dense_fraction": (freq > 0.2).float().mean().item(),
         "n_rows": 97,
     }
     assert m == pytest.approx(want, rel=1e-5, abs=1e-7)
-    assert 0 < m["dead_fraction"] < 1 or architecture == "relu"
+    assert 0 < m["inactive_fraction"] < 1 or architecture == "relu"
+
+
+def test_dead_fraction_is_the_sae_training_counter_not_the_sample():
+    """One meaning of dead everywhere: not fired in the last n_batches_to_dead training steps."""
+    torch.manual_seed(4)
+    sae = create_sae(SAEConfig(d_in=8, d_sae=40, top_k=2, architecture="topk", device="cpu", n_batches_to_dead=3))
+    fired = torch.zeros(40, dtype=torch.bool)
+    fired[:10] = True
+    for _ in range(3):
+        sae.update_inactive_features(fired)
+    fired[:10] = False
+    fired[10:14] = True
+    sae.update_inactive_features(fired)  # latents 0-9 fired one step ago, 10-13 now, 14-39 never: 26 dead
+    m = reconstruction_metrics(sae.eval(), [torch.randn(64, 8)])
+    assert m["dead_fraction"] == pytest.approx(26 / 40) == pytest.approx(sae.dead_feature_percentage() / 100)
+    feats = sae.encode(torch.randn(64, 8))
+    assert m["inactive_fraction"] != m["dead_fraction"] or bool((feats > 0).any(0)[:14].all())
 
 
 def test_feature_recovery_known_cases():
