@@ -30,9 +30,11 @@ BLOCK_TIMEOUT_S = 120
 
 # Commands of ```bash blocks that this test does not run, and why.
 NOT_RUN = {
-    "python -m pytest tests/ -q -x": "the test suite itself (CI runs exactly this line)",
-    "saefast train": "the full synthetic default (1500 steps); tests/training/test_train_cli.py runs the same "
-                     "command with --train-steps 150, and the docs' bash blocks run shortened ones",
+    'pip install -e ".[test]" && python -m pytest tests/ -q -x': "the test suite itself (CI runs exactly this "
+                                                                  "line)",
+    'pip install -e ".[test]" && saefast train': "an install and the full synthetic default (1500 steps); "
+                                                 "tests/training/test_train_cli.py runs the same training with "
+                                                 "--train-steps 150, and the docs' bash blocks run shortened ones",
     "python -m pytest benchmarks/ --benchmark-only": "minutes of benchmarks; docs/benchmarks.md",
     "python -m pytest benchmarks/ --benchmark-only --save-results": "minutes of benchmarks, and writes results",
     "python benchmarks/report.py": "rewrites README.md's performance table",
@@ -165,4 +167,5 @@ def test_readme_says_how_to_get_a_cpu_torch_and_opens_with_two_commands():
     setup = readme.split("```")[0]
     assert "--index-url https://download.pytorch.org/whl/cpu" in setup and 'pip install -e ".[test]"' in setup
     first = next(b for b in BLOCKS if b.path.name == "README.md")
-    assert commands(first) == ["saefast train", "python -m pytest tests/ -q -x"]
+    assert commands(first) == ['pip install -e ".[test]" && saefast train',
+                               'pip install -e ".[test]" && python -m pytest tests/ -q -x']
