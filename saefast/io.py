@@ -133,7 +133,8 @@ def _atomic_folder(path: PathLike, writers: Dict[str, Callable[[Path], None]], g
 
 
 def _fill(sae: nn.Module, weights: Dict[str, Tensor], where: str) -> None:
-    fill_weights(sae, weights, sae.weight_shapes(), where, f"d_in={sae.d_in}, d_sae={sae.d_sae}")
+    out = f", d_out={sae.d_out}" if sae.config.is_transcoder else ""
+    fill_weights(sae, weights, sae.weight_shapes(), where, f"d_in={sae.d_in}{out}, d_sae={sae.d_sae}")
 
 
 def _hook_fields(hook_spec: Optional[str], hook_layer: Any = None) -> Dict[str, Any]:
@@ -150,13 +151,40 @@ def _hook_fields(hook_spec: Optional[str], hook_layer: Any = None) -> Dict[str, 
 # Native (SAELens layout) save / load
 # ----------------------------------------------------------------------------------------------
 
+def transcoder_architecture(saelens_architecture: str, skip: bool) -> str:
+    """The SAELens ``architecture`` of a transcoder whose SAE would be ``saelens_architecture``:
+    ``"transcoder"`` / ``"skip_transcoder"`` (ReLU) and ``"jumprelu_transcoder"`` are SAELens's
+    own; the other combinations (``"topk_transcoder"``, ``"jumprelu_skip_transcoder"``, ...) are
+    saefast's extension of that naming, which SAELens does not load."""
+    prefix = "" if saelens_architecture == "standard" else saelens_architecture + "_"
+    return f"{prefix}{'skip_' if skip else ''}transcoder"
+
+
+def _split_transcoder_architecture(name: Any) -> Optional[Tuple[str, bool]]:
+    """Inverse of :func:`transcoder_architecture`: (SAE architecture, skip), or None for an SAE."""
+    head = str(name)
+    if not head.endswith("transcoder"):
+        return None
+    head = head[:-len("transcoder")]
+    skip = head.endswith("skip_")
+    if skip:
+        head = head[:-len("skip_")]
+    if not head:
+        return "standard", skip
+    return (head[:-1], skip) if head.endswith("_") and len(head) > 1 else None
+
+
 def _native_files(sae: nn.Module) -> Tuple[Dict[str, Any], Dict[str, Tensor], Dict[str, Tensor]]:
     """(cfg.json, sae_weights.safetensors, saefast_state.safetensors) of ``sae``."""
     c = dataclasses.replace(sae.config, dtype=dtype_name(sae.dtype), device=str(sae.device))
     extras = sae.saelens_export()
+    architecture = sae.saelens_architecture
+    if c.is_transcoder:
+        architecture = transcoder_architecture(architecture, c.skip_connection)
     cfg: Dict[str, Any] = {
-        "architecture": sae.saelens_architecture,
+        "architecture": architecture,
         "d_in": sae.d_in,
+        **({"d_out": c.d_out} if c.is_transcoder else {}),
         "d_sae": sae.d_sae,
         "dtype": c.dtype,
         "device": c.device,
@@ -171,6 +199,7 @@ def _native_files(sae: nn.Module) -> Tuple[Dict[str, Any], Dict[str, Tensor], Di
         "model_name": c.model_name,
         "hook_name": c.hook_spec,
         "hook_head_index": None,
+        **({"hook_name_out": c.hook_spec_out, "hook_head_index_out": None} if c.is_transcoder else {}),
         "prepend_bos": c.prepend_bos,
         "context_size": c.context_size,
         "dataset_path": c.dataset_path,
@@ -178,6 +207,8 @@ def _native_files(sae: nn.Module) -> Tuple[Dict[str, Any], Dict[str, Tensor], Di
     }
     cfg["saefast"] = {"format_version": 1, "config": c.to_dict(), **extras.section}
     weights = {name: _cpu(getattr(sae, name)) for name in _SHARED_WEIGHTS}
+    if c.skip_connection:
+        weights["W_skip"] = _cpu(sae.W_skip.t())  # SAELens holds W_skip as [d_out, d_in]
     weights.update({name: _cpu(t) for name, t in extras.weights.items()})
     state = {name: _cpu(getattr(sae, name)) for name in _COUNTERS}
     state.update({name: _cpu(t) for name, t in extras.state.items()})
@@ -388,6 +419,11 @@ def _saelens_to_config(cfg: Dict[str, Any], where: Path) -> SAEConfig:
         raise ValueError(f"{where}: cfg.json is missing {missing}")
     meta = cfg["metadata"] if isinstance(cfg.get("metadata"), dict) else cfg
     arch = cfg.get("architecture", "standard")
+    transcoder = _split_transcoder_architecture(arch)
+    if transcoder is not None:
+        arch = transcoder[0]
+        if not isinstance(cfg.get("d_out"), int):
+            raise ValueError(f"{where}: a {cfg['architecture']!r} cfg.json needs d_out (the target's width)")
     activation = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
     if activation == "topk":
         arch = "topk"
@@ -413,10 +449,13 @@ def _saelens_to_config(cfg: Dict[str, Any], where: Path) -> SAEConfig:
     cls = readers[arch]
     hook_spec = meta.get("hook_name") or cfg.get("hook_point")
     hook_layer = cfg.get("hook_layer", cfg.get("hook_point_layer"))
+    out_fields: Dict[str, Any] = {}
+    if transcoder is not None:
+        out_fields = dict(d_out=cfg["d_out"], skip_connection=transcoder[1], hook_spec_out=meta.get("hook_name_out"))
     return SAEConfig(
         d_in=cfg["d_in"], d_sae=cfg["d_sae"], dtype=dtype_name(parse_dtype(cfg.get("dtype", "float32"))),
         device="cpu", architecture=cls.architecture, input_unit_norm=norm == "layer_norm",
-        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)), train_b_enc=True,
+        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)), train_b_enc=True, **out_fields,
         model_name=meta.get("model_name"), dataset_path=meta.get("dataset_path"),
         context_size=meta.get("context_size"), prepend_bos=bool(meta.get("prepend_bos", True)),
         **cls.saelens_config_values(cfg, str(where)), **_hook_fields(hook_spec, hook_layer))
@@ -462,6 +501,13 @@ def load_saelens(path: PathLike, device: str = "cpu", dtype: Optional[Union[str,
             del weights[name]
     if "log_threshold" in weights and "threshold" not in weights:
         weights["threshold"] = weights.pop("log_threshold").float().exp()
+    if "W_skip" in weights and config.skip_connection:
+        skip = weights["W_skip"]  # stored [d_out, d_in], as SAELens holds it
+        if tuple(skip.shape) != (config.output_width, config.d_in):
+            raise ValueError(f"{where}: W_skip has shape {tuple(skip.shape)} but the config says d_in={config.d_in}, "
+                             f"d_out={config.output_width}, so it must be [{config.output_width}, {config.d_in}] "
+                             "([d_out, d_in], as SAELens stores it)")
+        weights["W_skip"] = skip.t()
     cls = variant_class(config.architecture)
     sae = without_rng(lambda: cls(config))
     allowed = set(sae.weight_shapes()) | set(cls.saelens_weights)

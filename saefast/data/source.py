@@ -13,7 +13,7 @@ kernels may then differ from the first run in the last bits, on a CPU results ar
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, NamedTuple, Optional, Union
+from typing import Any, Dict, Iterable, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +23,8 @@ from .models import (_flatten_per_token, check_context_size, check_d_in, check_h
                      model_device, model_lock, stop_layer_for)
 from .tokens import TokenWindows
 
-__all__ = ["ActivationBatch", "ModelActivationSource", "estimate_norm_scaling_factor"]
+__all__ = ["ActivationBatch", "ActivationPair", "ModelActivationSource", "estimate_norm_scaling_factor",
+           "split_pair"]
 
 
 class ActivationBatch(NamedTuple):
@@ -37,6 +38,26 @@ class ActivationBatch(NamedTuple):
     token_ids: Tensor
     window_ids: Tensor
     positions: Tensor
+
+
+class ActivationPair(NamedTuple):
+    """A transcoder's batch: its input rows and, row for row (the same tokens), its target rows.
+
+    x [B, d_in] fp32 (the input hook); target [B, d_out] fp32 (the target hook).
+    """
+
+    x: Tensor
+    target: Tensor
+
+
+def split_pair(batch: Any) -> Tuple[Tensor, Optional[Tensor]]:
+    """(input rows, target rows or None) of a batch from any activation source: a tensor, an
+    :class:`ActivationPair` or an :class:`ActivationBatch`."""
+    if isinstance(batch, ActivationPair):
+        return batch.x, batch.target
+    if isinstance(batch, ActivationBatch):
+        return batch.acts, None
+    return batch, None
 
 
 class _ModelChunks:
