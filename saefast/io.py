@@ -225,7 +225,8 @@ def save_sae(sae: nn.Module, path: PathLike, history: Optional[Dict[str, Any]] =
     further from 1 than 1e-5 (1e-2 in 16-bit) are folded into the encoder in the saved copy
     (``sae.fold_decoder_norms()``, reconstructions unchanged, those latents' activations scaled
     by their norm); ``sae`` itself is not modified. A TopK variant cannot fold its norms and is
-    saved as it is, with a warning.
+    saved as it is, with a warning. A variant whose decoder norms are part of the model
+    (``unit_norm_decoder`` False: the crosscoder's per-layer norms) is saved as it is.
     Raises FileExistsError if ``path`` already holds an SAE and ``overwrite`` is False.
     """
     if not _is_sae(sae):
@@ -234,7 +235,7 @@ def save_sae(sae: nn.Module, path: PathLike, history: Optional[Dict[str, Any]] =
         raise TypeError(f"history must be a dict (e.g. {{'loss': [...]}}) or None, got {type(history).__name__}")
     if log_sparsity is not None and (not isinstance(log_sparsity, Tensor) or log_sparsity.shape != (sae.d_sae,)):
         raise ValueError(f"log_sparsity must be a tensor of shape [{sae.d_sae}] (d_sae)")
-    if not sae.decoder_norms_are_unit():
+    if sae.unit_norm_decoder and not sae.decoder_norms_are_unit():
         if sae.folds_decoder_norms:
             sae = copy.deepcopy(sae).fold_decoder_norms()
             logger.info("%s: decoder rows were not unit norm; folded into the encoder in the saved copy", path)
