@@ -24,9 +24,12 @@ __all__ = ["evaluate_sae", "evaluate_run", "model_eval_means"]
 
 def model_eval_means(model: nn.Module, sae: nn.Module, eval_tokens: Tensor, cfg: TrainConfig,
                      eval_kwargs: Dict[str, Any]) -> Dict[str, float]:
-    """CE loss clean / spliced / zero-ablated, CE loss recovered and KL with ``sae`` spliced in."""
+    """CE loss clean / spliced / zero-ablated, CE loss recovered and KL with ``sae`` spliced in
+    (a transcoder at its target hook, a crosscoder at every layer it reads)."""
     from ..evals.model_evals import spliced_ce_eval
-    return spliced_ce_eval(model, sae, eval_tokens, cfg.hook, batch_size=cfg.model_batch_size, **eval_kwargs)
+    hook = cfg.hook if not cfg.is_crosscoder else None  # a crosscoder names its layers itself
+    return spliced_ce_eval(model, sae, eval_tokens, hook, target_hook=cfg.target_hook,
+                           batch_size=cfg.model_batch_size, **eval_kwargs)
 
 
 def evaluate_sae(sae: nn.Module, heldout: List[Tensor], cfg: TrainConfig, source: Any,

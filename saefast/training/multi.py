@@ -1,0 +1,97 @@
+"""Several SAEs trained from one model pass: one per hook (or per input/target pair).
+
+``saefast train --hook A --hook B ...`` (or ``--hooks all-resid``) builds one :class:`Trainer`
+per hook (:func:`saefast.training.build.build_members`), each with its own SAE, Adam state,
+scheduler, metrics log and run folder ``<run>/<hook>/`` (a complete run folder: ``saefast eval``,
+``saefast analyze`` and ``--resume`` work on it alone). Their activation sources are views of one
+shared source, so the model runs once per batch of windows, up to the deepest hook's block, for
+all of them (:mod:`saefast.data.views`).
+
+:class:`MultiTrainer` takes the trainers' steps in turn (step 1 of each, then step 2, ...). They
+checkpoint at the same steps; older checkpoints are pruned only after every trainer has written
+the new one, so after a crash there is always a step that all of them hold, and ``--resume``
+restarts every trainer from the newest such step.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional, Sequence
+
+from ..utils import write_atomic, write_json
+from .run_folder import RunFolder
+from .trainer import Trainer
+
+__all__ = ["MultiTrainer", "common_resume_step"]
+
+log = logging.getLogger(__name__)
+
+
+def common_resume_step(trainers: Sequence[Trainer]) -> int:
+    """The newest step at which every trainer has a complete checkpoint (ValueError if none)."""
+    common: Optional[set] = None
+    for t in trainers:
+        steps = {int(p.name.split("_")[1]) for p in t.checkpoints.complete()}
+        common = steps if common is None else common & steps
+    if not common:
+        raise ValueError("--resume: the member runs have no checkpoint step in common "
+                         f"({', '.join(str(t.run_dir) for t in trainers)}); start a new run")
+    return max(common)
+
+
+class MultiTrainer:
+    """Train several :class:`Trainer`\\ s in lockstep (see the module docstring).
+
+    Args:
+        trainers: one per SAE, built on views of one shared source, with the same number of
+            steps and the same checkpoint cadence.
+        parent: the run folder holding the members' folders (its config.json names every hook);
+            ``eval.json`` there gathers every member's final metrics.
+        resume: the trainers were built with ``resume=True``: each restarts from the newest step
+            all of them hold.
+    """
+
+    def __init__(self, trainers: Sequence[Trainer], parent: RunFolder, resume: bool = False) -> None:
+        if not trainers:
+            raise ValueError("MultiTrainer needs at least one trainer")
+        self.trainers: List[Trainer] = list(trainers)
+        self.parent = parent
+        steps = {t.total_steps for t in self.trainers}
+        cadence = {t.cfg.checkpoint_every for t in self.trainers}
+        if len(steps) != 1 or len(cadence) != 1:
+            raise ValueError("the trainers of one model pass need the same number of steps and checkpoint cadence")
+        for t in self.trainers:
+            t.defer_prune = True
+        if resume:
+            step = common_resume_step(self.trainers)
+            for t in self.trainers:
+                t.resume_from(t.checkpoints.at_step(step))
+            log.info("resuming %d runs at step %d", len(self.trainers), step)
+        self.final_metrics: Dict[str, Dict[str, Any]] = {}
+
+    def _prune(self) -> None:
+        for t in self.trainers:
+            t.checkpoints.prune()
+
+    def train(self) -> Dict[str, Dict[str, Any]]:
+        """Run every trainer to its last step; returns {member run name: final metrics}."""
+        if self.trainers[0].dist.is_main:
+            self.parent.start()
+        every = self.trainers[0].cfg.checkpoint_every
+        try:
+            for t in self.trainers:
+                t.begin()
+            while not all(t.done for t in self.trainers):
+                for t in self.trainers:
+                    t.advance()
+                if every and self.trainers[0].step % every == 0:
+                    self._prune()
+            for t in self.trainers:
+                t.end()
+            self._prune()
+        finally:
+            for t in self.trainers:
+                t.close()
+        self.final_metrics = {t.cfg.run_name: t.final_metrics for t in self.trainers}
+        if self.trainers[0].dist.is_main:
+            write_atomic(self.parent.eval_path, lambda p: write_json(self.final_metrics, p))
+        return self.final_metrics
