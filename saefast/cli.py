@@ -286,6 +286,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .training.evaluate import evaluate_run
 
     metrics = evaluate_run(args.run_dir, device=args.device, n_batches=args.batches, output=args.output)
+    if metrics and all(isinstance(v, dict) for v in metrics.values()):  # a run of several hooks
+        print("\n".join(f"saefast eval {args.run_dir} / {name}:\n" + _format_metrics(m) for name, m in metrics.items()))
+        return 0
     print(f"saefast eval {args.run_dir}:\n" + _format_metrics(metrics))
     return 0
 

@@ -39,7 +39,8 @@ from torch import Tensor, nn
 from ..data.models import check_hook, hook_layer, model_device, model_lock, stop_layer_for
 from ..utils import eval_mode
 
-__all__ = ["sae_reconstruct", "sae_hooks", "spliced_ce_eval", "e2e_losses"]
+__all__ = ["sae_reconstruct", "sae_hooks", "sae_input_rows", "splice_hooks", "output_widths", "spliced_ce_eval",
+           "e2e_losses"]
 
 
 def sae_reconstruct(sae: nn.Module, x: Tensor, input_scale: float = 1.0) -> Tensor:
@@ -98,12 +99,12 @@ def _flat(act: Tensor) -> Tensor:
     return act.flatten(2) if act.dim() > 3 else act
 
 
-def _read_rows(cache: Any, reads: Sequence[str]) -> Tensor:
-    """The SAE's input [B, S, d_in]: the read hooks' activations concatenated."""
+def sae_input_rows(cache: Any, reads: Sequence[str]) -> Tensor:
+    """The SAE's input [B, S, d_in] from a run's cache: the read hooks' activations concatenated."""
     return torch.cat([_flat(cache[h]) for h in reads], dim=-1)
 
 
-def _write_hooks(writes: Sequence[str], widths: Sequence[int], outputs: Tensor, splice: Tensor,
+def splice_hooks(writes: Sequence[str], widths: Sequence[int], outputs: Tensor, splice: Tensor,
                  add: bool = False) -> List[Tuple[str, Any]]:
     """Forward hooks that put ``outputs`` [n_splice, sum widths] (split by ``widths``) at the
     spliced positions of ``writes``: in place of the activation, or added to it."""
@@ -119,7 +120,7 @@ def _write_hooks(writes: Sequence[str], widths: Sequence[int], outputs: Tensor, 
     return hooks
 
 
-def _write_widths(sae: nn.Module, reads: Sequence[str], writes: Sequence[str], cache: Any) -> List[int]:
+def output_widths(sae: nn.Module, reads: Sequence[str], writes: Sequence[str], cache: Any) -> List[int]:
     if list(writes) == list(reads):
         return [_flat(cache[h]).shape[-1] for h in reads]
     return [int(sae.d_out)]
@@ -230,8 +231,8 @@ def _spliced_ce_eval(model: nn.Module, sae: nn.Module, tokens: Union[Tensor, Ite
 
         with model_lock(model):
             clean, cache = model.run_with_cache(batch, names_filter=list(dict.fromkeys(reads)))
-            recon = sae_reconstruct(sae, _read_rows(cache, reads)[splice], input_scale)
-            fwd_hooks = _write_hooks(writes, _write_widths(sae, reads, writes, cache), recon, splice)
+            recon = sae_reconstruct(sae, sae_input_rows(cache, reads)[splice], input_scale)
+            fwd_hooks = splice_hooks(writes, output_widths(sae, reads, writes, cache), recon, splice)
             del cache
             spliced = model.run_with_hooks(batch, fwd_hooks=fwd_hooks)
             zero = model.run_with_hooks(batch, fwd_hooks=[(h, zero_hook) for h in writes])

@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from .config import TrainConfig
 from .distributed import DistInfo, dist_info
 
-__all__ = ["RunInputs", "build_sae", "build_inputs", "build_members", "build_model_source", "member_name",
-           "TokenBatches", "SYNTHETIC_D_IN"]
+__all__ = ["RunInputs", "build_sae", "build_inputs", "build_members", "build_model_source", "synthetic_source",
+           "member_name", "TokenBatches", "SYNTHETIC_D_IN"]
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,11 @@ def _member_config(cfg: TrainConfig, hooks: List[str], target: Optional[str]) ->
                                out_dir=str(Path(cfg.out_dir) / cfg.run_name), run_name=member_name(hooks[0], target))
 
 
-def _build_synthetic_inputs(cfg: TrainConfig, device: torch.device, info: DistInfo) -> RunInputs:
+def synthetic_source(cfg: TrainConfig, batch_size: Optional[int] = None, *, stream: int = 0,
+                     device: Any = "cpu") -> Any:
+    """The run's synthetic activations (:class:`~saefast.data.synthetic.SyntheticActivations`):
+    planted pairs for a transcoder (``d_out``), features spanning ``synthetic_layers`` layers for
+    a crosscoder; ``stream`` picks an independent sample stream over the same planted dictionary."""
     from ..data.synthetic import SyntheticActivations
     d_in = cfg.d_in if cfg.d_in is not None else SYNTHETIC_D_IN
     if cfg.synthetic_active > cfg.synthetic_features:
@@ -226,12 +230,16 @@ def _build_synthetic_inputs(cfg: TrainConfig, device: torch.device, info: DistIn
             raise ValueError(f"d_in={cfg.d_in} is a crosscoder's whole input, synthetic_layers={n_layers} layers "
                              "wide: make it a multiple of synthetic_layers")
         d_in = cfg.d_in // n_layers
-    source = SyntheticActivations(
-        d_in, cfg.synthetic_features, cfg.batch_size, mean_active=cfg.synthetic_active,
+    return SyntheticActivations(
+        d_in, cfg.synthetic_features, batch_size or cfg.batch_size, mean_active=cfg.synthetic_active,
         zipf_exponent=cfg.synthetic_zipf_exponent, noise_std=cfg.synthetic_noise,
-        dictionary_seed=cfg.seed, seed=cfg.seed, stream=info.rank, device=device, d_out=cfg.d_out,
+        dictionary_seed=cfg.seed, seed=cfg.seed, stream=stream, device=device, d_out=cfg.d_out,
         linear_scale=cfg.synthetic_linear, n_layers=n_layers)
-    return RunInputs(source, source.d_in, d_out=cfg.d_out, n_layers=n_layers if cfg.is_crosscoder else None)
+
+
+def _build_synthetic_inputs(cfg: TrainConfig, device: torch.device, info: DistInfo) -> RunInputs:
+    source = synthetic_source(cfg, stream=info.rank, device=device)
+    return RunInputs(source, source.d_in, d_out=cfg.d_out, n_layers=source.n_layers if cfg.is_crosscoder else None)
 
 
 def _cache_source(cfg: TrainConfig, device: torch.device, info: DistInfo, reads: List[str]):

@@ -80,12 +80,21 @@ def evaluate_run(run_dir: str, device: Optional[str] = None, n_batches: Optional
     batches of a freshly built source, exactly those the trainer held out), plus planted-feature
     recovery (synthetic runs) and the CE/KL evals (model runs). Writes ``eval.json`` (or ``output``),
     keeping the ``step`` and ``tokens`` of the trained SAE that training recorded there (or, when
-    eval.json is missing, in the last eval row of metrics.jsonl)."""
+    eval.json is missing, in the last eval row of metrics.jsonl). A run of several hooks evaluates
+    each member run and returns {member: metrics}."""
     from ..io import load_sae
     from .build import build_inputs
 
     run = Path(run_dir)
     cfg = TrainConfig.from_dict(read_run_config(run))
+    if cfg.is_multi:
+        members = sorted(p for p in run.iterdir() if p.is_dir() and (p / "config.json").is_file())
+        if not members:
+            raise ValueError(f"{run} trains several hooks but holds no member run yet; train it first")
+        gathered = {p.name: evaluate_run(str(p), device=device, n_batches=n_batches) for p in members}
+        from ..utils import write_atomic, write_json
+        write_atomic(Path(output) if output is not None else run / "eval.json", lambda p: write_json(gathered, p))
+        return gathered
     if not (run / SAE_DIRNAME / "cfg.json").is_file():
         raise ValueError(f"{run}/{SAE_DIRNAME} holds no trained SAE yet (training has not finished); "
                          f"resume it with saefast train --resume {run}")

@@ -79,6 +79,11 @@ def test_several_hooks_train_one_sae_each_from_one_model_pass(counted, capsys):
     assert json.loads((tmp / "alone" / "eval.json").read_text()) == pytest.approx(summary[B])
 
     assert main(["eval", str(run / A)]) == 0  # a member folder is a run folder of its own
+    assert main(["eval", str(run)]) == 0
+    evaluated = json.loads((run / "eval.json").read_text())
+    assert set(evaluated) == {A, B}
+    assert {k: evaluated[B][k] for k in evaluated[B]} == pytest.approx({k: summary[B][k] for k in evaluated[B]},
+                                                                       rel=1e-5)
 
 
 def test_killed_multi_hook_run_resumes_from_the_step_every_member_holds(counted, monkeypatch, capsys):
