@@ -13,6 +13,11 @@ Native folder (the SAELens v6 layout, so SAELens and tools built on it load saef
 * ``sae_weights.safetensors``: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``,
   ``b_dec [d_in]``, and ``threshold [d_sae]`` for BatchTopK (its global threshold, repeated; so
   SAELens runs it as a JumpReLU SAE) and JumpReLU.
+* Transcoders (``d_out`` set) follow SAELens's transcoder layout: ``d_out``, ``metadata.hook_name_out``,
+  ``W_dec [d_sae, d_out]``, ``b_dec [d_out]``, ``W_skip`` stored ``[d_out, d_in]`` (the transpose of
+  saefast's), architecture ``"transcoder"`` / ``"skip_transcoder"`` / ``"jumprelu_transcoder"`` where
+  SAELens has the combination, else saefast's extension ``<architecture>_[skip_]transcoder``
+  (:func:`transcoder_architecture`).
 * ``saefast_state.safetensors``: dead-latent counters (and JumpReLU's fp32 threshold), read back
   by saefast only. ``history.json`` when a history is given, ``sparsity.safetensors`` (key
   "sparsity": log10 firing frequency per latent, as SAELens writes it) when given.
@@ -64,8 +69,8 @@ from .version import __version__
 __all__ = [
     "save_sae", "load_sae", "load_saelens", "load_sparsify", "save_sparsify", "from_reference_state_dict",
     "to_reference_state_dict", "load_reference_checkpoint", "load_classic_checkpoint", "load_dictionary_learning",
-    "sae_folder_kind", "read_history", "read_log_sparsity", "CFG_FILENAME", "WEIGHTS_FILENAME", "STATE_FILENAME",
-    "HISTORY_FILENAME",
+    "sae_folder_kind", "read_history", "read_log_sparsity", "transcoder_architecture", "CFG_FILENAME",
+    "WEIGHTS_FILENAME", "STATE_FILENAME", "HISTORY_FILENAME",
 ]
 
 logger = logging.getLogger(__name__)

@@ -330,3 +330,19 @@ def test_transcoder_bad_input_names_the_fix():
     with pytest.raises(ValueError, match="only a transcoder"):
         SAEConfig(d_in=8, d_sae=20, top_k=2, hook_spec_out="blocks.0.hook_mlp_out")
     assert SAEConfig(d_in=8, d_out=5, d_sae=20, top_k=2).apply_b_dec_to_input is False
+
+
+@pytest.mark.parametrize("arch,skip,theirs", [("relu", False, "Transcoder"), ("relu", True, "SkipTranscoder"),
+                                              ("jumprelu", False, "JumpReLUTranscoder"),
+                                              ("batchtopk", False, "JumpReLUTranscoder")])
+def test_saelens_loads_saefast_transcoders(tmp_path, arch, skip, theirs):
+    sae_lens = pytest.importorskip("sae_lens")  # SAELens 6 needs transformer-lens < 4
+    sae = make_transcoder(arch, 10, 7, 30, 3, skip).eval()
+    if arch == "batchtopk":
+        sae.update_threshold(torch.tensor(0.3))
+    loaded = sae_lens.SAE.load_from_disk(str(sae.save(tmp_path / arch)))
+    assert type(loaded).__name__ == theirs
+    x, _ = data(9, 10, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(x), sae.encode(x), **TOL)
+        torch.testing.assert_close(loaded(x), sae.reconstruct(x), **TOL)

@@ -374,7 +374,8 @@ class CachedActivationSource:
         """Resume from :meth:`state_dict`; refuses a state saved on another cache."""
         if state.get("kind") != "cache":
             raise ValueError(f"cannot resume a CachedActivationSource from a {state.get('kind')!r} source state")
-        for key, mine in (("d_in", self.d_in if self.d_in is not None else self.d_ins), ("n_tokens", self.n_tokens)):
+        widths = self.d_in if self.d_in is not None else self.d_ins
+        for key, mine in (("d_in", widths), ("n_tokens", self.n_tokens)):
             if state.get(key) != mine:
                 raise ValueError(f"cannot resume: the saved source read a cache with {key}={state.get(key)!r} "
                                  f"but {self.path} has {key}={mine!r}")

@@ -187,16 +187,21 @@ class ModelActivationSource:
             return dict(zip(self.hook_names, batch))
         return batch[0]
 
+    @property
+    def _widths(self) -> Any:
+        """What a saved state records of the width: d_in, or {hook: width} for several hooks."""
+        return self.d_in if self.d_in is not None else self.d_ins
+
     def state_dict(self) -> Dict[str, Any]:
         """JSON-safe: hook, d_in and the buffer position (which holds the dataset position)."""
-        return {"kind": "model", "hook_name": self.hook_name, "d_in": self.d_in if self.d_in is not None else self.d_ins,
+        return {"kind": "model", "hook_name": self.hook_name, "d_in": self._widths,
                 "context_size": self.windows.context_size, "buffer": self.buffer.state_dict()}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`; refuses a state saved with another hook or width."""
         if state.get("kind") != "model":
             raise ValueError(f"cannot resume a ModelActivationSource from a {state.get('kind')!r} source state")
-        for key, mine in (("hook_name", self.hook_name), ("d_in", self.d_in if self.d_in is not None else self.d_ins),
+        for key, mine in (("hook_name", self.hook_name), ("d_in", self._widths),
                           ("context_size", self.windows.context_size)):
             if state.get(key) != mine:
                 raise ValueError(f"cannot resume: the saved source has {key}={state.get(key)!r} but this one "

@@ -173,7 +173,8 @@ def build_members(cfg: TrainConfig, device: torch.device,
     return members
 
 
-def build_model_source(cfg: TrainConfig, device: torch.device, info: Optional[DistInfo] = None) -> Tuple[Any, List[str]]:
+def build_model_source(cfg: TrainConfig, device: torch.device,
+                       info: Optional[DistInfo] = None) -> Tuple[Any, List[str]]:
     """(the model source reading every hook of ``cfg`` in one pass, those hooks): what
     ``saefast cache`` writes. One hook: plain batches; several: ``{hook: rows}``."""
     from ..data import models
