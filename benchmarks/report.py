@@ -4,7 +4,8 @@
 
 With no files named, uses the latest results file of each device kind (CUDA, CPU) under
 benchmarks/results/ for the main tables, and for each group of :data:`VARIANT_GROUPS` (the SAE
-variants' steps, benchmarked on their own) the latest file holding that group. Rewrites only the lines between ``<!-- perf-table:start -->`` and
+variants' steps, benchmarked on their own and recorded in benchmarks/results/variants/) the latest
+file holding that group. Rewrites only the lines between ``<!-- perf-table:start -->`` and
 ``<!-- perf-table:end -->`` in the README and writes ``benchmarks/results/perf.png`` (step time
 and peak memory against d_sae, step time against k: saefast, dense PyTorch and the peers).
 Every number comes from a results file; nothing is estimated.
@@ -25,9 +26,13 @@ START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
 IMPL_ORDER = ("saefast", "saefast-sae", "saefast-classic", "saefast-dict", "sparsify", "sae-lens",
               "dictionary-learning", "dense", "saefast-torch",
               "saefast-fused", "floor-gemm", "floor-adam")
-# Groups benchmarked on their own (bench_transcoder.py, ...): each gets a table from the newest
-# results file holding it, so recording them never hides the main tables' results.
+# Groups benchmarked on their own (bench_matryoshka.py, bench_transcoder.py, ...; results in
+# results/variants/): each gets a table from the newest results file holding it, so recording
+# them never hides the main tables' results.
+VARIANTS_DIR = RESULTS_DIR / "variants"
 VARIANT_GROUPS = {
+    "matryoshka_step": "Whole training step of Matryoshka BatchTopK",
+    "jumprelu_step": "Whole training step of JumpReLU",
     "transcoder_step": "Whole training step of a BatchTopK skip transcoder (d_out = d_in)",
     "crosscoder_step": "Whole training step of an acausal crosscoder",
     "multihook_source": "Activations of several hooks for one SAE each: one model pass against one pass per hook",
@@ -74,7 +79,10 @@ def by_device(docs: List[dict]) -> List[dict]:
 
 def _all_results(results_dir: Path) -> List[dict]:
     docs = []
-    for path in sorted(results_dir.glob("*.json")):
+    paths = sorted(results_dir.glob("*.json"))
+    if results_dir == RESULTS_DIR:
+        paths += sorted(VARIANTS_DIR.glob("*.json"))
+    for path in paths:
         try:
             docs.append(load(path))
         except (ValueError, json.JSONDecodeError):
@@ -285,20 +293,24 @@ def ops_table(doc: dict) -> List[str]:
 
 
 def variant_table(doc: dict, group: str) -> List[str]:
-    """One of VARIANT_GROUPS: time, saefast's speed-up, peak memory and configuration per contender."""
-    rows = sorted(figures(doc, group), key=lambda f: _order(f["impl"]))
-    if not rows:
-        return []
-    shape = ", ".join(f"{k} {v}" for k, v in rows[0]["params"].items() if k != "device")
-    lines = ["", f"{VARIANT_GROUPS[group]} ({shape}); {header(doc)}; from "
-                 f"{', '.join(f'`{_rel(p)}`' for p in doc['_paths'])}:", "",
-             "| contender | time | saefast is | peak memory | configuration |", "|---|---|---|---|---|"]
-    for f in rows:
-        speed = _lookup(doc, f, "saefast_speedup")
-        mem = _lookup(doc, f, "peak_memory")
-        speed_txt = "–" if f["impl"].startswith("saefast") else fmt_speedup(speed["value"] if speed else None)
-        lines.append(f"| {f['impl']} | {fmt_time(f['value'])} | {speed_txt} | "
-                     f"{fmt_bytes(mem['value'] if mem else None)} | {f.get('notes', '')} |")
+    """One of VARIANT_GROUPS: time, saefast's speed-up, peak memory and configuration per
+    contender, one table per point (shapes and options) of the group."""
+    points: Dict[str, List[dict]] = defaultdict(list)
+    for f in figures(doc, group):
+        points[json.dumps(f["params"], sort_keys=True)].append(f)
+    lines: List[str] = []
+    for rows in points.values():
+        rows = sorted(rows, key=lambda f: _order(f["impl"]))
+        shape = ", ".join(f"{k} {v}" for k, v in rows[0]["params"].items() if k != "device")
+        lines += ["", f"{VARIANT_GROUPS[group]} ({shape}); {header(doc)}; from "
+                      f"{', '.join(f'`{_rel(p)}`' for p in doc['_paths'])}:", "",
+                  "| contender | time | saefast is | peak memory | configuration |", "|---|---|---|---|---|"]
+        for f in rows:
+            speed = _lookup(doc, f, "saefast_speedup")
+            mem = _lookup(doc, f, "peak_memory")
+            speed_txt = "–" if f["impl"].startswith("saefast") else fmt_speedup(speed["value"] if speed else None)
+            lines.append(f"| {f['impl']} | {fmt_time(f['value'])} | {speed_txt} | "
+                         f"{fmt_bytes(mem['value'] if mem else None)} | {f.get('notes', '')} |")
     return lines
 
 

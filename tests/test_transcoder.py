@@ -346,3 +346,30 @@ def test_saelens_loads_saefast_transcoders(tmp_path, arch, skip, theirs):
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode(x), sae.encode(x), **TOL)
         torch.testing.assert_close(loaded(x), sae.reconstruct(x), **TOL)
+
+
+def test_matryoshka_transcoder_matches_dense_prefix_oracle(backend):
+    """A Matryoshka BatchTopK transcoder: each prefix's output (with b_dec and the skip) against
+    the target, the loss their mean MSE plus aux-K, gradients from the dense oracle."""
+    prefixes = [6, 20, 48]
+    sae = make_transcoder("matryoshka_batchtopk", 12, 9, 48, 4, True, n_batches_to_dead=0,
+                          matryoshka_prefixes=prefixes)
+    x, y = data(23, 12, 9)
+    dead = sae.dead_mask().clone()
+    out = sae.training_forward(x, target=y, update_stats=False)
+    out["loss"].backward()
+    p = {n: t.detach().clone().requires_grad_() for n, t in sae.named_parameters()}
+    full = dense_transcoder(p, "batchtopk", x, y, 4, sae.config.top_k_aux, dead)
+    acts, skip = full["features"], x @ p["W_skip"]
+    prefix_mse = torch.stack([((acts[:, :n] @ p["W_dec"][:n] + p["b_dec"] + skip) - y).pow(2).mean()
+                              for n in prefixes])
+    (prefix_mse.mean() + full["aux_loss"]).backward()
+    torch.testing.assert_close(out["prefix_mse"], prefix_mse.detach(), **TOL)
+    torch.testing.assert_close(out["x_recon"], full["x_recon"].detach(), **TOL)
+    torch.testing.assert_close(out["loss"], (prefix_mse.mean() + full["aux_loss"]).detach(), **TOL)
+    for name, param in sae.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, p[name].grad, **TOL, msg=f"grad {name}")
+    nested = sae.eval().decode_prefixes(sae.encode_sparse(x), x)
+    assert nested.shape == (3, 23, 9)
+    torch.testing.assert_close(nested[-1], sae.reconstruct(x), **TOL)

@@ -412,7 +412,7 @@ def _analyze_into(out: Path, sae: nn.Module, sae_dir: Path, run_dir: Optional[Pa
             features = list(range(min(n_features, sae.d_sae)))
 
     # ---- which layers a crosscoder's features write
-    if callable(getattr(sae, "decoder_norms", None)):
+    if getattr(sae, "multi_layer", False):
         share = sae.decoder_norms().detach().cpu()
         share = share / share.sum(1, keepdim=True).clamp_min(1e-12)
         writes = (share > _LAYER_SHARE).sum(1)
