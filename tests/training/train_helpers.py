@@ -30,9 +30,13 @@ def synthetic_run(cfg: TrainConfig):
 class ListSource:
     """Activation source over a fixed list of batches (follows the trainer's source protocol)."""
 
-    def __init__(self, batches: List[torch.Tensor]) -> None:
+    def __init__(self, batches: List[Any]) -> None:
+        from saefast.data.source import split_pair
+
         self.batches, self.pos = batches, 0
-        self.d_in = batches[0].shape[1]
+        x, target = split_pair(batches[0])
+        self.d_in = x.shape[1]
+        self.d_out = target.shape[1] if target is not None else None
 
     def __iter__(self):
         return self
