@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, List, Optional, Sequence
 
-from ..utils import write_atomic, write_json
+from ..utils import DiskFullError, write_atomic, write_json
 from .run_folder import RunFolder
 from .trainer import Trainer
 
@@ -27,14 +27,16 @@ log = logging.getLogger(__name__)
 
 
 def common_resume_step(trainers: Sequence[Trainer]) -> int:
-    """The newest step at which every trainer has a complete checkpoint (ValueError if none)."""
+    """The newest step at which every trainer has a complete checkpoint; 0 (start again, with a
+    warning) when they have none in common, as a run killed before its first checkpoint does."""
     common: Optional[set] = None
     for t in trainers:
         steps = {int(p.name.split("_")[1]) for p in t.checkpoints.complete()}
         common = steps if common is None else common & steps
     if not common:
-        raise ValueError("--resume: the member runs have no checkpoint step in common "
-                         f"({', '.join(str(t.run_dir) for t in trainers)}); start a new run")
+        log.warning("the member runs (%s) have no checkpoint step in common: starting them again from step 0",
+                    ", ".join(str(t.run_dir) for t in trainers))
+        return 0
     return max(common)
 
 
@@ -64,7 +66,7 @@ class MultiTrainer:
         if resume:
             step = common_resume_step(self.trainers)
             for t in self.trainers:
-                t.resume_from(t.checkpoints.at_step(step))
+                t.resume_at_most(step)
             log.info("resuming %d runs at step %d", len(self.trainers), step)
         self.final_metrics: Dict[str, Dict[str, Any]] = {}
 
@@ -78,8 +80,20 @@ class MultiTrainer:
             self.parent.start()
         every = self.trainers[0].cfg.checkpoint_every
         try:
+            return self._train(every)
+        except DiskFullError as err:
+            raise err.with_note("; ".join(f"{t.cfg.run_name}: {t.last_checkpoint_note()}"
+                                          for t in self.trainers)) from None
+
+    def _train(self, every: int) -> Dict[str, Dict[str, Any]]:
+        try:
             for t in self.trainers:
                 t.begin()
+            steps = {t.cfg.run_name: t.step for t in self.trainers}
+            if len(set(steps.values())) > 1:  # a damaged checkpoint made one fall back further
+                raise ValueError(f"--resume: the member runs restarted at different steps ({steps}); every member "
+                                 "needs a readable checkpoint at the same step: move the newer checkpoints of the "
+                                 "others aside, or start a new run")
             while not all(t.done for t in self.trainers):
                 for t in self.trainers:
                     t.advance()
