@@ -262,7 +262,7 @@ def _run_training(cfg: TrainConfig, run: Any, device: Any, info: Any) -> int:
         if "feature_recovery" in metrics:
             head += ("\nplanted-feature recovery (mean over planted features of the max cosine similarity "
                      "with a decoder row) next to reconstruction metrics on held-out activations:")
-        print(head + "\n" + _format_metrics(metrics) + _dead_note(cfg, sae, metrics))
+        print(head + "\n" + _format_metrics(metrics) + _dead_note(cfg, trainer.sae, metrics))
     return 0
 
 

@@ -301,19 +301,16 @@ class _RunOptions:
         if self.target_hooks and len(self.target_hooks) != len(self.hooks):
             raise ValueError(f"target_hooks names {len(self.target_hooks)} hooks but hooks names {len(self.hooks)}; "
                              "give one target per input hook, in the same order")
-        if self.source_kind == "synthetic":
-            if self.hook_list or self.target_hook is not None or self.target_hooks:
-                raise ValueError("hooks name a model's (or a cache's) activations; the synthetic default has none: "
-                                 "give model + dataset or cache_dir, or drop hook / hooks / target_hook")
-        elif self.d_out is not None and not self.target_hook and not self.target_hooks:
+        # hooks on the synthetic default are refused by check_no_ignored_options (their sources)
+        if self.source_kind != "synthetic" and self.d_out is not None and not self.target_hook \
+                and not self.target_hooks:
             raise ValueError(f"d_out={self.d_out} is a transcoder's output width, which model and cache runs take from "
                              "target_hook: give target_hook, or drop d_out")
         if self.skip_connection and not self.is_transcoder:
             raise ValueError("skip_connection=True needs a transcoder: give target_hook (or d_out on the synthetic "
                              "default)")
-        if self.synthetic_linear and (self.source_kind != "synthetic" or self.d_out is None):
-            raise ValueError("synthetic_linear is the linear part of synthetic transcoder pairs: it needs the synthetic "
-                             "default with d_out")
+        if self.synthetic_linear and self.source_kind == "synthetic" and self.d_out is None:
+            raise ValueError("synthetic_linear is the linear part of synthetic transcoder pairs: it needs d_out")
 
     @property
     def hook_list(self) -> List[str]:
