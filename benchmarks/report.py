@@ -3,7 +3,9 @@
     python benchmarks/report.py [RESULTS.json ...] [--readme README.md] [--plot PATH] [--check]
 
 With no files named, uses the latest results file of each device kind (CUDA, CPU) under
-benchmarks/results/. Rewrites only the lines between ``<!-- perf-table:start -->`` and
+benchmarks/results/ for the main tables, and for each group of :data:`VARIANT_GROUPS` (the SAE
+variants' steps, benchmarked on their own and recorded in benchmarks/results/variants/) the latest
+file holding that group. Rewrites only the lines between ``<!-- perf-table:start -->`` and
 ``<!-- perf-table:end -->`` in the README and writes ``benchmarks/results/perf.png`` (step time
 and peak memory against d_sae, step time against k: saefast, dense PyTorch and the peers).
 Every number comes from a results file; nothing is estimated.
@@ -15,7 +17,7 @@ import json
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -24,6 +26,17 @@ START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
 IMPL_ORDER = ("saefast", "saefast-sae", "saefast-classic", "saefast-dict", "sparsify", "sae-lens",
               "dictionary-learning", "dense", "saefast-torch",
               "saefast-fused", "floor-gemm", "floor-adam")
+# Groups benchmarked on their own (bench_matryoshka.py, bench_transcoder.py, ...; results in
+# results/variants/): each gets a table from the newest results file holding it, so recording
+# them never hides the main tables' results.
+VARIANTS_DIR = RESULTS_DIR / "variants"
+VARIANT_GROUPS = {
+    "matryoshka_step": "Whole training step of Matryoshka BatchTopK",
+    "jumprelu_step": "Whole training step of JumpReLU",
+    "transcoder_step": "Whole training step of a BatchTopK skip transcoder (d_out = d_in)",
+    "crosscoder_step": "Whole training step of an acausal crosscoder",
+    "multihook_source": "Activations of several hooks for one SAE each: one model pass against one pass per hook",
+}
 COLORS = {"saefast": "tab:blue", "saefast-sae": "tab:cyan", "saefast-classic": "tab:olive", "dense": "tab:red",
           "sparsify": "tab:green",
           "sae-lens": "tab:purple", "dictionary-learning": "tab:brown", "floor-gemm": "tab:gray"}
@@ -64,15 +77,25 @@ def by_device(docs: List[dict]) -> List[dict]:
     return [merge(groups[k]) for k in ("cuda", "cpu") if k in groups]
 
 
-def latest_per_device(results_dir: Path = RESULTS_DIR) -> List[dict]:
-    """For each device kind the newest results file, merged with the other files of the same
-    device, commit and day (the parts of one suite run)."""
+def _all_results(results_dir: Path) -> List[dict]:
     docs = []
-    for path in sorted(results_dir.glob("*.json")):
+    paths = sorted(results_dir.glob("*.json"))
+    if results_dir == RESULTS_DIR:
+        paths += sorted(VARIANTS_DIR.glob("*.json"))
+    for path in paths:
         try:
             docs.append(load(path))
         except (ValueError, json.JSONDecodeError):
             continue
+    return docs
+
+
+def latest_per_device(results_dir: Path = RESULTS_DIR,
+                      holds: Callable[[str], bool] = lambda group: group not in VARIANT_GROUPS) -> List[dict]:
+    """For each device kind the newest results file holding a figure of a group ``holds``
+    accepts (default: the main tables' groups), merged with the other files of the same device,
+    commit and day (the parts of one suite run)."""
+    docs = [d for d in _all_results(results_dir) if any(holds(f["group"]) for f in d["figures"])]
     chosen = []
     for kind in ("cuda", "cpu"):
         mine = [d for d in docs if d["device"]["type"] == kind]
@@ -269,12 +292,45 @@ def ops_table(doc: dict) -> List[str]:
     return lines
 
 
+def variant_table(doc: dict, group: str) -> List[str]:
+    """One of VARIANT_GROUPS: time, saefast's speed-up, peak memory and configuration per
+    contender, one table per point (shapes and options) of the group."""
+    points: Dict[str, List[dict]] = defaultdict(list)
+    for f in figures(doc, group):
+        points[json.dumps(f["params"], sort_keys=True)].append(f)
+    lines: List[str] = []
+    for rows in points.values():
+        rows = sorted(rows, key=lambda f: _order(f["impl"]))
+        shape = ", ".join(f"{k} {v}" for k, v in rows[0]["params"].items() if k != "device")
+        lines += ["", f"{VARIANT_GROUPS[group]} ({shape}); {header(doc)}; from "
+                      f"{', '.join(f'`{_rel(p)}`' for p in doc['_paths'])}:", "",
+                  "| contender | time | saefast is | peak memory | configuration |", "|---|---|---|---|---|"]
+        for f in rows:
+            speed = _lookup(doc, f, "saefast_speedup")
+            mem = _lookup(doc, f, "peak_memory")
+            speed_txt = "–" if f["impl"].startswith("saefast") else fmt_speedup(speed["value"] if speed else None)
+            lines.append(f"| {f['impl']} | {fmt_time(f['value'])} | {speed_txt} | "
+                         f"{fmt_bytes(mem['value'] if mem else None)} | {f.get('notes', '')} |")
+    return lines
+
+
+def variant_sections(results_dir: Path = RESULTS_DIR) -> List[str]:
+    """The VARIANT_GROUPS tables, per device kind, each from the newest file holding its group."""
+    lines: List[str] = []
+    for group in VARIANT_GROUPS:
+        for doc in latest_per_device(results_dir, holds=lambda g, group=group: g == group):
+            if not lines:
+                lines += ["", "### SAE variants and several hooks"]
+            lines += variant_table(doc, group)
+    return lines
+
+
 def _rel(path: Path) -> str:
     path = Path(path).resolve()
     return (path.relative_to(ROOT) if path.is_relative_to(ROOT) else path).as_posix()
 
 
-def section(docs: List[dict], plot: Optional[Path]) -> str:
+def section(docs: List[dict], plot: Optional[Path], variants: Optional[List[str]] = None) -> str:
     if not docs:
         return ("(no results recorded yet: run `python -m pytest benchmarks/ --benchmark-only --save-results` "
                 "then `python benchmarks/report.py`)")
@@ -289,6 +345,7 @@ def section(docs: List[dict], plot: Optional[Path]) -> str:
         lines += step_table(doc) + largest_table(doc) + ops_table(doc)
     if plot is not None:
         lines += ["", f"![step time and peak memory against d_sae and k]({_rel(plot)})"]
+    lines += variants or []
     return "\n".join(lines)
 
 
@@ -362,12 +419,20 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     ap.add_argument("--plot", type=Path, default=RESULTS_DIR / "perf.png")
     ap.add_argument("--print", dest="print_only", action="store_true", help="print the section, write nothing")
     args = ap.parse_args(list(argv) if argv is not None else None)
-    docs = by_device([load(p) for p in args.results]) if args.results else latest_per_device()
+    if args.results:
+        named = [load(p) for p in args.results]
+        docs = by_device([d for d in named if any(f["group"] not in VARIANT_GROUPS for f in d["figures"])])
+        variants = [line for group in VARIANT_GROUPS
+                    for doc in by_device([d for d in named if any(f["group"] == group for f in d["figures"])])
+                    for line in variant_table(doc, group)]
+        variants = (["", "### SAE variants and several hooks"] + variants) if variants else []
+    else:
+        docs, variants = latest_per_device(), variant_sections()
     if args.print_only:
-        print(section(docs, None))
+        print(section(docs, None, variants))
         return 0
     plot_path = plot(docs, args.plot) if docs else None
-    write_readme(args.readme, section(docs, plot_path))
+    write_readme(args.readme, section(docs, plot_path, variants))
     print(f"wrote {args.readme}" + (f" and {plot_path}" if plot_path else ""))
     return 0
 

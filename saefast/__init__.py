@@ -14,13 +14,13 @@ from .ops import (
     threshold_encode,
     topk_encode,
 )
-from .sae import SAE, BatchTopKSAE, JumpReLUSAE, MatryoshkaBatchTopKSAE, TopKSAE, VanillaSAE, create_sae
+from .sae import SAE, BatchTopKSAE, CrosscoderSAE, JumpReLUSAE, MatryoshkaBatchTopKSAE, TopKSAE, VanillaSAE, create_sae
 from .version import __version__
 
 
 __all__ = [
     "SparseActs", "topk_encode", "threshold_encode", "auxk_encode", "sparse_decode",
     "normalize_decoder_", "project_decoder_grad_", "normalize_decoder_and_project_grad_",
-    "SAEConfig", "SAE", "BatchTopKSAE", "TopKSAE", "VanillaSAE", "JumpReLUSAE", "MatryoshkaBatchTopKSAE", "load_sae",
-    "create_sae", "__version__",
+    "SAEConfig", "SAE", "BatchTopKSAE", "TopKSAE", "VanillaSAE", "JumpReLUSAE", "MatryoshkaBatchTopKSAE",
+    "CrosscoderSAE", "load_sae", "create_sae", "__version__",
 ]

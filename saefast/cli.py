@@ -26,6 +26,9 @@ __all__ = ["main", "build_parser"]
 
 log = logging.getLogger("saefast")
 
+# Flags that may be repeated: once fills the field, several times its plural list field.
+_REPEATABLE = {"hook": "hooks", "target_hook": "target_hooks"}
+
 _GROUP_TITLES = {
     "sae": "SAE", "optim": "optimisation", "run": "run folder, checkpoints and logging",
     "data": "activation source (model + dataset, or cache)", "synthetic": "embedded synthetic default",
@@ -53,7 +56,9 @@ def _add_config_options(parser: argparse.ArgumentParser, only_groups: Optional[S
         flag = "--" + f.name.replace("_", "-")
         tp = _unwrap_optional(hints[f.name])
         kwargs: Dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
-        if tp is bool:
+        if f.name in _REPEATABLE:
+            kwargs.update(action="append", metavar=tp.__name__.upper())
+        elif tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) in (list, List):
             kwargs.update(nargs="*", type=typing.get_args(tp)[0], metavar="X")
@@ -139,6 +144,17 @@ def _config_from_args(args: argparse.Namespace, saved: Optional[Dict[str, Any]] 
     """The run's options: defaults (or, on --resume, the run's ``saved`` config.json) < --config
     file < flags."""
     flags = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
+    for single, plural in _REPEATABLE.items():
+        given = flags.pop(single, None)
+        if given is None:
+            continue
+        if len(given) == 1:
+            flags[single] = given[0]
+        elif plural in flags:
+            raise ValueError(f"--{single.replace('_', '-')} was repeated and --{plural.replace('_', '-')} given too; "
+                             "use one of them")
+        else:
+            flags[plural] = given
     values: Dict[str, Any] = {}
     resume = getattr(args, "resume", None)
     if resume:
@@ -205,19 +221,40 @@ def _cpu_threads(n: Optional[int]) -> Iterator[None]:
 
 
 def _run_training(cfg: TrainConfig, run: Any, device: Any, info: Any) -> int:
-    from .training.build import build_inputs, build_sae
+    from .training.build import build_members, build_sae
     from .training.trainer import Trainer, TrainingDiverged
 
-    inputs = build_inputs(cfg, device, info)
-    sae = build_sae(cfg, inputs.d_in, device)
-    trainer = Trainer(sae, inputs.source, cfg, resume=run.resume, run=run, **inputs.trainer_kwargs())
+    members = build_members(cfg, device, info)
     try:
-        metrics = trainer.train()
+        trainers = [Trainer(build_sae(sub, inputs.d_in, device, **inputs.sae_shape()), inputs.source, sub,
+                            resume=run.resume, run=None if cfg.is_multi else run, **inputs.trainer_kwargs())
+                    for sub, inputs in members]
+        if cfg.is_multi:
+            from .training.multi import MultiTrainer
+            multi = MultiTrainer(trainers, run, resume=run.resume)
+            all_metrics = multi.train()
+        else:
+            metrics = trainers[0].train()
     except TrainingDiverged as err:
         print(f"saefast train: {err}", file=sys.stderr)
         return 1
     finally:
-        inputs.close()
+        for _, inputs in members:
+            inputs.close()
+    if cfg.is_multi:
+        if info.is_main:
+            t0 = trainers[0]
+            lines = [f"saefast: trained {len(trainers)} SAEs from one model pass, {t0.step} steps "
+                     f"({t0.tokens_seen:,} tokens) each; run folders under {run.path}:"]
+            for t in trainers:
+                m = all_metrics[t.cfg.run_name]
+                shown = ", ".join(f"{k}={m[k]:.4g}" for k in ("explained_variance", "l0", "ce_loss_recovered", "kl")
+                                  if isinstance(m.get(k), float))
+                lines.append(f"  {t.cfg.run_name}: {shown}")
+            lines.append(f"browse one with: saefast analyze {run.path / trainers[0].cfg.run_name}")
+            print("\n".join(lines))
+        return 0
+    trainer = trainers[0]
     if info.is_main:
         head = f"saefast: trained {trainer.step} steps ({trainer.tokens_seen:,} tokens); SAE saved to {run.sae_dir}"
         if trainer.curves is not None:
@@ -225,7 +262,7 @@ def _run_training(cfg: TrainConfig, run: Any, device: Any, info: Any) -> int:
         if "feature_recovery" in metrics:
             head += ("\nplanted-feature recovery (mean over planted features of the max cosine similarity "
                      "with a decoder row) next to reconstruction metrics on held-out activations:")
-        print(head + "\n" + _format_metrics(metrics) + _dead_note(cfg, sae, metrics))
+        print(head + "\n" + _format_metrics(metrics) + _dead_note(cfg, trainer.sae, metrics))
     return 0
 
 
@@ -249,26 +286,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .training.evaluate import evaluate_run
 
     metrics = evaluate_run(args.run_dir, device=args.device, n_batches=args.batches, output=args.output)
+    if metrics and all(isinstance(v, dict) for v in metrics.values()):  # a run of several hooks
+        print("\n".join(f"saefast eval {args.run_dir} / {name}:\n" + _format_metrics(m) for name, m in metrics.items()))
+        return 0
     print(f"saefast eval {args.run_dir}:\n" + _format_metrics(metrics))
     return 0
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
     from .data.cache import cache_activations
-    from .training.build import build_inputs
+    from .training.build import build_model_source
     from .training.distributed import resolve_device
 
     cfg = _config_from_args(args)
     if cfg.source_kind != "model":
         raise ValueError("saefast cache needs --model, --hook and --dataset")
-    inputs = build_inputs(dataclasses.replace(cfg, eval_ce_batches=0), resolve_device(cfg.device))
+    source, hooks = build_model_source(cfg, resolve_device(cfg.device))
+    hook_meta = {"hook": hooks[0]} if len(hooks) == 1 else {"hooks": hooks}
     try:
-        cache_activations(inputs.source, args.out, args.n_tokens, args.shard_tokens,
-                          metadata={"model": cfg.model, "hook": cfg.hook, "dataset": cfg.dataset,
+        cache_activations(source, args.out, args.n_tokens, args.shard_tokens,
+                          metadata={"model": cfg.model, **hook_meta, "dataset": cfg.dataset,
                                     "context_size": cfg.context_size, "prepend_bos": cfg.prepend_bos})
     finally:
-        inputs.close()
-    print(f"saefast cache: wrote {args.n_tokens:,} activations of {cfg.hook} to {args.out}")
+        source.close()
+    print(f"saefast cache: wrote {args.n_tokens:,} activations of {', '.join(hooks)} to {args.out}")
     return 0
 
 

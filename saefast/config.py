@@ -179,7 +179,8 @@ class SAEConfig(metaclass=_ConfigDispatch):
     architecture: str = option(DEFAULT_ARCHITECTURE, "SAE variant (see saefast.config.architectures()).")
     input_unit_norm: bool = option(False, "Standardise each token inside the SAE (subtract its mean, divide by its "
                                           "std + 1e-5), undone on the output.")
-    apply_b_dec_to_input: bool = option(True, "Subtract b_dec from the input before encoding.")
+    apply_b_dec_to_input: bool = option(True, "Subtract b_dec from the input before encoding (always False for "
+                                              "transcoders, whose b_dec lives in the output space).")
     train_b_enc: Optional[bool] = option(None, "Train the encoder bias. Default: the architecture's choice (trained "
                                                "for relu/jumprelu, frozen at zero for the TopK variants).")
     seed: Optional[int] = option(None, "Seed of the weight initialisation (None: torch's global RNG).", train=False)
@@ -187,6 +188,13 @@ class SAEConfig(metaclass=_ConfigDispatch):
     dataset_path: Optional[str] = option(None, "Metadata for cfg.json: the dataset it was trained on.", train=False)
     context_size: Optional[int] = option(None, "Metadata for cfg.json: tokens per window.", train=False)
     prepend_bos: bool = option(True, "Metadata for cfg.json: windows start with BOS.", train=False)
+    d_out: Optional[int] = option(
+        None, "Transcoders: width of the target the SAE writes (the target hook's). None: an autoencoder that "
+              "reconstructs its own input.", train=False)
+    hook_spec_out: Optional[str] = option(None, "Transcoders: the hook whose activations the SAE writes (its target), "
+                                                "e.g. blocks.8.hook_mlp_out.", train=False)
+    skip_connection: bool = option(False, "Transcoders: add a learned linear skip x @ W_skip [d_in, d_out] (starting "
+                                          "at zero) to the output.")
 
     def __post_init__(self) -> None:
         for name in ("d_in", "d_sae"):
@@ -224,6 +232,39 @@ class SAEConfig(metaclass=_ConfigDispatch):
             self._check_number(name, minimum=0.0)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise TypeError(f"seed={self.seed!r} must be an int or None")
+        self._check_transcoder()
+
+    def _check_transcoder(self) -> None:
+        """A transcoder (``d_out`` set) reads one space and writes another: b_dec lives in the
+        output space, so it is never subtracted from the input, and per-token standardisation,
+        which is undone on the output, has no output to undo it on."""
+        if self.d_out is None:
+            if self.skip_connection:
+                raise ValueError("skip_connection=True needs a transcoder: set d_out (the target's width), or "
+                                 "drop skip_connection")
+            if self.hook_spec_out is not None:
+                raise ValueError(f"hook_spec_out={self.hook_spec_out!r} names a target hook, which only a transcoder "
+                                 "has: set d_out too")
+            return
+        if isinstance(self.d_out, bool) or not isinstance(self.d_out, int) or self.d_out < 1:
+            raise ValueError(f"d_out={self.d_out!r} must be a positive int (the target's width) or None")
+        if not isinstance(self.skip_connection, bool):
+            raise TypeError(f"skip_connection={self.skip_connection!r} must be True or False")
+        if self.input_unit_norm:
+            raise ValueError("input_unit_norm=True standardises each token and undoes it on the output, but a "
+                             "transcoder's output is another space; drop input_unit_norm (dataset-wide "
+                             "normalisation works for transcoders)")
+        self.apply_b_dec_to_input = False
+
+    @property
+    def is_transcoder(self) -> bool:
+        """True when the SAE writes a target other than its input (``d_out`` is set)."""
+        return self.d_out is not None
+
+    @property
+    def output_width(self) -> int:
+        """Width of what the SAE writes: ``d_out`` for a transcoder, else ``d_in``."""
+        return self.d_out if self.d_out is not None else self.d_in
 
     def _check_number(self, name: str, minimum: Optional[float] = None, above: Optional[float] = None,
                       at_most: Optional[float] = None) -> None:

@@ -13,6 +13,11 @@ Native folder (the SAELens v6 layout, so SAELens and tools built on it load saef
 * ``sae_weights.safetensors``: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``,
   ``b_dec [d_in]``, and ``threshold [d_sae]`` for BatchTopK (its global threshold, repeated; so
   SAELens runs it as a JumpReLU SAE) and JumpReLU.
+* Transcoders (``d_out`` set) follow SAELens's transcoder layout: ``d_out``, ``metadata.hook_name_out``,
+  ``W_dec [d_sae, d_out]``, ``b_dec [d_out]``, ``W_skip`` stored ``[d_out, d_in]`` (the transpose of
+  saefast's), architecture ``"transcoder"`` / ``"skip_transcoder"`` / ``"jumprelu_transcoder"`` where
+  SAELens has the combination, else saefast's extension ``<architecture>_[skip_]transcoder``
+  (:func:`transcoder_architecture`).
 * ``saefast_state.safetensors``: dead-latent counters (and JumpReLU's fp32 threshold), read back
   by saefast only. ``history.json`` when a history is given, ``sparsity.safetensors`` (key
   "sparsity": log10 firing frequency per latent, as SAELens writes it) when given.
@@ -64,8 +69,8 @@ from .version import __version__
 __all__ = [
     "save_sae", "load_sae", "load_saelens", "load_sparsify", "save_sparsify", "from_reference_state_dict",
     "to_reference_state_dict", "load_reference_checkpoint", "load_classic_checkpoint", "load_dictionary_learning",
-    "sae_folder_kind", "read_history", "read_log_sparsity", "CFG_FILENAME", "WEIGHTS_FILENAME", "STATE_FILENAME",
-    "HISTORY_FILENAME",
+    "sae_folder_kind", "read_history", "read_log_sparsity", "transcoder_architecture", "CFG_FILENAME",
+    "WEIGHTS_FILENAME", "STATE_FILENAME", "HISTORY_FILENAME",
 ]
 
 logger = logging.getLogger(__name__)
@@ -133,7 +138,8 @@ def _atomic_folder(path: PathLike, writers: Dict[str, Callable[[Path], None]], g
 
 
 def _fill(sae: nn.Module, weights: Dict[str, Tensor], where: str) -> None:
-    fill_weights(sae, weights, sae.weight_shapes(), where, f"d_in={sae.d_in}, d_sae={sae.d_sae}")
+    out = f", d_out={sae.d_out}" if sae.config.is_transcoder else ""
+    fill_weights(sae, weights, sae.weight_shapes(), where, f"d_in={sae.d_in}{out}, d_sae={sae.d_sae}")
 
 
 def _hook_fields(hook_spec: Optional[str], hook_layer: Any = None) -> Dict[str, Any]:
@@ -150,13 +156,40 @@ def _hook_fields(hook_spec: Optional[str], hook_layer: Any = None) -> Dict[str, 
 # Native (SAELens layout) save / load
 # ----------------------------------------------------------------------------------------------
 
+def transcoder_architecture(saelens_architecture: str, skip: bool) -> str:
+    """The SAELens ``architecture`` of a transcoder whose SAE would be ``saelens_architecture``:
+    ``"transcoder"`` / ``"skip_transcoder"`` (ReLU) and ``"jumprelu_transcoder"`` are SAELens's
+    own; the other combinations (``"topk_transcoder"``, ``"jumprelu_skip_transcoder"``, ...) are
+    saefast's extension of that naming, which SAELens does not load."""
+    prefix = "" if saelens_architecture == "standard" else saelens_architecture + "_"
+    return f"{prefix}{'skip_' if skip else ''}transcoder"
+
+
+def _split_transcoder_architecture(name: Any) -> Optional[Tuple[str, bool]]:
+    """Inverse of :func:`transcoder_architecture`: (SAE architecture, skip), or None for an SAE."""
+    head = str(name)
+    if not head.endswith("transcoder"):
+        return None
+    head = head[:-len("transcoder")]
+    skip = head.endswith("skip_")
+    if skip:
+        head = head[:-len("skip_")]
+    if not head:
+        return "standard", skip
+    return (head[:-1], skip) if head.endswith("_") and len(head) > 1 else None
+
+
 def _native_files(sae: nn.Module) -> Tuple[Dict[str, Any], Dict[str, Tensor], Dict[str, Tensor]]:
     """(cfg.json, sae_weights.safetensors, saefast_state.safetensors) of ``sae``."""
     c = dataclasses.replace(sae.config, dtype=dtype_name(sae.dtype), device=str(sae.device))
     extras = sae.saelens_export()
+    architecture = sae.saelens_architecture
+    if c.is_transcoder:
+        architecture = transcoder_architecture(architecture, c.skip_connection)
     cfg: Dict[str, Any] = {
-        "architecture": sae.saelens_architecture,
+        "architecture": architecture,
         "d_in": sae.d_in,
+        **({"d_out": c.d_out} if c.is_transcoder else {}),
         "d_sae": sae.d_sae,
         "dtype": c.dtype,
         "device": c.device,
@@ -171,6 +204,7 @@ def _native_files(sae: nn.Module) -> Tuple[Dict[str, Any], Dict[str, Tensor], Di
         "model_name": c.model_name,
         "hook_name": c.hook_spec,
         "hook_head_index": None,
+        **({"hook_name_out": c.hook_spec_out, "hook_head_index_out": None} if c.is_transcoder else {}),
         "prepend_bos": c.prepend_bos,
         "context_size": c.context_size,
         "dataset_path": c.dataset_path,
@@ -178,6 +212,8 @@ def _native_files(sae: nn.Module) -> Tuple[Dict[str, Any], Dict[str, Tensor], Di
     }
     cfg["saefast"] = {"format_version": 1, "config": c.to_dict(), **extras.section}
     weights = {name: _cpu(getattr(sae, name)) for name in _SHARED_WEIGHTS}
+    if c.skip_connection:
+        weights["W_skip"] = _cpu(sae.W_skip.t())  # SAELens holds W_skip as [d_out, d_in]
     weights.update({name: _cpu(t) for name, t in extras.weights.items()})
     state = {name: _cpu(getattr(sae, name)) for name in _COUNTERS}
     state.update({name: _cpu(t) for name, t in extras.state.items()})
@@ -194,7 +230,8 @@ def save_sae(sae: nn.Module, path: PathLike, history: Optional[Dict[str, Any]] =
     further from 1 than 1e-5 (1e-2 in 16-bit) are folded into the encoder in the saved copy
     (``sae.fold_decoder_norms()``, reconstructions unchanged, those latents' activations scaled
     by their norm); ``sae`` itself is not modified. A TopK variant cannot fold its norms and is
-    saved as it is, with a warning.
+    saved as it is, with a warning. A variant whose decoder norms are part of the model
+    (``unit_norm_decoder`` False: the crosscoder's per-layer norms) is saved as it is.
     Raises FileExistsError if ``path`` already holds an SAE and ``overwrite`` is False.
     """
     if not _is_sae(sae):
@@ -203,7 +240,7 @@ def save_sae(sae: nn.Module, path: PathLike, history: Optional[Dict[str, Any]] =
         raise TypeError(f"history must be a dict (e.g. {{'loss': [...]}}) or None, got {type(history).__name__}")
     if log_sparsity is not None and (not isinstance(log_sparsity, Tensor) or log_sparsity.shape != (sae.d_sae,)):
         raise ValueError(f"log_sparsity must be a tensor of shape [{sae.d_sae}] (d_sae)")
-    if not sae.decoder_norms_are_unit():
+    if sae.unit_norm_decoder and not sae.decoder_norms_are_unit():
         if sae.folds_decoder_norms:
             sae = copy.deepcopy(sae).fold_decoder_norms()
             logger.info("%s: decoder rows were not unit norm; folded into the encoder in the saved copy", path)
@@ -388,6 +425,11 @@ def _saelens_to_config(cfg: Dict[str, Any], where: Path) -> SAEConfig:
         raise ValueError(f"{where}: cfg.json is missing {missing}")
     meta = cfg["metadata"] if isinstance(cfg.get("metadata"), dict) else cfg
     arch = cfg.get("architecture", "standard")
+    transcoder = _split_transcoder_architecture(arch)
+    if transcoder is not None:
+        arch = transcoder[0]
+        if not isinstance(cfg.get("d_out"), int):
+            raise ValueError(f"{where}: a {cfg['architecture']!r} cfg.json needs d_out (the target's width)")
     activation = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
     if activation == "topk":
         arch = "topk"
@@ -413,10 +455,13 @@ def _saelens_to_config(cfg: Dict[str, Any], where: Path) -> SAEConfig:
     cls = readers[arch]
     hook_spec = meta.get("hook_name") or cfg.get("hook_point")
     hook_layer = cfg.get("hook_layer", cfg.get("hook_point_layer"))
+    out_fields: Dict[str, Any] = {}
+    if transcoder is not None:
+        out_fields = dict(d_out=cfg["d_out"], skip_connection=transcoder[1], hook_spec_out=meta.get("hook_name_out"))
     return SAEConfig(
         d_in=cfg["d_in"], d_sae=cfg["d_sae"], dtype=dtype_name(parse_dtype(cfg.get("dtype", "float32"))),
         device="cpu", architecture=cls.architecture, input_unit_norm=norm == "layer_norm",
-        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)), train_b_enc=True,
+        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)), train_b_enc=True, **out_fields,
         model_name=meta.get("model_name"), dataset_path=meta.get("dataset_path"),
         context_size=meta.get("context_size"), prepend_bos=bool(meta.get("prepend_bos", True)),
         **cls.saelens_config_values(cfg, str(where)), **_hook_fields(hook_spec, hook_layer))
@@ -462,6 +507,13 @@ def load_saelens(path: PathLike, device: str = "cpu", dtype: Optional[Union[str,
             del weights[name]
     if "log_threshold" in weights and "threshold" not in weights:
         weights["threshold"] = weights.pop("log_threshold").float().exp()
+    if "W_skip" in weights and config.skip_connection:
+        skip = weights["W_skip"]  # stored [d_out, d_in], as SAELens holds it
+        if tuple(skip.shape) != (config.output_width, config.d_in):
+            raise ValueError(f"{where}: W_skip has shape {tuple(skip.shape)} but the config says d_in={config.d_in}, "
+                             f"d_out={config.output_width}, so it must be [{config.output_width}, {config.d_in}] "
+                             "([d_out, d_in], as SAELens stores it)")
+        weights["W_skip"] = skip.t()
     cls = variant_class(config.architecture)
     sae = without_rng(lambda: cls(config))
     allowed = set(sae.weight_shapes()) | set(cls.saelens_weights)

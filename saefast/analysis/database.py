@@ -18,7 +18,8 @@ index (one sort of the entries, built on first use).
 
 Builders:
 
-* :func:`build_database`: run a transformer-lens model up to the SAE's hook over token windows
+* :func:`build_database`: run a transformer-lens model up to the SAE's hook (a crosscoder's hooks,
+  concatenated) over token windows
   (a ``[N, seq]`` tensor or a :class:`~saefast.data.tokens.TokenWindows`) and encode every real,
   non-BOS token;
 * :func:`build_database_from_activations`: encode activation batches you already have (tensors,
@@ -35,7 +36,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Collection, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Collection, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -441,7 +442,8 @@ def _window_batches(tokens: Any, batch_size: int, pad_token_id: Optional[int]):
 
 
 @torch.no_grad()
-def build_database(sae: nn.Module, model: nn.Module, tokens: Any, hook_name: Optional[str] = None, *,
+def build_database(sae: nn.Module, model: nn.Module, tokens: Any,
+                   hook_name: Optional[Union[str, Sequence[str]]] = None, *,
                    n_tokens: Optional[int] = None, batch_size: int = 8,
                    exclude_token_ids: Optional[Collection[int]] = None, pad_token_id: Optional[int] = None,
                    min_activation: float = 0.0, progress: bool = True,
@@ -453,7 +455,8 @@ def build_database(sae: nn.Module, model: nn.Module, tokens: Any, hook_name: Opt
         model: a transformer-lens model.
         tokens: ``[n_windows, seq]`` token ids, or a :class:`~saefast.data.tokens.TokenWindows`
             (read until it ends or ``n_tokens`` tokens are stored).
-        hook_name: the hook the SAE reads (default: ``sae.config.hook_spec``).
+        hook_name: the hook the SAE reads (default: ``sae.config.hook_spec``; a crosscoder: its
+            layers' hooks, whose activations are concatenated).
         n_tokens: stop after this many stored tokens (None: every window).
         batch_size: windows per model forward pass.
         exclude_token_ids: tokens not stored (default: the windows' BOS id for a TokenWindows with
@@ -466,13 +469,14 @@ def build_database(sae: nn.Module, model: nn.Module, tokens: Any, hook_name: Opt
 
     Every window read is stored in the contexts, so examples show their surrounding text.
     """
-    from ..data.models import check_hook, run_to_hook
+    from ..data.models import check_hook, run_to_hooks
     from ..data.tokens import TokenWindows
+    from ..evals.model_evals import sae_hooks
 
     param = _sae_param(sae)
-    if hook_name is None:
-        hook_name = getattr(getattr(sae, "config", None), "hook_spec", None)
-    check_hook(model, hook_name)
+    reads, _ = sae_hooks(sae, hook_name)
+    for hook in reads:
+        check_hook(model, hook)
     _check_n_tokens(n_tokens)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
@@ -485,7 +489,8 @@ def build_database(sae: nn.Module, model: nn.Module, tokens: Any, hook_name: Opt
     bar = tqdm(total=n_tokens, desc="activation database", unit="tok", disable=not progress)
     with eval_mode(sae):
         for wids, rows, n_real in _window_batches(tokens, batch_size, pad_token_id):
-            acts_in = run_to_hook(model, rows, hook_name)  # [b, seq, d_in]
+            acts = run_to_hooks(model, rows, reads)
+            acts_in = torch.cat([acts[h] for h in reads], dim=-1)  # [b, seq, d_in]
             rows_cpu = rows.cpu()
             pos = torch.arange(rows.shape[1])
             keep = pos[None, :] < n_real[:, None]
@@ -509,7 +514,7 @@ def build_database(sae: nn.Module, model: nn.Module, tokens: Any, hook_name: Opt
     bar.close()
     if collector.n_tokens == 0:
         raise ValueError("no token was stored: the windows are empty, all padding or all excluded tokens")
-    info = {"source": "model", "hook_name": hook_name, "d_in": int(sae.d_in),
+    info = {"source": "model", "hook_name": reads[0] if len(reads) == 1 else reads, "d_in": int(sae.d_in),
             "exclude_token_ids": excluded.tolist(), **(metadata or {})}
     return collector.build(context_window_ids=torch.cat(wid_parts), context_tokens=torch.cat(window_parts),
                            metadata=info)
@@ -573,21 +578,41 @@ def build_database_from_activations(sae: nn.Module, batches: Iterable[Any], *, n
                            metadata={"source": "activations", "d_in": int(sae.d_in), **(metadata or {})})
 
 
+def cache_input_columns(sae: nn.Module, manifest: Dict[str, Any], cache_dir: PathLike) -> List[str]:
+    """The cache columns holding what ``sae`` reads, in order (concatenated, they are its input):
+    ``["activations"]`` for a one-hook cache, else the hooks the SAE reads. ValueError when the
+    cache lacks them or their width is not the SAE's d_in."""
+    from ..evals.model_evals import sae_hooks
+
+    if manifest.get("hooks") is None:
+        columns, width = ["activations"], manifest["d_in"]
+    else:
+        columns, _ = sae_hooks(sae)
+        missing = [h for h in columns if h not in manifest["hooks"]]
+        if missing:
+            raise ValueError(f"the cache {cache_dir} holds hooks {manifest['hooks']}, not {missing} that the SAE "
+                             "reads; use a cache of the SAE's hook(s)")
+        width = sum(manifest["d_ins"][h] for h in columns)
+    if width != sae.d_in:
+        raise ValueError(f"the cache {cache_dir} holds d_in={width} activations but the SAE has "
+                         f"d_in={sae.d_in}; use the cache of the SAE's hook")
+    return columns
+
+
 def build_database_from_cache(sae: nn.Module, cache_dir: PathLike, *, n_tokens: Optional[int] = None,
                               batch_size: int = 4096, min_activation: float = 0.0, progress: bool = True,
                               metadata: Optional[Dict[str, Any]] = None) -> ActivationDatabase:
     """Encode the activations of a cache folder (``saefast cache``), in stored order.
 
     Token ids, window ids and positions (and so contexts) are kept when the cache has them
-    (caches written from a source with ``with_tokens=True``); otherwise tokens are anonymous.
+    (caches written from a source with ``with_tokens=True``); otherwise tokens are anonymous. A
+    cache of several hooks gives the SAE the hook(s) it reads (:func:`cache_input_columns`).
     """
     from ..data.cache import read_cache_rows, read_manifest
     from ..data.source import ActivationBatch
 
     manifest = read_manifest(cache_dir)
-    if manifest["d_in"] != sae.d_in:
-        raise ValueError(f"the cache {cache_dir} holds d_in={manifest['d_in']} activations but the SAE has "
-                         f"d_in={sae.d_in}; use the cache of the SAE's hook")
+    act_columns = cache_input_columns(sae, manifest, cache_dir)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
     meta_columns = ("token_ids", "window_ids", "positions")
@@ -595,9 +620,11 @@ def build_database_from_cache(sae: nn.Module, cache_dir: PathLike, *, n_tokens: 
 
     def batches():
         # in stored order, every row (the training reader drops a ragged tail)
-        columns = ("activations",) + (meta_columns if with_tokens else ())
+        n = len(act_columns)
+        columns = tuple(act_columns) + (meta_columns if with_tokens else ())
         for parts in read_cache_rows(cache_dir, columns, chunk_rows=batch_size):
-            yield ActivationBatch(*parts) if with_tokens else parts[0]
+            x = torch.cat(parts[:n], dim=-1) if n > 1 else parts[0]
+            yield ActivationBatch(x, *parts[n:]) if with_tokens else x
 
     info = {"source": "cache", "cache_dir": str(cache_dir), **manifest.get("metadata", {}), **(metadata or {})}
     return build_database_from_activations(sae, batches(), n_tokens=n_tokens, min_activation=min_activation,

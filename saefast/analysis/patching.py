@@ -7,7 +7,10 @@ Patching encodes the activation at the SAE's hook, edits chosen features and wri
 
 at the patched positions, so with the error term kept only the edited features' contributions
 change (``sum_f (a'_f - a_f) * W_dec[f]``), and with it dropped the activation is replaced by the
-SAE's edited reconstruction. Edits: ``ablate`` (a_f -> 0), ``scale`` (a_f -> factor * a_f, e.g.
+SAE's edited reconstruction. A transcoder encodes its input hook and writes the same difference
+(or its edited output) at its target hook. A crosscoder reads layers after some of those it
+writes, so its features are patched by :func:`ablation_study`, which encodes the clean
+activations first, and not by :func:`patch_features`. Edits: ``ablate`` (a_f -> 0), ``scale`` (a_f -> factor * a_f, e.g.
 amplify), ``set_values`` (a_f -> value on every patched position, also where f did not fire).
 
 * :func:`edit_acts`: the edit on a :class:`~saefast.ops.SparseActs` (sparse in, sparse out).
@@ -138,7 +141,8 @@ def feature_patch_hook(sae: nn.Module, *, ablate: Optional[Collection[int]] = No
                        scale: Optional[Mapping[int, float]] = None,
                        set_values: Optional[Mapping[int, float]] = None, positions: Positions = None,
                        keep_error: bool = True) -> Callable[..., Tensor]:
-    """A transformer-lens forward hook ``fn(activation, hook) -> activation`` patching features.
+    """A transformer-lens forward hook ``fn(activation, hook) -> activation`` patching features of
+    an SAE that reads and writes the hooked activation (a transcoder: :func:`patch_features`).
 
     positions: which sequence positions to patch: None (all), an int or a list of ints, or a bool
     mask [seq] or [batch, seq]. The SAE encodes in its current mode (use eval mode; see
@@ -148,27 +152,38 @@ def feature_patch_hook(sae: nn.Module, *, ablate: Optional[Collection[int]] = No
     if not hasattr(sae, "encode_sparse") or not hasattr(sae, "decode_sparse"):
         raise TypeError(f"sae must be a saefast SAE (encode_sparse/decode_sparse), got {type(sae).__name__}")
     _check_edits(sae.d_sae, ablate, scale, set_values)
-    param = next(sae.parameters())
 
     def hook_fn(act: Tensor, hook: Any = None) -> Tensor:
-        if act.dim() < 3:
-            raise ValueError(f"the hooked activation has shape {tuple(act.shape)}, not [batch, seq, ...]")
-        batch, seq = act.shape[:2]
-        flat = act.reshape(batch * seq, -1)
-        if flat.shape[1] != sae.d_in:
-            raise ValueError(f"the hooked activation has width {flat.shape[1]} but the SAE has d_in={sae.d_in}")
-        mask = _position_mask(positions, batch, seq, act.device).reshape(-1)
-        x = flat.to(device=param.device, dtype=param.dtype).contiguous()
-        codes = sae.encode_sparse(x)
-        edited = edit_acts(codes, ablate=ablate, scale=scale, set_values=set_values, rows=mask.to(param.device))
-        new = sae.decode_sparse(edited, x)
-        if keep_error:
-            new = x + (new - sae.decode_sparse(codes, x))
-        new = new.to(device=act.device, dtype=act.dtype)
-        out = torch.where(mask[:, None], new, flat)
-        return out.reshape(act.shape)
+        return _patch(sae, act, act, ablate, scale, set_values, positions, keep_error)
 
     return hook_fn
+
+
+def _patch(sae: nn.Module, source: Tensor, act: Tensor, ablate: Any, scale: Any, set_values: Any,
+           positions: Positions, keep_error: bool) -> Tensor:
+    """``act`` [batch, seq, ...] (what the SAE writes) with the features of ``source`` (what it
+    reads, same batch and seq) edited at the patched positions."""
+    param = next(sae.parameters())
+    for name, t in (("source", source), ("act", act)):
+        if t.dim() < 3:
+            raise ValueError(f"the hooked activation has shape {tuple(t.shape)}, not [batch, seq, ...]")
+    batch, seq = act.shape[:2]
+    x = source.reshape(batch * seq, -1)
+    flat = act.reshape(batch * seq, -1)
+    if x.shape[1] != sae.d_in:
+        raise ValueError(f"the hooked activation has width {x.shape[1]} but the SAE has d_in={sae.d_in}")
+    if flat.shape[1] != sae.d_out:
+        raise ValueError(f"the target activation has width {flat.shape[1]} but the SAE has d_out={sae.d_out}")
+    mask = _position_mask(positions, batch, seq, act.device).reshape(-1)
+    x = x.to(device=param.device, dtype=param.dtype).contiguous()
+    codes = sae.encode_sparse(x)
+    edited = edit_acts(codes, ablate=ablate, scale=scale, set_values=set_values, rows=mask.to(param.device))
+    new = sae.decode_sparse(edited, x)
+    if keep_error:
+        new = flat.to(new) + (new - sae.decode_sparse(codes, x))
+    new = new.to(device=act.device, dtype=act.dtype)
+    out = torch.where(mask[:, None], new, flat)
+    return out.reshape(act.shape)
 
 
 @contextlib.contextmanager
@@ -177,21 +192,45 @@ def patch_features(model: nn.Module, sae: nn.Module, hook_name: Optional[str] = 
                    set_values: Optional[Mapping[int, float]] = None, positions: Positions = None,
                    keep_error: bool = True) -> Iterator[nn.Module]:
     """Inside the block, every forward pass of ``model`` has the features patched at ``hook_name``
-    (default: ``sae.config.hook_spec``); see the module docstring and :func:`feature_patch_hook`.
+    (default: ``sae.config.hook_spec``; a transcoder reads there and writes its target hook
+    ``sae.config.hook_spec_out``); see the module docstring and :func:`feature_patch_hook`.
 
     The SAE is in eval mode inside the block (BatchTopK then encodes with its learned threshold)
     and the model's saefast lock is held, so a background activation source does not run the
     model with the patch installed. The hook is removed and the SAE's mode restored on exit.
     Yields the model.
     """
-    from ..data.models import check_hook, model_lock
+    from ..data.models import check_hook, hook_layer, model_lock
+    from ..evals.model_evals import sae_hooks
 
-    if hook_name is None:
-        hook_name = getattr(getattr(sae, "config", None), "hook_spec", None)
-    check_hook(model, hook_name)
-    fn = feature_patch_hook(sae, ablate=ablate, scale=scale, set_values=set_values, positions=positions,
-                            keep_error=keep_error)
-    with eval_mode(sae), model_lock(model), model.hooks(fwd_hooks=[(hook_name, fn)]):
+    reads, writes = sae_hooks(sae, hook_name)
+    for hook in reads + writes:
+        check_hook(model, hook)
+    if len(reads) > 1:
+        raise ValueError("a crosscoder reads layers that come after some of those it writes, so its features cannot "
+                         "be patched inside one forward pass; ablation_study encodes the clean activations first")
+    if reads == writes:
+        fwd_hooks = [(reads[0], feature_patch_hook(sae, ablate=ablate, scale=scale, set_values=set_values,
+                                                   positions=positions, keep_error=keep_error))]
+    else:
+        _check_edits(sae.d_sae, ablate, scale, set_values)
+        here, there = hook_layer(reads[0]), hook_layer(writes[0])
+        if here is not None and there is not None and there < here:
+            raise ValueError(f"the transcoder writes {writes[0]!r}, which comes before the hook it reads "
+                             f"({reads[0]!r}); it cannot be patched inside one forward pass")
+        seen: List[Tensor] = []
+
+        def read(act: Tensor, hook: Any = None) -> Tensor:
+            seen[:] = [act]
+            return act
+
+        def write(act: Tensor, hook: Any = None) -> Tensor:
+            if not seen:
+                raise ValueError(f"{writes[0]!r} ran before {reads[0]!r}: the transcoder's input is not there yet")
+            return _patch(sae, seen[0], act, ablate, scale, set_values, positions, keep_error)
+
+        fwd_hooks = [(reads[0], read), (writes[0], write)]
+    with eval_mode(sae), model_lock(model), model.hooks(fwd_hooks=fwd_hooks):
         yield model
 
 
@@ -203,15 +242,21 @@ def _ce_sum(logits: Tensor, tokens: Tensor, real: Tensor) -> float:
 
 
 @torch.no_grad()
-def ablation_study(model: nn.Module, sae: nn.Module, tokens: Tensor, hook_name: Optional[str] = None, *,
+def ablation_study(model: nn.Module, sae: nn.Module, tokens: Tensor,
+                   hook_name: Optional[Union[str, Sequence[str]]] = None, *, target_hook: Optional[str] = None,
                    features: Sequence[int] = (), batch_size: int = 8,
                    exclude_token_ids: Optional[Collection[int]] = None,
                    pad_token_id: Optional[int] = None) -> Dict[str, Any]:
     """How much of the model's loss the SAE keeps, and what each feature is worth.
 
+    Each window's clean activations at the hook(s) the SAE reads are encoded once; ablating a
+    feature then adds ``decode(codes without f) - decode(codes)`` at the hook(s) it writes (a
+    transcoder: its target hook; a crosscoder: every layer).
+
     Args:
         model: transformer-lens model; sae: saefast SAE; tokens: [N, seq] token ids.
-        hook_name: default ``sae.config.hook_spec``.
+        hook_name, target_hook: where the SAE reads and writes (default: its own hooks, see
+            :func:`saefast.evals.model_evals.sae_hooks`).
         features: features to ablate one at a time (with the error term kept).
         batch_size: windows per forward pass.
         exclude_token_ids: tokens never patched (e.g. {BOS}); pad_token_id: padding, left out of
@@ -221,18 +266,19 @@ def ablation_study(model: nn.Module, sae: nn.Module, tokens: Tensor, hook_name: 
     ce_loss_recovered, kl, ...) and ``"features"``: one ``{"feature", "ce", "ce_delta"}`` per
     feature, the CE loss with that feature ablated and its increase over the clean CE loss.
     """
-    from ..data.models import check_hook, model_device
-    from ..evals.model_evals import spliced_ce_eval
+    from ..data.models import check_hook, model_device, model_lock
+    from ..evals.model_evals import output_widths, sae_hooks, sae_input_rows, splice_hooks, spliced_ce_eval
 
-    if hook_name is None:
-        hook_name = getattr(getattr(sae, "config", None), "hook_spec", None)
-    check_hook(model, hook_name)
+    reads, writes = sae_hooks(sae, hook_name, target_hook)
+    for hook in dict.fromkeys(reads + writes):
+        check_hook(model, hook)
     if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.shape[1] < 2:
         raise ValueError("tokens must be a [n_windows, seq >= 2] tensor of token ids")
     features = _feature_ids("features", features, sae.d_sae)
-    spliced = spliced_ce_eval(model, sae, tokens, hook_name, batch_size=batch_size,
-                              exclude_token_ids=exclude_token_ids, pad_token_id=pad_token_id)
+    spliced = spliced_ce_eval(model, sae, tokens, reads if len(reads) > 1 else reads[0], target_hook=target_hook,
+                              batch_size=batch_size, exclude_token_ids=exclude_token_ids, pad_token_id=pad_token_id)
     device = model_device(model)
+    param = next(sae.parameters())
     excluded = torch.tensor(sorted(exclude_token_ids or ()), dtype=torch.long, device=device)
     sums = [0.0] * len(features)
     n_pred = 0
@@ -240,9 +286,17 @@ def ablation_study(model: nn.Module, sae: nn.Module, tokens: Tensor, hook_name: 
         batch = batch.to(device)
         real = torch.ones_like(batch, dtype=torch.bool) if pad_token_id is None else batch != pad_token_id
         patchable = real & ~torch.isin(batch, excluded) if excluded.numel() else real
-        for i, f in enumerate(features):
-            with patch_features(model, sae, hook_name, ablate=[f], positions=patchable):
-                sums[i] += _ce_sum(model(batch), batch, real)
+        with eval_mode(sae), model_lock(model):
+            _, cache = model.run_with_cache(batch, names_filter=list(dict.fromkeys(reads)))
+            widths = output_widths(sae, reads, writes, cache)
+            x = sae_input_rows(cache, reads)[patchable].to(device=param.device, dtype=param.dtype).contiguous()
+            del cache
+            codes = sae.encode_sparse(x)
+            base = sae.decode_sparse(codes, x)
+            for i, f in enumerate(features):
+                delta = sae.decode_sparse(edit_acts(codes, ablate=[f]), x) - base
+                hooks = splice_hooks(writes, widths, delta.to(device), patchable, add=True)
+                sums[i] += _ce_sum(model.run_with_hooks(batch, fwd_hooks=hooks), batch, real)
         n_pred += int((real[:, :-1] & real[:, 1:]).sum())
     per_feature = [{"feature": f, "ce": s / max(n_pred, 1), "ce_delta": s / max(n_pred, 1) - spliced["ce_clean"]}
                    for f, s in zip(features, sums)]

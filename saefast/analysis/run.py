@@ -53,6 +53,7 @@ _ANALYSIS_STREAM = 1_000  # synthetic sample stream of the analysis: same dictio
 _METRIC_ROWS = 8192       # activation rows used for the reconstruction metrics
 _NEAR_DUPLICATE = 0.9     # decoder cosine above which two features count as near duplicates
 _PLANTED_MATCH = 0.9      # decoder cosine above which a latent counts as recovering a planted feature
+_LAYER_SHARE = 0.1        # a crosscoder feature "writes" a layer holding this share of its decoder norm
 
 
 def select_features(frequency: Tensor, n: int, how: str = "spread", seed: int = 0) -> List[int]:
@@ -116,15 +117,14 @@ def _resolve_inputs(sae: nn.Module, train_cfg: Any, model: Optional[str], datase
         inputs = _Inputs(
             "model",
             model_name=model or (base.model if base else getattr(sae_cfg, "model_name", None)),
-            hook=hook or (base.hook if base else getattr(sae_cfg, "hook_spec", None)),
+            hook=hook,  # None: the hook(s) the SAE names (saefast.evals.model_evals.sae_hooks)
             dataset=dataset or (base.dataset if base else getattr(sae_cfg, "dataset_path", None)),
             context_size=context_size or (base.context_size if base else getattr(sae_cfg, "context_size", None)),
             prepend_bos=base.prepend_bos if base else bool(getattr(sae_cfg, "prepend_bos", True)))
         if base is not None:
             inputs.dataset_split, inputs.text_column, inputs.tokens_column = (
                 base.dataset_split, base.text_column, base.tokens_column)
-        missing = [name for name, v in (("--model", inputs.model_name), ("--dataset", inputs.dataset),
-                                        ("--hook", inputs.hook)) if v is None]
+        missing = [name for name, v in (("--model", inputs.model_name), ("--dataset", inputs.dataset)) if v is None]
         if missing:
             raise ValueError(f"analysing on a model needs {', '.join(missing)} (the SAE's folder does not name "
                              "them); pass them, or --cache-dir")
@@ -149,11 +149,27 @@ def _load_tokenizer_offline(name: Optional[str]) -> Any:
         return None
 
 
-def _cache_rows(cache_dir: str, n: int) -> List[Tensor]:
-    """The first n activation rows of a cache, in stored order."""
-    from ..data.cache import read_cache_rows
+def _cache_rows(sae: nn.Module, cache_dir: str, n: int) -> List[Any]:
+    """The first n rows of what the SAE reads from a cache, in stored order (a transcoder:
+    (input, target) pairs, or nothing when the cache lacks its target hook)."""
+    from ..data.cache import read_cache_rows, read_manifest
+    from ..data.source import ActivationPair
+    from ..evals.model_evals import sae_hooks
+    from .database import cache_input_columns
 
-    return [acts for (acts,) in read_cache_rows(cache_dir, n_tokens=n)]
+    manifest = read_manifest(cache_dir)
+    columns = cache_input_columns(sae, manifest, cache_dir)
+    target = None
+    if getattr(sae.config, "is_transcoder", False):
+        target = sae_hooks(sae)[1][0]
+        if target not in (manifest.get("hooks") or []):
+            log.info("the cache %s lacks the transcoder's target hook %s: no reconstruction metrics", cache_dir, target)
+            return []
+    out: List[Any] = []
+    for parts in read_cache_rows(cache_dir, tuple(columns) + ((target,) if target else ()), n_tokens=n):
+        x = torch.cat(parts[:len(columns)], dim=-1)
+        out.append(ActivationPair(x, parts[-1]) if target else x)
+    return out
 
 
 def _jsonable(value: Any) -> Any:
@@ -259,11 +275,22 @@ class _Activations:
 def _from_model(sae: nn.Module, inputs: _Inputs, n_tokens: int, batch_size: int, ablation_windows: int,
                 progress: bool) -> _Activations:
     from ..data import models
+    from ..data.source import ActivationPair
     from ..data.tokens import TokenWindows, load_dataset_any
+    from ..evals.model_evals import sae_hooks
 
     model = models.load_model(inputs.model_name, device=sae.device, dtype=torch.float32)
-    models.check_hook(model, inputs.hook)
-    models.check_d_in(model, inputs.hook, sae.d_in)
+    reads, writes = sae_hooks(sae, inputs.hook)
+    for hook in dict.fromkeys(reads + writes):
+        models.check_hook(model, hook)
+    if len(reads) == 1:
+        models.check_d_in(model, reads[0], sae.d_in)
+    elif sum(models.hook_d_in(model, h) for h in reads) != sae.d_in:
+        raise ValueError(f"the hooks {reads} are {sum(models.hook_d_in(model, h) for h in reads)} wide together but "
+                         f"the crosscoder has d_in={sae.d_in}")
+    if writes != reads and models.hook_d_in(model, writes[0]) != sae.d_out:
+        raise ValueError(f"the target hook {writes[0]!r} has width {models.hook_d_in(model, writes[0])} but the "
+                         f"transcoder has d_out={sae.d_out}")
     tokenizer = models.model_tokenizer(model)
     ctx = inputs.context_size or min(128, models.context_limit(model))
     models.check_context_size(model, ctx)
@@ -273,9 +300,12 @@ def _from_model(sae: nn.Module, inputs: _Inputs, n_tokens: int, batch_size: int,
         return TokenWindows(ds, tokenizer, ctx, prepend_bos=inputs.prepend_bos, text_column=inputs.text_column,
                             tokens_column=inputs.tokens_column)
 
-    info = {"model": inputs.model_name, "hook": inputs.hook, "dataset": inputs.dataset, "context_size": ctx}
-    db = build_database(sae, model, windows(), inputs.hook, n_tokens=n_tokens, batch_size=batch_size,
-                        progress=progress, metadata=info)
+    info = {"model": inputs.model_name, "hook": reads[0] if len(reads) == 1 else reads, "dataset": inputs.dataset,
+            "context_size": ctx}
+    if writes != reads:
+        info["target_hook"] = writes[0]
+    db = build_database(sae, model, windows(), reads if len(reads) > 1 else reads[0], n_tokens=n_tokens,
+                        batch_size=batch_size, progress=progress, metadata=info)
     # the first windows of the data serve the ablation study and the reconstruction metrics
     first = windows()
     rows = []
@@ -288,8 +318,11 @@ def _from_model(sae: nn.Module, inputs: _Inputs, n_tokens: int, batch_size: int,
     keep = torch.arange(tokens.shape[1])[None, :] < torch.tensor([r[1] for r in rows])[:, None]
     if inputs.prepend_bos:
         keep &= tokens != first.bos_token_id
-    acts = models.run_to_hook(model, tokens, inputs.hook)
-    return _Activations(db, [acts[keep.to(acts.device)]], info, tokenizer, model,
+    acts = models.run_to_hooks(model, tokens, reads + writes)
+    keep = keep.to(acts[reads[0]].device)
+    x = torch.cat([acts[h] for h in reads], dim=-1)[keep]
+    metric_rows = ActivationPair(x, acts[writes[0]][keep]) if writes != reads else x
+    return _Activations(db, [metric_rows], info, tokenizer, model,
                         tokens if ablation_windows > 0 else None,
                         {"exclude_token_ids": {first.bos_token_id} if inputs.prepend_bos else None,
                          "pad_token_id": first.pad_token_id})
@@ -301,23 +334,21 @@ def _from_cache(sae: nn.Module, cache_dir: str, n_tokens: int, progress: bool) -
     meta = read_manifest(cache_dir).get("metadata", {})
     db = build_database_from_cache(sae, cache_dir, n_tokens=n_tokens, progress=progress)
     tokenizer = _load_tokenizer_offline(meta.get("model")) if db.has_token_ids else None
-    info = {"cache_dir": str(cache_dir), **{k: meta[k] for k in ("model", "hook", "dataset") if k in meta}}
-    return _Activations(db, _cache_rows(cache_dir, min(n_tokens, _METRIC_ROWS)), info, tokenizer)
+    info = {"cache_dir": str(cache_dir), **{k: meta[k] for k in ("model", "hook", "hooks", "dataset") if k in meta}}
+    return _Activations(db, _cache_rows(sae, cache_dir, min(n_tokens, _METRIC_ROWS)), info, tokenizer)
 
 
 def _from_synthetic(sae: nn.Module, cfg: Any, n_tokens: int, progress: bool) -> _Activations:
-    from ..data.synthetic import SyntheticActivations
+    from ..data.source import split_pair
     from ..evals.metrics import feature_recovery
+    from ..training.build import synthetic_source
 
-    synth = SyntheticActivations(sae.d_in, cfg.synthetic_features, min(n_tokens, 4096),
-                                 mean_active=cfg.synthetic_active, zipf_exponent=cfg.synthetic_zipf_exponent,
-                                 noise_std=cfg.synthetic_noise, dictionary_seed=cfg.seed, seed=cfg.seed,
-                                 stream=_ANALYSIS_STREAM)
-    batches: List[Tensor] = []
-    while sum(b.shape[0] for b in batches) < n_tokens:
+    synth = synthetic_source(cfg, min(n_tokens, 4096), stream=_ANALYSIS_STREAM)
+    batches: List[Any] = []
+    while sum(split_pair(b)[0].shape[0] for b in batches) < n_tokens:
         batches.append(next(synth))
-    db = build_database_from_activations(sae, batches, n_tokens=n_tokens, progress=progress,
-                                         metadata={"synthetic_features": cfg.synthetic_features})
+    db = build_database_from_activations(sae, [split_pair(b)[0] for b in batches], n_tokens=n_tokens,
+                                         progress=progress, metadata={"synthetic_features": cfg.synthetic_features})
     planted = synth.true_features
     cos = (torch.nn.functional.normalize(sae.W_dec.detach().float().cpu(), dim=1) @ planted.T)
     info = {"feature_recovery": feature_recovery(sae.W_dec, planted),
@@ -338,6 +369,7 @@ def _write_similarity_csv(path: Path, neighbours: Any) -> None:
 def _analyze_into(out: Path, sae: nn.Module, sae_dir: Path, run_dir: Optional[Path], inputs: _Inputs, *,
                   n_tokens: int, n_features: int, selection: str, batch_size: int, ablation_windows: int,
                   n_examples: int, progress: bool) -> Dict[str, Any]:
+    from ..data.source import split_pair
     from ..evals.metrics import reconstruction_metrics
     from ..io import read_log_sparsity
 
@@ -358,9 +390,10 @@ def _analyze_into(out: Path, sae: nn.Module, sae_dir: Path, run_dir: Optional[Pa
         for b in found.metric_rows:
             if rows_needed <= 0:
                 break
-            kept.append(b[:rows_needed].reshape(-1, sae.d_in))
-            rows_needed -= kept[-1].shape[0]
-        summary["reconstruction"] = reconstruction_metrics(sae, kept)
+            kept.append(type(b)(*(t[:rows_needed] for t in b)) if isinstance(b, tuple) else b[:rows_needed])
+            rows_needed -= split_pair(kept[-1])[0].shape[0]
+        if kept:
+            summary["reconstruction"] = reconstruction_metrics(sae, kept)
         db = found.db
         db.metadata.update(sae_dir=str(sae_dir))
         db.save(out / "activations.safetensors")
@@ -377,6 +410,17 @@ def _analyze_into(out: Path, sae: nn.Module, sae_dir: Path, run_dir: Optional[Pa
             features = select_features(density, n_features, selection)
         else:
             features = list(range(min(n_features, sae.d_sae)))
+
+    # ---- which layers a crosscoder's features write
+    if getattr(sae, "multi_layer", False):
+        share = sae.decoder_norms().detach().cpu()
+        share = share / share.sum(1, keepdim=True).clamp_min(1e-12)
+        writes = (share > _LAYER_SHARE).sum(1)
+        summary["crosscoder"] = {
+            "hooks": getattr(sae.config, "crosscoder_hooks", None),
+            "mean_decoder_norm_share": [round(float(v), 6) for v in share.mean(0)],
+            f"n_features_writing_k_layers_above_{_LAYER_SHARE}": {
+                str(k): int((writes == k).sum()) for k in range(1, share.shape[1] + 1)}}
 
     # ---- decoder similarity
     neighbours = decoder_neighbours(sae.W_dec, min(10, sae.d_sae - 1)) if sae.d_sae > 1 else None

@@ -162,14 +162,16 @@ class ShuffleBuffer:
         shuffle: False serves rows in stream order (no permutation).
         device: where blocks are stored and batches returned (default: where chunks come from).
         background: produce the next block in a background thread.
-        out_dtype: dtype of the first column (activations) in the batches.
+        out_dtype: dtype of the activation columns in the batches.
+        float_columns: how many leading columns hold activations (one per hook of the stream).
 
     Yields tuples of tensors, one per stream column; the first is ``[batch_size, d_in]``.
     """
 
     def __init__(self, stream: ChunkStream, capacity: int, batch_size: int, seed: int = 0, *,
                  shuffle: bool = True, device: Optional[Union[str, torch.device]] = None,
-                 background: bool = True, out_dtype: Optional[torch.dtype] = torch.float32) -> None:
+                 background: bool = True, out_dtype: Optional[torch.dtype] = torch.float32,
+                 float_columns: int = 1) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
@@ -182,6 +184,7 @@ class ShuffleBuffer:
         self.device = torch.device(device) if device is not None else None
         self.background = background
         self.out_dtype = out_dtype
+        self.float_columns = float_columns
 
         self._block_index = 0
         self._block_start: Optional[Dict[str, Any]] = {"stream": stream.position(), "skip": 0}
@@ -237,7 +240,8 @@ class ShuffleBuffer:
         idx = order[lo:lo + self.batch_size]
         batch = tuple(c.index_select(0, idx) for c in block.columns)
         if self.out_dtype is not None:
-            batch = (batch[0].to(self.out_dtype),) + batch[1:]
+            n = self.float_columns
+            batch = tuple(c.to(self.out_dtype) for c in batch[:n]) + batch[n:]
         self._batches_done += 1
         if self._batches_done == block.n // self.batch_size:
             self._advance()

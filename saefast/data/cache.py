@@ -7,6 +7,11 @@ Layout of a cache folder::
     shard_00001.safetensors     when the source yields ActivationBatch)
     source_state.pt            only when the source's state is not JSON (e.g. holds RNG tensors)
 
+A source reading several hooks in one model pass (it yields ``{hook: tensor}``) is cached with one
+column per hook, named by the hook (``"blocks.4.hook_resid_post"`` [rows, d_hook]), rows aligned
+(row i of every column is the same token); the manifest then lists ``hooks`` and their ``d_ins``
+(``d_in`` is null). Reading such a cache picks the hooks a run needs (one hook: plain batches).
+
 :func:`cache_activations` holds one shard in memory at a time, writes into a temporary folder and
 renames it into place at the end, so an interrupted run never leaves a half cache behind; it
 replaces an existing folder only when asked and only when that folder is a cache saefast wrote. The manifest records the source's
@@ -52,8 +57,10 @@ def _columns_of(batch: Any) -> Dict[str, Tensor]:
                 "positions": batch.positions}
     if isinstance(batch, Tensor):
         return {"activations": batch}
-    raise TypeError(f"the source yielded {type(batch).__name__}; expected a [batch, d_in] tensor or an "
-                    "ActivationBatch")
+    if isinstance(batch, dict) and batch and all(isinstance(v, Tensor) for v in batch.values()):
+        return dict(batch)
+    raise TypeError(f"the source yielded {type(batch).__name__}; expected a [batch, d_in] tensor, an "
+                    "ActivationBatch or {hook: tensor}")
 
 
 def cache_activations(source: Any, out_dir: Union[str, os.PathLike], n_tokens: int, shard_tokens: int, *,
@@ -63,7 +70,8 @@ def cache_activations(source: Any, out_dir: Union[str, os.PathLike], n_tokens: i
 
     Args:
         source: an activation source (iterator of [batch, d_in] tensors or ActivationBatch, with
-            ``.d_in`` and optionally ``state_dict()``).
+            ``.d_in`` and optionally ``state_dict()``; or of ``{hook: tensor}`` with ``.d_ins``
+            {hook: width}, written one column per hook).
         out_dir: the cache folder (created; must not exist unless ``overwrite``).
         n_tokens: rows to cache (fewer if the source ends first, with a warning).
         shard_tokens: rows per shard file.
@@ -82,8 +90,11 @@ def cache_activations(source: Any, out_dir: Union[str, os.PathLike], n_tokens: i
     if store_dtype is None:
         raise ValueError(f"dtype={dtype!r} must be one of {list(_DTYPES)}")
     d_in = getattr(source, "d_in", None)
-    if not isinstance(d_in, int):
-        raise TypeError(f"source must have an integer .d_in (an activation source), got {type(source).__name__}")
+    d_ins = getattr(source, "d_ins", None) if d_in is None else None
+    if not isinstance(d_in, int) and not (isinstance(d_ins, dict) and len(d_ins) > 1):
+        raise TypeError(f"source must have an integer .d_in (an activation source), or .d_ins {{hook: width}} "
+                        f"for several hooks; got {type(source).__name__}")
+    widths = {"activations": d_in} if d_in is not None else dict(d_ins)
     out = Path(out_dir)
     if metadata is not None:
         json.dumps(metadata)  # fails early, with the offending value, before any work
@@ -117,18 +128,20 @@ def cache_activations(source: Any, out_dir: Union[str, os.PathLike], n_tokens: i
             except StopIteration:
                 break
             columns = _columns_of(batch)
-            acts = columns["activations"]
-            if acts.dim() != 2 or acts.shape[1] != d_in:
-                raise ValueError(f"the source yielded shape {tuple(acts.shape)}, expected [batch, {d_in}]")
-            if not bool(torch.isfinite(acts).all()):
-                raise ValueError(f"the source yielded non-finite activations after {written + pending_rows} "
-                                 "cached rows; check the model and its dtype")
+            for name, width in widths.items():
+                acts = columns.get(name)
+                if acts is None or acts.dim() != 2 or acts.shape[1] != width:
+                    got = tuple(acts.shape) if acts is not None else "nothing"
+                    raise ValueError(f"the source yielded {got} for {name!r}, expected [batch, {width}]")
+                if not bool(torch.isfinite(acts).all()):
+                    raise ValueError(f"the source yielded non-finite activations ({name}) after "
+                                     f"{written + pending_rows} cached rows; check the model and its dtype")
             if column_names is None:
                 column_names = list(columns)
             take = min(acts.shape[0], n_tokens - written - pending_rows)
             for k, v in columns.items():
                 v = v[:take].detach().to("cpu")
-                pending.setdefault(k, []).append(v.to(store_dtype) if k == "activations" else v.long())
+                pending.setdefault(k, []).append(v.to(store_dtype) if k in widths else v.long())
             pending_rows += take
             bar.update(take)
             while pending_rows >= shard_tokens:
@@ -149,6 +162,8 @@ def cache_activations(source: Any, out_dir: Union[str, os.PathLike], n_tokens: i
             "n_tokens": written, "shard_tokens": shard_tokens, "columns": column_names, "shards": shards,
             "source_state": None, "metadata": metadata or {},
         }
+        if d_in is None:
+            manifest.update(hooks=list(widths), d_ins=widths)
         state = source.state_dict() if hasattr(source, "state_dict") else None
         if state is not None:
             try:
@@ -237,7 +252,8 @@ class _ShardChunks:
 def read_cache_rows(path: Union[str, os.PathLike], columns: Tuple[str, ...] = ("activations",),
                     chunk_rows: int = 8192, n_tokens: Optional[int] = None) -> Iterator[Tuple[Tensor, ...]]:
     """The cache's rows in stored order (shard 0 first, every row), ``chunk_rows`` at a time, as
-    one tensor per column (activations as float32); stops after ``n_tokens`` rows when given."""
+    one tensor per column (activations as float32; a cache of several hooks names its activation
+    columns by hook); stops after ``n_tokens`` rows when given."""
     from safetensors import safe_open
 
     folder = Path(path)
@@ -250,7 +266,7 @@ def read_cache_rows(path: Union[str, os.PathLike], columns: Tuple[str, ...] = ("
         with safe_open(str(folder / shard["file"]), framework="pt", device="cpu") as f:
             for lo in range(0, min(shard["n_tokens"], left), chunk_rows):
                 hi = min(lo + chunk_rows, shard["n_tokens"], left)
-                yield tuple(f.get_slice(c)[lo:hi].float() if c == "activations" else f.get_slice(c)[lo:hi]
+                yield tuple(f.get_slice(c)[lo:hi] if c in _META_COLUMNS else f.get_slice(c)[lo:hi].float()
                             for c in columns)
         left -= min(shard["n_tokens"], left)
         if left <= 0:
@@ -258,10 +274,13 @@ def read_cache_rows(path: Union[str, os.PathLike], columns: Tuple[str, ...] = ("
 
 
 class CachedActivationSource:
-    """Shuffled fp32 batches ``[batch_size, d_in]`` streamed from a cache folder.
+    """Shuffled fp32 batches ``[batch_size, d_in]`` streamed from a cache folder (or
+    ``{hook: [batch_size, d_hook]}`` from a cache of several hooks).
 
     Args:
         path: folder written by :func:`cache_activations`.
+        hooks: for a cache of several hooks, the hook (plain batches) or hooks (``{hook: rows}``)
+            to read; default all of them. A one-hook cache takes None or its own hook.
         batch_size: rows per batch.
         seed: seed of the shard order and the row shuffling.
         shuffle: False serves rows in the cached order (shard 0 first).
@@ -278,11 +297,18 @@ class CachedActivationSource:
     def __init__(self, path: Union[str, os.PathLike], batch_size: int, seed: int = 0, shuffle: bool = True, *,
                  buffer_tokens: Optional[int] = None, device: Union[str, torch.device] = "cpu",
                  repeat: bool = False, read_tokens: int = 8192, rank: int = 0, world_size: int = 1,
-                 with_tokens: bool = False, background: bool = True) -> None:
+                 with_tokens: bool = False, background: bool = True,
+                 hooks: Optional[Union[str, List[str]]] = None) -> None:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
-        self.d_in: int = int(self.manifest["d_in"])
         self.n_tokens: int = int(self.manifest["n_tokens"])
+        act_columns = self._hook_columns(hooks)
+        self.hook_names: List[str] = act_columns if act_columns != ["activations"] else \
+            [self.manifest.get("metadata", {}).get("hook") or "activations"]
+        self._multi = len(act_columns) > 1
+        widths = self.manifest.get("d_ins") or {"activations": self.manifest["d_in"]}
+        self.d_ins: Dict[str, int] = {h: int(widths[c]) for h, c in zip(self.hook_names, act_columns)}
+        self.d_in: Optional[int] = None if self._multi else self.d_ins[self.hook_names[0]]
         self.batch_size = batch_size
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
@@ -290,7 +316,9 @@ class CachedActivationSource:
             raise ValueError(f"rank={rank!r} must be in [0, world_size={world_size!r})")
         if read_tokens < 1:
             raise ValueError(f"read_tokens={read_tokens} must be >= 1")
-        columns = ["activations"]
+        columns = list(act_columns)
+        if with_tokens and self._multi:
+            raise ValueError("with_tokens=True reads one hook; pass hooks=<one hook>")
         if with_tokens:
             absent = [c for c in _META_COLUMNS if c not in self.manifest["columns"]]
             if absent:
@@ -303,7 +331,23 @@ class CachedActivationSource:
         self._chunks = _ShardChunks(self.path, self.manifest, columns, shuffle, seed, repeat, read_tokens,
                                     rank, world_size)
         self.buffer = ShuffleBuffer(self._chunks, buffer_tokens, batch_size, seed, shuffle=shuffle,
-                                    device=device, background=background)
+                                    device=device, background=background, float_columns=len(act_columns))
+
+    def _hook_columns(self, hooks: Optional[Union[str, List[str]]]) -> List[str]:
+        """The activation columns to read for ``hooks`` (see the class docstring)."""
+        stored = self.manifest.get("hooks")
+        if stored is None:
+            own = self.manifest.get("metadata", {}).get("hook")
+            asked = [hooks] if isinstance(hooks, str) else (list(hooks) if hooks is not None else None)
+            if asked is not None and own is not None and asked != [own]:
+                raise ValueError(f"the cache {self.path} holds one hook ({own!r}), not {hooks!r}")
+            return ["activations"]
+        wanted = list(stored) if hooks is None else ([hooks] if isinstance(hooks, str) else list(hooks))
+        missing = [h for h in wanted if h not in stored]
+        if missing or not wanted:
+            raise ValueError(f"the cache {self.path} holds hooks {stored}, not {missing or wanted}; cache them "
+                             "with saefast cache --hook ...")
+        return wanted
 
     @property
     def source_state(self) -> Any:
@@ -313,19 +357,25 @@ class CachedActivationSource:
     def __iter__(self) -> "CachedActivationSource":
         return self
 
-    def __next__(self) -> Union[Tensor, ActivationBatch]:
+    def __next__(self) -> Union[Tensor, ActivationBatch, Dict[str, Tensor]]:
         batch = next(self.buffer)
-        return ActivationBatch(*batch) if self.with_tokens else batch[0]
+        if self.with_tokens:
+            return ActivationBatch(*batch)
+        if self._multi:
+            return dict(zip(self.hook_names, batch))
+        return batch[0]
 
     def state_dict(self) -> Dict[str, Any]:
         """JSON-safe position (epoch, shard, row of the current block, batches served)."""
-        return {"kind": "cache", "d_in": self.d_in, "n_tokens": self.n_tokens, "buffer": self.buffer.state_dict()}
+        return {"kind": "cache", "d_in": self.d_in if self.d_in is not None else self.d_ins, "n_tokens": self.n_tokens,
+                "buffer": self.buffer.state_dict()}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`; refuses a state saved on another cache."""
         if state.get("kind") != "cache":
             raise ValueError(f"cannot resume a CachedActivationSource from a {state.get('kind')!r} source state")
-        for key, mine in (("d_in", self.d_in), ("n_tokens", self.n_tokens)):
+        widths = self.d_in if self.d_in is not None else self.d_ins
+        for key, mine in (("d_in", widths), ("n_tokens", self.n_tokens)):
             if state.get(key) != mine:
                 raise ValueError(f"cannot resume: the saved source read a cache with {key}={state.get(key)!r} "
                                  f"but {self.path} has {key}={mine!r}")

@@ -28,7 +28,7 @@ from ..utils import parse_hook
 
 __all__ = [
     "tl_has_hooked_transformer", "load_model", "tiny_model", "model_device", "model_tokenizer",
-    "hook_names", "check_hook", "hook_layer", "stop_layer_for", "run_to_hook", "hook_d_in",
+    "hook_names", "check_hook", "hook_layer", "stop_layer_for", "run_to_hook", "run_to_hooks", "hook_d_in",
     "check_d_in", "context_limit", "check_context_size", "model_lock",
 ]
 
@@ -231,6 +231,21 @@ def run_to_hook(model: nn.Module, tokens: Tensor, hook_name: str) -> Tensor:
         _, cache = model.run_with_cache(tokens, names_filter=[hook_name],
                                         stop_at_layer=stop_layer_for([hook_name]))
     return _flatten_per_token(cache[hook_name], hook_name, tokens.shape[1])
+
+
+def run_to_hooks(model: nn.Module, tokens: Tensor, hook_names: Sequence[str]) -> Dict[str, Tensor]:
+    """``{hook: [batch, seq, d_hook]}`` for ``tokens`` [batch, seq], every hook from one forward
+    pass that stops after the deepest hook's block (see :func:`run_to_hook`)."""
+    hooks = list(dict.fromkeys(hook_names))
+    for hook in hooks:
+        check_hook(model, hook)
+    if not isinstance(tokens, Tensor) or tokens.dim() != 2:
+        raise ValueError(f"tokens must be a [batch, seq] integer tensor, got "
+                         f"{tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__}")
+    tokens = tokens.to(model_device(model))
+    with torch.no_grad(), model_lock(model):
+        _, cache = model.run_with_cache(tokens, names_filter=hooks, stop_at_layer=stop_layer_for(hooks))
+    return {h: _flatten_per_token(cache[h], h, tokens.shape[1]) for h in hooks}
 
 
 def hook_d_in(model: nn.Module, hook_name: str) -> int:

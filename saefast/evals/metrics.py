@@ -17,10 +17,14 @@ so no [B, d_sae] tensor is built, and accumulated in float64 over any number of 
   fired at least once since they were created or loaded).
 * SAEs with nested prefixes (``sae.decode_prefixes``, Matryoshka) add ``explained_variance_prefix_<p>``
   for each prefix size p: the explained variance of the reconstruction from latents 0..p-1 alone.
+
+For a transcoder the batches are :class:`~saefast.data.source.ActivationPair` ``(x, target)`` and
+x_hat is its prediction of the target: mse, explained_variance, cosine_similarity and
+relative_mse then measure the target.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -29,8 +33,9 @@ __all__ = ["reconstruction_metrics", "feature_recovery", "training_dead_fraction
 
 
 @torch.no_grad()
-def reconstruction_metrics(sae: nn.Module, batches: Iterable[Tensor], dense_threshold: float = 0.1) -> Dict[str, float]:
-    """Metrics of ``sae`` (in its current train/eval mode) on ``batches`` of [B, d_in] activations.
+def reconstruction_metrics(sae: nn.Module, batches: Iterable[Any], dense_threshold: float = 0.1) -> Dict[str, float]:
+    """Metrics of ``sae`` (in its current train/eval mode) on ``batches`` of [B, d_in] activations
+    (a transcoder: ``ActivationPair(x [B, d_in], target [B, d_out])``).
 
     Returns a dict of floats: mse, explained_variance, cosine_similarity, relative_mse, l0, l1,
     inactive_fraction, dense_fraction, n_rows, dead_fraction when the SAE carries training counters,
@@ -39,8 +44,12 @@ def reconstruction_metrics(sae: nn.Module, batches: Iterable[Tensor], dense_thre
     """
     if not 0 < dense_threshold <= 1:
         raise ValueError(f"dense_threshold={dense_threshold} must be in (0, 1]")
+    from ..data.source import split_pair
+
     param = next(sae.parameters())
-    unit_norm = bool(getattr(getattr(sae, "config", None), "input_unit_norm", False))
+    config = getattr(sae, "config", None)
+    needs_x = bool(getattr(config, "input_unit_norm", False) or getattr(config, "skip_connection", False))
+    transcoder = bool(getattr(config, "is_transcoder", False))
     d_sae = None
     n_rows = 0
     sq_err = sum_x = sum_x2 = cos_sum = l1_sum = 0.0
@@ -49,18 +58,23 @@ def reconstruction_metrics(sae: nn.Module, batches: Iterable[Tensor], dense_thre
     d_in = None
     decode_prefixes = getattr(sae, "decode_prefixes", None)
     prefix_sq_err = None
-    for x in batches:
+    for batch in batches:
+        x, target = split_pair(batch)
         if not isinstance(x, Tensor) or x.dim() != 2:
             raise ValueError(f"each batch must be a [batch, d_in] tensor, got {getattr(x, 'shape', type(x))}")
+        if transcoder and (not isinstance(target, Tensor) or target.shape[0] != x.shape[0]):
+            raise ValueError("a transcoder's metrics need ActivationPair(x, target) batches: its output is compared "
+                             "with the target")
         x = x.to(device=param.device, dtype=param.dtype)
         acts = sae.encode_sparse(x)
-        # an SAE that standardises each token needs the raw rows to undo it
-        x_hat = sae.decode_sparse(acts, x) if unit_norm else sae.decode_sparse(acts)
-        xd, hd = x.double(), x_hat.double()
+        # standardisation is undone, and a skip connection reads, with the rows that were encoded
+        x_hat = sae.decode_sparse(acts, x) if needs_x else sae.decode_sparse(acts)
+        y = target.to(device=param.device, dtype=param.dtype) if transcoder else x
+        xd, hd = y.double(), x_hat.double()
         diff2 = (xd - hd).pow(2).sum(dim=1)
         sq_err += diff2.sum().item()
         if decode_prefixes is not None:
-            nested = decode_prefixes(acts, x) if unit_norm else decode_prefixes(acts)
+            nested = decode_prefixes(acts, x) if needs_x else decode_prefixes(acts)
             err = (nested.double() - xd).pow(2).sum(dim=(1, 2))
             prefix_sq_err = err if prefix_sq_err is None else prefix_sq_err + err
         sum_x = sum_x + xd.sum(dim=0)
@@ -70,7 +84,7 @@ def reconstruction_metrics(sae: nn.Module, batches: Iterable[Tensor], dense_thre
         nnz += acts.nnz
         c = acts.counts()
         counts = c if counts is None else counts + c
-        d_sae, d_in = acts.d_sae, x.shape[1]
+        d_sae, d_in = acts.d_sae, y.shape[1]
         n_rows += x.shape[0]
     if n_rows == 0:
         raise ValueError("reconstruction_metrics got no rows: batches is empty")

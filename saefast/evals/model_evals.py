@@ -1,7 +1,11 @@
 """Model-based SAE evals and end-to-end losses: the SAE spliced into a transformer-lens model.
 
 Splicing replaces the activation at ``hook_name`` by the SAE's reconstruction, through a forward
-hook, and runs the rest of the model on it.
+hook, and runs the rest of the model on it. A transcoder reads its input hook and is spliced in
+place of its target hook (``target_hook``, default ``sae.config.hook_spec_out``); a crosscoder
+reads its layers' hooks (concatenated) and is spliced in place of every one of them. In every
+case the SAE reads the clean activations (:func:`sae_hooks` says which hooks it reads and
+writes).
 
 * :func:`spliced_ce_eval` (no gradients): next-token cross-entropy of the clean model, of the model
   with the SAE spliced in, and with the activation zero-ablated; CE loss recovered
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Collection, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Collection, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +39,8 @@ from torch import Tensor, nn
 from ..data.models import check_hook, hook_layer, model_device, model_lock, stop_layer_for
 from ..utils import eval_mode
 
-__all__ = ["sae_reconstruct", "spliced_ce_eval", "e2e_losses"]
+__all__ = ["sae_reconstruct", "sae_hooks", "sae_input_rows", "splice_hooks", "output_widths", "spliced_ce_eval",
+           "e2e_losses"]
 
 
 def sae_reconstruct(sae: nn.Module, x: Tensor, input_scale: float = 1.0) -> Tensor:
@@ -56,6 +61,69 @@ def sae_reconstruct(sae: nn.Module, x: Tensor, input_scale: float = 1.0) -> Tens
     if input_scale != 1.0:
         recon = recon / input_scale
     return recon.to(device=x.device, dtype=x.dtype)
+
+
+def sae_hooks(sae: nn.Module, hook_name: Optional[Union[str, Sequence[str]]] = None,
+              target_hook: Optional[str] = None) -> Tuple[List[str], List[str]]:
+    """(hooks the SAE reads, hooks it writes), in order.
+
+    An SAE reads and writes ``hook_name`` (default ``sae.config.hook_spec``); a transcoder reads
+    it and writes ``target_hook`` (default ``sae.config.hook_spec_out``); a crosscoder reads and
+    writes its layers' hooks (``hook_name`` as a list, default ``sae.config.crosscoder_hooks``),
+    its input being their activations concatenated.
+    """
+    c = getattr(sae, "config", None)
+    layer_hooks = getattr(c, "crosscoder_hooks", None)
+    if isinstance(hook_name, (list, tuple)):
+        reads = list(hook_name)
+    elif hook_name is not None:
+        reads = [hook_name]
+    elif layer_hooks:
+        reads = list(layer_hooks)
+    else:
+        reads = [getattr(c, "hook_spec", None)]
+    if not reads or any(not isinstance(h, str) for h in reads):
+        raise ValueError("the SAE does not name the hook it reads; pass hook_name=")
+    if getattr(c, "is_transcoder", False):
+        out = target_hook if target_hook is not None else getattr(c, "hook_spec_out", None)
+        if out is None:
+            raise ValueError("this transcoder does not name the hook it writes; pass target_hook=")
+        return reads, [out]
+    if target_hook is not None:
+        raise ValueError("target_hook= is the hook a transcoder writes; this SAE writes the hook it reads")
+    return reads, reads
+
+
+def _flat(act: Tensor) -> Tensor:
+    """[B, S, ...] -> [B, S, d] (per-head activations flattened)."""
+    return act.flatten(2) if act.dim() > 3 else act
+
+
+def sae_input_rows(cache: Any, reads: Sequence[str]) -> Tensor:
+    """The SAE's input [B, S, d_in] from a run's cache: the read hooks' activations concatenated."""
+    return torch.cat([_flat(cache[h]) for h in reads], dim=-1)
+
+
+def splice_hooks(writes: Sequence[str], widths: Sequence[int], outputs: Tensor, splice: Tensor,
+                 add: bool = False) -> List[Tuple[str, Any]]:
+    """Forward hooks that put ``outputs`` [n_splice, sum widths] (split by ``widths``) at the
+    spliced positions of ``writes``: in place of the activation, or added to it."""
+    hooks = []
+    for name, part in zip(writes, outputs.split(list(widths), dim=-1)):
+        def fn(act: Tensor, hook: Any = None, part: Tensor = part) -> Tensor:
+            flat = _flat(act)
+            value = part.to(flat.dtype)
+            if add:
+                value = flat[splice] + value
+            return flat.index_put((splice,), value).view_as(act)
+        hooks.append((name, fn))
+    return hooks
+
+
+def output_widths(sae: nn.Module, reads: Sequence[str], writes: Sequence[str], cache: Any) -> List[int]:
+    if list(writes) == list(reads):
+        return [_flat(cache[h]).shape[-1] for h in reads]
+    return [int(sae.d_out)]
 
 
 def _position_masks(tokens: Tensor, exclude_token_ids: Optional[Collection[int]],
@@ -112,17 +180,22 @@ def _kl_per_token(clean_logits: Tensor, other_logits: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def spliced_ce_eval(model: nn.Module, sae: nn.Module, tokens: Union[Tensor, Iterable[Tensor]], hook_name: str, *,
+def spliced_ce_eval(model: nn.Module, sae: nn.Module, tokens: Union[Tensor, Iterable[Tensor]],
+                    hook_name: Optional[Union[str, Sequence[str]]] = None, *, target_hook: Optional[str] = None,
                     batch_size: int = 8, input_scale: float = 1.0,
                     exclude_token_ids: Optional[Collection[int]] = None,
                     pad_token_id: Optional[int] = None) -> Dict[str, float]:
-    """CE loss with the SAE spliced in at ``hook_name``, versus clean and zero ablation, and KL.
+    """CE loss with the SAE spliced in at the hook(s) it writes, versus clean and zero ablation
+    of those hooks, and KL.
 
     Args:
         model: transformer-lens model (left unchanged).
         sae: the SAE (any module, see the module docstring).
         tokens: [N, seq] token ids, or an iterable of [batch, seq] tensors.
-        hook_name: where the SAE reads and writes, e.g. ``"blocks.8.hook_resid_pre"``.
+        hook_name: where the SAE reads (and, unless it is a transcoder, writes), e.g.
+            ``"blocks.8.hook_resid_pre"``; a crosscoder's list of layer hooks. Default: the
+            SAE's own (see :func:`sae_hooks`).
+        target_hook: where a transcoder writes (default ``sae.config.hook_spec_out``).
         batch_size: sequences per forward pass when ``tokens`` is one tensor.
         input_scale: see the module docstring.
         exclude_token_ids: tokens whose positions keep the clean activation (e.g. {BOS}).
@@ -133,15 +206,17 @@ def spliced_ce_eval(model: nn.Module, sae: nn.Module, tokens: Union[Tensor, Iter
     (spliced - clean), ``kl`` (mean KL(clean || spliced) per token), ``kl_zero_ablation`` and
     ``n_tokens`` (predictions counted).
     """
-    check_hook(model, hook_name)
+    reads, writes = sae_hooks(sae, hook_name, target_hook)
+    for hook in dict.fromkeys(reads + writes):
+        check_hook(model, hook)
     with eval_mode(sae):
-        return _spliced_ce_eval(model, sae, tokens, hook_name, batch_size, input_scale, exclude_token_ids,
+        return _spliced_ce_eval(model, sae, tokens, reads, writes, batch_size, input_scale, exclude_token_ids,
                                 pad_token_id)
 
 
-def _spliced_ce_eval(model: nn.Module, sae: nn.Module, tokens: Union[Tensor, Iterable[Tensor]], hook_name: str,
-                     batch_size: int, input_scale: float, exclude_token_ids: Optional[Collection[int]],
-                     pad_token_id: Optional[int]) -> Dict[str, float]:
+def _spliced_ce_eval(model: nn.Module, sae: nn.Module, tokens: Union[Tensor, Iterable[Tensor]], reads: List[str],
+                     writes: List[str], batch_size: int, input_scale: float,
+                     exclude_token_ids: Optional[Collection[int]], pad_token_id: Optional[int]) -> Dict[str, float]:
     device = model_device(model)
     sums = {"ce_clean": 0.0, "ce_spliced": 0.0, "ce_zero_ablation": 0.0, "kl": 0.0, "kl_zero_ablation": 0.0}
     n_pred = 0
@@ -151,16 +226,16 @@ def _spliced_ce_eval(model: nn.Module, sae: nn.Module, tokens: Union[Tensor, Ite
         _check_tokens_fit(model, batch)
         splice, real = _position_masks(batch, exclude_token_ids, pad_token_id)
 
-        def splice_hook(act: Tensor, hook: Any = None) -> Tensor:
-            return _patched(act, splice, sae, input_scale)
-
         def zero_hook(act: Tensor, hook: Any = None) -> Tensor:
             return act.masked_fill(splice.view(splice.shape + (1,) * (act.dim() - 2)), 0.0)
 
         with model_lock(model):
-            clean = model(batch)
-            spliced = model.run_with_hooks(batch, fwd_hooks=[(hook_name, splice_hook)])
-            zero = model.run_with_hooks(batch, fwd_hooks=[(hook_name, zero_hook)])
+            clean, cache = model.run_with_cache(batch, names_filter=list(dict.fromkeys(reads)))
+            recon = sae_reconstruct(sae, sae_input_rows(cache, reads)[splice], input_scale)
+            fwd_hooks = splice_hooks(writes, output_widths(sae, reads, writes, cache), recon, splice)
+            del cache
+            spliced = model.run_with_hooks(batch, fwd_hooks=fwd_hooks)
+            zero = model.run_with_hooks(batch, fwd_hooks=[(h, zero_hook) for h in writes])
         pred_mask = (real[:, :-1] & real[:, 1:]).float()
         kl_mask = real.float()
         for key, logits in (("ce_clean", clean), ("ce_spliced", spliced), ("ce_zero_ablation", zero)):

@@ -7,6 +7,10 @@
 * :class:`JumpReLUSAE` (``"jumprelu"``): learned per-latent thresholds, L0 penalty.
 * :class:`MatryoshkaBatchTopKSAE` (``"matryoshka_batchtopk"``): BatchTopK whose nested prefixes of
   latents each reconstruct the input.
+* :class:`CrosscoderSAE` (``"crosscoder"``): one ReLU dictionary over several layers at once.
+
+Every variant except the crosscoder is also a transcoder when its config sets ``d_out`` (it then
+reads one hook and writes another, optionally with a linear skip ``W_skip``).
 
 Each class registers itself under its ``architecture`` when defined; :func:`create_sae` builds
 the class an SAEConfig names, and so does ``SAE(cfg)`` (``SAE`` is :class:`BaseSAE` under the
@@ -23,16 +27,17 @@ from .topk import BatchTopKConfig, BatchTopKSAE, TopKSAE  # isort: skip
 from .relu import VanillaSAE  # isort: skip
 from .jumprelu import JumpReLUConfig, JumpReLUSAE  # isort: skip
 from .matryoshka import MatryoshkaBatchTopKConfig, MatryoshkaBatchTopKSAE  # isort: skip
+from .crosscoder import CrosscoderConfig, CrosscoderSAE  # isort: skip
 
 __all__ = ["BaseSAE", "SAE", "Codes", "SavedExtras", "BatchTopKSAE", "TopKSAE", "VanillaSAE", "JumpReLUSAE",
-           "MatryoshkaBatchTopKSAE", "BatchTopKConfig", "JumpReLUConfig", "MatryoshkaBatchTopKConfig", "create_sae",
-           "SAE_CLASSES"]
+           "MatryoshkaBatchTopKSAE", "CrosscoderSAE", "BatchTopKConfig", "JumpReLUConfig", "MatryoshkaBatchTopKConfig",
+           "CrosscoderConfig", "create_sae", "SAE_CLASSES"]
 
 SAE = BaseSAE  # the classic SAE API's name for the base class
 
 # Registration order: also the order of the architectures in help texts.
 SAE_CLASSES: Dict[str, type] = {cls.architecture: cls for cls in (BatchTopKSAE, TopKSAE, VanillaSAE, JumpReLUSAE,
-                                                                    MatryoshkaBatchTopKSAE)}
+                                                                    MatryoshkaBatchTopKSAE, CrosscoderSAE)}
 
 
 def create_sae(cfg: SAEConfig) -> BaseSAE:

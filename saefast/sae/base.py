@@ -80,6 +80,10 @@ class BaseSAE(nn.Module):
       the ``saefast`` section of cfg.json); ``aliases``: other accepted spellings.
     * ``config_class``: the SAEConfig subclass holding its own options (default SAEConfig).
     * ``needs_top_k``: it selects by ``top_k`` (top_k required; the aux-K loss applies).
+    * ``multi_layer``: its input is several layers' activations concatenated (a crosscoder; its
+      config has ``crosscoder_layers``); ``saefast train`` then feeds it all the hooks at once.
+    * ``unit_norm_decoder``: W_dec rows are kept at unit norm (gradient projection before each
+      optimizer step, renormalisation after); False leaves their norms to the loss.
     * ``trains_b_enc``: whether b_enc is trained unless ``train_b_enc`` says otherwise.
     * ``extra_parameters``: its parameters beyond W_enc, b_enc, W_dec, b_dec, with their shapes
       in units of d_sae / d_in (e.g. ``{"threshold": ("d_sae",)}``); ``fp32_state``: tensors
@@ -101,6 +105,8 @@ class BaseSAE(nn.Module):
     aliases: ClassVar[Tuple[str, ...]] = ()
     config_class: ClassVar[Type[SAEConfig]] = SAEConfig
     needs_top_k: ClassVar[bool] = False
+    multi_layer: ClassVar[bool] = False
+    unit_norm_decoder: ClassVar[bool] = True
     trains_b_enc: ClassVar[bool] = True
     extra_parameters: ClassVar[Dict[str, Tuple[str, ...]]] = {}
     fp32_state: ClassVar[Tuple[str, ...]] = ()
@@ -134,16 +140,19 @@ class BaseSAE(nn.Module):
         self.cfg = cfg
         self.config = self._config_from(cfg)
         c = self.config
-        self.d_in, self.d_sae = c.d_in, c.d_sae
+        self.d_in, self.d_sae, self.d_out = c.d_in, c.d_sae, c.output_width
         self.use_error_term = c.use_error_term
         self.hook_spec = c.hook_spec
+        self.hook_spec_out = c.hook_spec_out
         device, dtype = torch.device(c.device), c.torch_dtype()
         W_enc, W_dec = self._initial_weights()
         self.W_enc = nn.Parameter(W_enc.to(device=device, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(c.d_sae, device=device, dtype=dtype),
                                   requires_grad=c.b_enc_trained)
         self.W_dec = nn.Parameter(W_dec.to(device=device, dtype=dtype))
-        self.b_dec = nn.Parameter(torch.zeros(c.d_in, device=device, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out, device=device, dtype=dtype))
+        if c.skip_connection:
+            self.W_skip = nn.Parameter(torch.zeros(c.d_in, self.d_out, device=device, dtype=dtype))
         self.register_buffer("num_batches_not_active", torch.zeros(c.d_sae, dtype=torch.long, device=device))
         self.register_buffer("ever_fired", torch.zeros(c.d_sae, dtype=torch.bool, device=device))
         self._init_variant(device)
@@ -163,11 +172,15 @@ class BaseSAE(nn.Module):
 
     def _initial_weights(self) -> Tuple[Tensor, Tensor]:
         """W_enc kaiming-uniform [d_in, d_sae] (fp32, CPU; seeded by ``config.seed`` when set);
-        W_dec = W_enc.T with unit rows."""
+        W_dec = W_enc.T with unit rows. A transcoder's decoder writes another space, so its W_dec
+        [d_sae, d_out] is drawn independently (kaiming-uniform, then unit rows)."""
         c = self.config
         gen = torch.Generator().manual_seed(c.seed) if c.seed is not None else None
         W_enc = nn.init.kaiming_uniform_(torch.empty(c.d_in, c.d_sae), generator=gen)
-        W_dec = W_enc.t().contiguous()
+        if c.is_transcoder:
+            W_dec = nn.init.kaiming_uniform_(torch.empty(c.d_out, c.d_sae), generator=gen).t().contiguous()
+        else:
+            W_dec = W_enc.t().contiguous()
         return W_enc, W_dec / W_dec.norm(dim=-1, keepdim=True)
 
     def _init_variant(self, device: torch.device) -> None:
@@ -186,9 +199,11 @@ class BaseSAE(nn.Module):
 
     def weight_shapes(self) -> Dict[str, Tuple[int, ...]]:
         """Every saved parameter's name and shape: W_enc, b_enc, W_dec, b_dec and the variant's."""
-        dims = {"d_in": self.d_in, "d_sae": self.d_sae}
-        shapes = {"W_enc": (self.d_in, self.d_sae), "b_enc": (self.d_sae,), "W_dec": (self.d_sae, self.d_in),
-                  "b_dec": (self.d_in,)}
+        dims = {"d_in": self.d_in, "d_sae": self.d_sae, "d_out": self.d_out}
+        shapes = {"W_enc": (self.d_in, self.d_sae), "b_enc": (self.d_sae,), "W_dec": (self.d_sae, self.d_out),
+                  "b_dec": (self.d_out,)}
+        if self.config.skip_connection:
+            shapes["W_skip"] = (self.d_in, self.d_out)
         shapes.update({name: tuple(dims[d] for d in dim_names) for name, dim_names in self.extra_parameters.items()})
         return shapes
 
@@ -217,7 +232,9 @@ class BaseSAE(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         k = f", top_k={c.top_k}" if self.needs_top_k else ""
-        return f"d_in={self.d_in}, d_sae={self.d_sae}{k}, dtype={dtype_name(self.dtype)}"
+        out = f", d_out={self.d_out}" + (", skip_connection=True" if c.skip_connection else "") \
+            if c.is_transcoder else ""
+        return f"d_in={self.d_in}{out}, d_sae={self.d_sae}{k}, dtype={dtype_name(self.dtype)}"
 
     def get_hook_spec(self) -> str:
         return self.hook_spec
@@ -226,13 +243,15 @@ class BaseSAE(nn.Module):
     # Input checks and normalisation
     # ------------------------------------------------------------------------------------------
 
-    def _flatten_input(self, x: Tensor, name: str = "x") -> Tuple[Tensor, Tuple[int, ...]]:
-        """Check x [..., d_in] and return it as a contiguous [N, d_in] plus its leading shape."""
+    def _flatten_input(self, x: Tensor, name: str = "x", width: str = "d_in") -> Tuple[Tensor, Tuple[int, ...]]:
+        """Check x [..., d_in] (or [..., d_out] with ``width="d_out"``) and return it as a
+        contiguous [N, width] plus its leading shape."""
+        d = getattr(self, width)
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() < 2 or x.shape[-1] != self.d_in:
-            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected [batch, {self.d_in}] or "
-                             f"[batch, seq, {self.d_in}] (d_in={self.d_in})")
+        if x.dim() < 2 or x.shape[-1] != d:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected [batch, {d}] or "
+                             f"[batch, seq, {d}] ({width}={d})")
         if x.dtype != self.dtype:
             raise TypeError(f"{name} has dtype {x.dtype} but the SAE's weights are {self.dtype}; cast it with "
                             f"{name}.to({self.dtype}) or build the SAE with dtype='{dtype_name(x.dtype)}'")
@@ -242,7 +261,24 @@ class BaseSAE(nn.Module):
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name} contains NaN or inf values; check the activations (or the model "
                              "producing them) before training on them")
-        return x.reshape(-1, self.d_in).contiguous(), tuple(x.shape[:-1])
+        return x.reshape(-1, d).contiguous(), tuple(x.shape[:-1])
+
+    def _target_rows(self, target: Optional[Tensor], x_in: Tensor) -> Tensor:
+        """What the SAE must reproduce, as [N, d_out] rows: its (normalised) input, or for a
+        transcoder the ``target`` activations, row for row with the input."""
+        if not self.config.is_transcoder:
+            if target is not None:
+                raise ValueError("target= is for transcoders (an SAE with d_out set); this SAE reconstructs its own "
+                                 "input")
+            return x_in
+        if target is None:
+            raise ValueError(f"this transcoder writes {self.hook_spec_out or 'its target'} [..., d_out={self.d_out}]: "
+                             "pass target=<those activations>, row for row with x")
+        y2, _ = self._flatten_input(target, "target", "d_out")
+        if y2.shape[0] != x_in.shape[0]:
+            raise ValueError(f"target has {y2.shape[0]} rows but x has {x_in.shape[0]}; each input row needs the "
+                             "target row of the same token")
+        return y2
 
     @staticmethod
     def _check_not_empty(x2: Tensor, what: str) -> None:
@@ -263,15 +299,20 @@ class BaseSAE(nn.Module):
     def _unstandardize(y: Tensor, mean: Optional[Tensor], std: Optional[Tensor]) -> Tensor:
         return y if mean is None else y * std + mean
 
-    def _input_stats(self, x: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-        if not self.config.input_unit_norm:
-            return None, None
+    def _decode_inputs(self, x: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        """(x_in, mean, std) that decoding needs from the encoded input: the standardisation to
+        undo (input_unit_norm) and the input of the skip connection; Nones when neither applies."""
+        c = self.config
+        if not (c.input_unit_norm or c.skip_connection):
+            return None, None, None
         if x is None:
+            if c.skip_connection:
+                raise ValueError("this transcoder has a skip connection (x @ W_skip is added to its output), so "
+                                 "decoding needs its input: pass x=<the tensor that was encoded>")
             raise ValueError("this SAE standardises its input (input_unit_norm=True), so decoding needs the "
                              "raw input to undo it: pass x=<the tensor that was encoded>")
         x2, _ = self._flatten_input(x)
-        _, mean, std = self._standardize(x2)
-        return mean, std
+        return self._standardize(x2)
 
     # ------------------------------------------------------------------------------------------
     # Encoding (variant hooks) and decoding
@@ -279,7 +320,7 @@ class BaseSAE(nn.Module):
 
     def _b_dec_in(self) -> Tensor:
         """The bias subtracted before encoding (zeros when apply_b_dec_to_input is False)."""
-        return self.b_dec if self.config.apply_b_dec_to_input else torch.zeros_like(self.b_dec)
+        return self.b_dec if self.config.apply_b_dec_to_input else self.b_dec.new_zeros(self.d_in)
 
     def _b_enc_in(self) -> Optional[Tensor]:
         return self.b_enc
@@ -302,32 +343,42 @@ class BaseSAE(nn.Module):
         acts = self._encode(x_in)
         return Codes(acts, acts, self._sparsity_loss(acts))
 
-    def _decode(self, acts: SparseActs) -> Tensor:
-        return ops.sparse_decode(acts, self.W_dec, self.b_dec)
+    def _decode(self, acts: SparseActs, x_in: Optional[Tensor] = None) -> Tensor:
+        """``sum values * W_dec[latent] + b_dec`` (+ ``x_in @ W_skip`` with a skip connection)."""
+        out = ops.sparse_decode(acts, self.W_dec, self.b_dec)
+        return self._add_skip(out, x_in)
+
+    def _add_skip(self, out: Tensor, x_in: Optional[Tensor]) -> Tensor:
+        if not self.config.skip_connection:
+            return out
+        skip = x_in @ self.W_skip
+        return out + skip.to(out.dtype)
 
     # ------------------------------------------------------------------------------------------
     # The classic SAE API
     # ------------------------------------------------------------------------------------------
 
-    def forward(self, x: Tensor, *, return_losses: bool = False, update_stats: bool = True):
+    def forward(self, x: Tensor, *, return_losses: bool = False, update_stats: bool = True,
+                target: Optional[Tensor] = None):
         """``(x_recon, features)`` for x [batch, d_in] or [batch, seq, d_in]; features are dense,
         shaped like x with d_sae last.
 
         In training mode BatchTopK's running inference threshold is updated here; the
         dead-latent counters are not (call ``update_inactive_features(features)``).
-        ``return_losses=True`` returns ``training_forward(x, update_stats)`` instead (sparse), so
-        a DistributedDataParallel wrapper can run the training step through its own forward.
+        ``return_losses=True`` returns ``training_forward(x, update_stats, target=target)`` instead
+        (sparse), so a DistributedDataParallel wrapper can run the training step through its own
+        forward. A transcoder returns its output [..., d_out] in place of x_recon.
         """
         if return_losses:
-            return self.training_forward(x, update_stats=update_stats)
+            return self.training_forward(x, update_stats=update_stats, target=target)
         x2, lead = self._flatten_input(x)
         x_in, mean, std = self._standardize(x2)
         codes = self._codes(x_in)
         if self.training:
             self.update_threshold(codes.acts.kept_min)
-        x_recon = self._unstandardize(self._decode(codes.decode_acts), mean, std)
+        x_recon = self._unstandardize(self._decode(codes.decode_acts, x_in), mean, std)
         features = codes.acts.to_dense().reshape(*lead, self.d_sae)
-        return x_recon.reshape(*lead, self.d_in), features
+        return x_recon.reshape(*lead, self.d_out), features
 
     def encode_sparse(self, x: Tensor) -> SparseActs:
         """Sparse codes of x [..., d_in] (rows = flattened leading dims). eval() mode uses the
@@ -337,14 +388,15 @@ class BaseSAE(nn.Module):
         return self._codes(x_in).acts
 
     def decode_sparse(self, acts: SparseActs, x: Optional[Tensor] = None) -> Tensor:
-        """[B, d_in] reconstruction of sparse codes. With input_unit_norm pass the raw input x
-        that was encoded, to undo the standardisation."""
+        """[B, d_out] reconstruction of sparse codes (d_out = d_in for an autoencoder). With
+        input_unit_norm or a skip connection pass the input x that was encoded: the
+        standardisation is undone with its statistics, and the skip connection reads it."""
         if not isinstance(acts, SparseActs):
             raise TypeError(f"acts must be a SparseActs (from encode_sparse), got {type(acts).__name__}")
         if acts.d_sae != self.d_sae:
             raise ValueError(f"acts have d_sae={acts.d_sae} but this SAE has d_sae={self.d_sae}")
-        mean, std = self._input_stats(x)
-        return self._unstandardize(self._decode(acts), mean, std)
+        x_in, mean, std = self._decode_inputs(x)
+        return self._unstandardize(self._decode(acts, x_in), mean, std)
 
     def encode(self, x: Tensor) -> Tensor:
         """Dense features [..., d_sae] of x [..., d_in] (b_dec subtracted first). Only for callers
@@ -354,36 +406,43 @@ class BaseSAE(nn.Module):
         return self._codes(x_in).acts.to_dense().reshape(*lead, self.d_sae)
 
     def decode(self, features: Tensor, x: Optional[Tensor] = None) -> Tensor:
-        """``features @ W_dec + b_dec`` for dense features [..., d_sae] (see decode_sparse for x)."""
+        """``features @ W_dec + b_dec`` (+ ``x @ W_skip``) for dense features [..., d_sae], shaped
+        [..., d_out] (see decode_sparse for x)."""
         if not isinstance(features, Tensor) or features.dim() < 1 or features.shape[-1] != self.d_sae:
             raise ValueError(f"features must be a tensor [..., {self.d_sae}] (d_sae), got "
                              f"{tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__}")
         lead = features.shape[:-1]
-        mean, std = self._input_stats(x)
-        out = features.reshape(-1, self.d_sae) @ self.W_dec + self.b_dec
-        return self._unstandardize(out, mean, std).reshape(*lead, self.d_in)
+        x_in, mean, std = self._decode_inputs(x)
+        out = self._add_skip(features.reshape(-1, self.d_sae) @ self.W_dec + self.b_dec, x_in)
+        return self._unstandardize(out, mean, std).reshape(*lead, self.d_out)
 
     def reconstruct(self, x: Tensor) -> Tensor:
-        """x_recon shaped like x through the sparse path (no dense features)."""
+        """The SAE's output for x [..., d_in] through the sparse path (no dense features), shaped
+        [..., d_out]: x's reconstruction, or a transcoder's prediction of its target."""
         x2, lead = self._flatten_input(x)
         x_in, mean, std = self._standardize(x2)
-        x_hat = self._decode(self._codes(x_in).decode_acts)
-        return self._unstandardize(x_hat, mean, std).reshape(*lead, self.d_in)
+        x_hat = self._decode(self._codes(x_in).decode_acts, x_in)
+        return self._unstandardize(x_hat, mean, std).reshape(*lead, self.d_out)
 
-    def training_forward(self, x: Tensor, update_stats: bool = True) -> Dict[str, Any]:
+    def training_forward(self, x: Tensor, update_stats: bool = True, *,
+                         target: Optional[Tensor] = None) -> Dict[str, Any]:
         """Sparse training step: no dense [B, d_sae] tensor is built.
+
+        x: [..., d_in]; target: a transcoder's target [..., d_out], row for row with x (only
+        transcoders take one; an SAE reproduces x).
 
         Returns ``loss`` (= recon_loss + sparsity_loss + aux_loss), ``recon_loss`` (the
         reconstruction term: mse_loss, or a variant's own such as Matryoshka's nested prefix
-        losses), ``mse_loss`` (mean over all elements, in the normalised space when
-        input_unit_norm), ``sparsity_loss`` (L1 for relu, L0 for jumprelu, times l1_coefficient; 0
-        for the TopK variants), ``aux_loss`` (TopK variants: aux_penalty * MSE of the top_k_aux
-        dead latents' reconstruction of the detached residual, latents dead before this batch;
-        jumprelu: its optional pre-activation loss), ``l0`` (mean active latents per token),
-        ``x_recon`` (shaped like x), ``acts`` (SparseActs), ``num_dead_features``, and any terms a
-        variant adds (see its class). ``features`` (the dense [..., d_sae] activations,
-        differentiable, for classic loops that pass them to ``update_inactive_features``) is built
-        only when read; iterating over the dict or copying it does not build it.
+        losses), ``mse_loss`` (mean over all elements of (output - target)^2, in the normalised
+        space when input_unit_norm), ``sparsity_loss`` (L1 for relu, L0 for jumprelu, times
+        l1_coefficient; 0 for the TopK variants), ``aux_loss`` (TopK variants: aux_penalty * MSE of
+        the top_k_aux dead latents' reconstruction of the detached residual, latents dead before
+        this batch; jumprelu: its optional pre-activation loss), ``l0`` (mean active latents per
+        token), ``x_recon`` (the output, [..., d_out]), ``acts`` (SparseActs),
+        ``num_dead_features``, and any terms a variant adds (see its class). ``features`` (the
+        dense [..., d_sae] activations, differentiable, for classic loops that pass them to
+        ``update_inactive_features``) is built only when read; iterating over the dict or copying
+        it does not build it.
 
         With ``update_stats`` (and in training mode) the dead-latent counters and BatchTopK's
         running threshold are updated; otherwise the caller does it (after an all-reduce) with
@@ -392,41 +451,43 @@ class BaseSAE(nn.Module):
         x2, lead = self._flatten_input(x)
         self._check_not_empty(x2, "training_forward")
         x_in, mean, std = self._standardize(x2)
-        codes, x_hat, terms = self._training_losses(x_in, self.dead_mask())
+        y_in = self._target_rows(target, x_in)
+        codes, x_hat, terms = self._training_losses(x_in, y_in, self.dead_mask())
         loss = terms["recon_loss"] + codes.sparsity_loss + terms["aux_loss"]
         if update_stats and self.training:
             self.update_inactive_features(codes.acts)
             self.update_threshold(codes.acts.kept_min)
-        x_recon = self._unstandardize(x_hat, mean, std).reshape(*lead, self.d_in)
+        x_recon = self._unstandardize(x_hat, mean, std).reshape(*lead, self.d_out)
         acts = codes.acts
         return LazyDict({"loss": loss, **terms, "sparsity_loss": codes.sparsity_loss, "l0": acts.l0(),
                          "x_recon": x_recon, "acts": acts, "num_dead_features": self.dead_mask().sum()},
                         lazy={"features": lambda: acts.to_dense().reshape(*lead, self.d_sae)})
 
-    def _training_losses(self, x_in: Tensor, dead: Tensor) -> Tuple[Codes, Tensor, Dict[str, Tensor]]:
-        """The codes, the reconstruction x_hat [N, d_in] and the loss terms of a training forward
-        on normalised input x_in [N, d_in]: ``recon_loss`` (the reconstruction term of the loss),
-        ``mse_loss``, ``aux_loss`` and any terms of the variant's own. ``dead``: bool [d_sae]."""
+    def _training_losses(self, x_in: Tensor, y_in: Tensor, dead: Tensor) -> Tuple[Codes, Tensor, Dict[str, Tensor]]:
+        """The codes, the output x_hat [N, d_out] and the loss terms of a training forward on
+        normalised input x_in [N, d_in] whose target is y_in [N, d_out] (x_in itself for an
+        autoencoder): ``recon_loss`` (the reconstruction term of the loss), ``mse_loss``,
+        ``aux_loss`` and any terms of the variant's own. ``dead``: bool [d_sae]."""
         if self.needs_top_k and self.training and torch.is_grad_enabled() and bool(dead.any()):
-            codes, x_hat, aux_loss = self._train_codes_with_aux(x_in, dead)
+            codes, x_hat, aux_loss = self._train_codes_with_aux(x_in, y_in, dead)
         else:
             codes = self._codes(x_in)
-            x_hat = self._decode(codes.decode_acts)
-            aux_loss = self._aux_loss(x_in, (x_in - x_hat).detach(), dead)
-        mse_loss = (x_hat.float() - x_in.float()).pow(2).mean()
+            x_hat = self._decode(codes.decode_acts, x_in)
+            aux_loss = self._aux_loss(x_in, (y_in - x_hat).detach(), dead)
+        mse_loss = (x_hat.float() - y_in.float()).pow(2).mean()
         return codes, x_hat, {"recon_loss": mse_loss, "mse_loss": mse_loss, "aux_loss": aux_loss}
 
-    def _train_codes_with_aux(self, x_in: Tensor, dead: Tensor) -> Tuple[Codes, Tensor, Tensor]:
+    def _train_codes_with_aux(self, x_in: Tensor, y_in: Tensor, dead: Tensor) -> Tuple[Codes, Tensor, Tensor]:
         """A TopK variant's training step with aux-K: main and aux codes from one fused encode,
         both decoded by one sparse decode, so W_enc and W_dec each get one gradient buffer.
-        Same numbers as ``_codes`` + ``_decode`` + ``_aux_loss``."""
+        Same numbers as ``_codes`` + ``_decode`` + ``_aux_loss`` (y_in: the rows to reproduce)."""
         c = self.config
         acts, aux_acts = ops.topk_encode_with_aux(x_in, self.W_enc, self._b_dec_in(), c.top_k, dead, c.top_k_aux,
                                                   b_enc=self._b_enc_in(), mode=self.topk_mode)
         both = ops.sparse_decode(ops.stack_rows(acts, aux_acts), self.W_dec)
         n = x_in.shape[0]
-        x_hat = both[:n] + self.b_dec.to(both.dtype)
-        residual = (x_in - x_hat).detach()
+        x_hat = self._add_skip(both[:n] + self.b_dec.to(both.dtype), x_in)
+        residual = (y_in - x_hat).detach()
         return Codes(acts, acts, self._sparsity_loss(acts)), x_hat, self._aux_penalty(both[n:], residual)
 
     def _aux_penalty(self, aux_recon: Tensor, residual: Tensor) -> Tensor:
@@ -442,18 +503,21 @@ class BaseSAE(nn.Module):
         aux_recon = ops.sparse_decode(aux_acts, self.W_dec)
         return self._aux_penalty(aux_recon, residual)
 
-    def get_auxiliary_loss(self, x: Tensor, x_recon: Tensor) -> Tensor:
+    def get_auxiliary_loss(self, x: Tensor, x_recon: Tensor, target: Optional[Tensor] = None) -> Tensor:
         """Aux-K loss of x and its reconstruction from ``forward`` (0 for variants without aux-K or
-        when no latent is dead). The residual is detached, as in the TopK papers."""
+        when no latent is dead); a transcoder also takes its ``target``. The residual is detached,
+        as in the TopK papers."""
         x2, lead = self._flatten_input(x)
-        if not isinstance(x_recon, Tensor) or x_recon.numel() != x2.numel():
-            raise ValueError(f"x_recon must have the shape of x {tuple(x.shape)}, got "
+        if not isinstance(x_recon, Tensor) or x_recon.numel() != x2.shape[0] * self.d_out:
+            raise ValueError(f"x_recon must be the output of forward(x), [..., d_out={self.d_out}] for x "
+                             f"{tuple(x.shape)}; got "
                              f"{tuple(x_recon.shape) if isinstance(x_recon, Tensor) else type(x_recon).__name__}")
         x_in, mean, std = self._standardize(x2)
-        x_hat = x_recon.reshape(-1, self.d_in)
+        y_in = self._target_rows(target, x_in)
+        x_hat = x_recon.reshape(-1, self.d_out)
         if mean is not None:
             x_hat = (x_hat - mean) / std
-        return self._aux_loss(x_in, (x_in - x_hat).detach(), self.dead_mask())
+        return self._aux_loss(x_in, (y_in - x_hat).detach(), self.dead_mask())
 
     # ------------------------------------------------------------------------------------------
     # Decoder maintenance (through the fused ops)
@@ -461,18 +525,26 @@ class BaseSAE(nn.Module):
 
     def project_decoder_gradients(self) -> None:
         """Remove from W_dec.grad the part parallel to each decoder row (after backward, before
-        the optimizer step), so steps rotate decoder rows rather than rescale them."""
+        the optimizer step), so steps rotate decoder rows rather than rescale them. A no-op for
+        variants whose decoder norms are free (``unit_norm_decoder`` False)."""
+        if not self.unit_norm_decoder:
+            return
         if self.W_dec.grad is None:
             raise ValueError("W_dec has no gradient; call loss.backward() before project_decoder_gradients()")
         ops.project_decoder_grad_(self.W_dec, self.W_dec.grad)
 
     def normalize_decoder(self) -> None:
-        """Rows of W_dec to unit norm, in place (after the optimizer step)."""
-        ops.normalize_decoder_(self.W_dec)
+        """Rows of W_dec to unit norm, in place (after the optimizer step); a no-op when
+        ``unit_norm_decoder`` is False."""
+        if self.unit_norm_decoder:
+            ops.normalize_decoder_(self.W_dec)
 
     def make_decoder_weights_and_grad_unit_norm(self) -> None:
         """Between backward and the optimizer step: W_dec rows to unit norm, then W_dec.grad made
-        orthogonal to them, in one fused pass (the BatchTopK reference code's name)."""
+        orthogonal to them, in one fused pass (the BatchTopK reference code's name); a no-op when
+        ``unit_norm_decoder`` is False."""
+        if not self.unit_norm_decoder:
+            return
         if self.W_dec.grad is None:
             raise ValueError("W_dec has no gradient; call loss.backward() before "
                              "make_decoder_weights_and_grad_unit_norm()")
@@ -526,22 +598,37 @@ class BaseSAE(nn.Module):
         """BatchTopK: fold one batch's smallest kept activation into the inference threshold.
         No-op for the other variants."""
 
-    def fold_input_scale(self, scale: float) -> None:
-        """The SAE was trained on ``x * scale``; rewrite it in place to take raw x and return
-        raw-scale reconstructions. Activations scale by 1/scale (b_enc, b_dec and thresholds are
-        divided by scale); W_enc and the unit-norm W_dec are unchanged. With input_unit_norm the
-        standardisation already removes any global scale, so nothing changes."""
-        if isinstance(scale, Tensor):
-            scale = float(scale)
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"scale={scale!r} must be a finite number > 0")
+    def fold_input_scale(self, scale: float, target_scale: Optional[float] = None) -> None:
+        """The SAE was trained on ``x * scale`` (a transcoder: to predict ``y * target_scale``);
+        rewrite it in place to take raw x and return raw-scale outputs. Activations scale by
+        1/target_scale (b_enc and thresholds are divided by it, W_enc and W_skip multiplied by
+        scale/target_scale, b_dec divided by target_scale); the unit-norm W_dec is unchanged.
+        ``target_scale`` defaults to ``scale`` (an autoencoder's target is its input). With
+        input_unit_norm the standardisation already removes any global scale, so nothing changes."""
+        scale = self._check_scale("scale", scale)
+        out_scale = scale if target_scale is None else self._check_scale("target_scale", target_scale)
+        if not self.config.is_transcoder and out_scale != scale:
+            raise ValueError(f"target_scale={target_scale} differs from scale={scale}, but this SAE reconstructs "
+                             "its own input; only a transcoder has a separate target scale")
         if self.config.input_unit_norm:
             logger.info("fold_input_scale: input_unit_norm standardises each token, nothing to fold")
             return
         with torch.no_grad():
-            self.b_enc.div_(scale)
-            self.b_dec.div_(scale)
-            self._fold_threshold(scale)
+            if out_scale != scale:
+                self.W_enc.mul_(scale / out_scale)
+            if self.config.skip_connection:
+                self.W_skip.mul_(scale / out_scale)
+            self.b_enc.div_(out_scale)
+            self.b_dec.div_(out_scale)
+            self._fold_threshold(out_scale)
+
+    @staticmethod
+    def _check_scale(name: str, scale: Any) -> float:
+        if isinstance(scale, Tensor):
+            scale = float(scale)
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"{name}={scale!r} must be a finite number > 0")
+        return float(scale)
 
     def _fold_threshold(self, scale: Union[float, Tensor]) -> None:
         """Divide the variant's thresholds by scale (a float, or a [d_sae] tensor of one scale per

@@ -187,8 +187,8 @@ class JumpReLUSAE(BaseSAE):
         acts = band.select(ops.above_threshold(band.values, theta.detach()))
         return Codes(band._replace(values=values), acts, self._penalty(s, acts.nnz / max(acts.n_rows, 1)))
 
-    def _training_losses(self, x_in: Tensor, dead: Tensor) -> Tuple[Codes, Tensor, Dict[str, Tensor]]:
-        codes, x_hat, terms = super()._training_losses(x_in, dead)
+    def _training_losses(self, x_in: Tensor, y_in: Tensor, dead: Tensor) -> Tuple[Codes, Tensor, Dict[str, Tensor]]:
+        codes, x_hat, terms = super()._training_losses(x_in, y_in, dead)
         if self.config.jumprelu_pre_act_coefficient > 0:
             terms["aux_loss"] = terms["aux_loss"] + self._pre_act_loss(x_in, codes.acts)
         return codes, x_hat, terms

@@ -135,28 +135,33 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         return SparseActs(acts.values[order], acts.indices[order], row_ids, csr_offsets(row_ids, n * len(prefixes)),
                           acts.kept_min, acts.d_sae)
 
-    def _nested(self, group_recon: Tensor, n: int) -> Tensor:
-        """[G, n, d_in] prefix reconstructions (fp32, b_dec added) from the G stacked group decodes."""
-        partial = group_recon.float().reshape(len(self.config.prefix_sizes), n, self.d_in)
-        return partial.cumsum(0) + self.b_dec.float()
+    def _nested(self, group_recon: Tensor, n: int, x_in: Optional[Tensor] = None) -> Tensor:
+        """[G, n, d_out] prefix reconstructions (fp32, b_dec added, and a transcoder's skip
+        connection ``x_in @ W_skip``) from the G stacked group decodes (d_out = d_in for an SAE)."""
+        partial = group_recon.float().reshape(len(self.config.prefix_sizes), n, self.d_out)
+        nested = partial.cumsum(0) + self.b_dec.float()
+        if self.config.skip_connection:
+            nested = nested + (x_in @ self.W_skip).float()
+        return nested
 
     def decode_prefixes(self, acts: SparseActs, x: Optional[Tensor] = None) -> Tensor:
-        """[G, B, d_in]: entry g is the reconstruction from prefix g alone (latents below
-        ``prefix_sizes[g]``), in the SAE's dtype; the last is ``decode_sparse(acts)``. With
-        input_unit_norm pass the raw input x that was encoded."""
+        """[G, B, d_out]: entry g is the reconstruction (a transcoder: the output) from prefix g
+        alone (latents below ``prefix_sizes[g]``), in the SAE's dtype; the last is
+        ``decode_sparse(acts, x)``. With input_unit_norm or a skip connection pass the input x
+        that was encoded."""
         if not isinstance(acts, SparseActs):
             raise TypeError(f"acts must be a SparseActs (from encode_sparse), got {type(acts).__name__}")
         if acts.d_sae != self.d_sae:
             raise ValueError(f"acts have d_sae={acts.d_sae} but this SAE has d_sae={self.d_sae}")
-        mean, std = self._input_stats(x)
-        nested = self._nested(ops.sparse_decode(self._group_blocks(acts), self.W_dec), acts.n_rows)
+        x_in, mean, std = self._decode_inputs(x)
+        nested = self._nested(ops.sparse_decode(self._group_blocks(acts), self.W_dec), acts.n_rows, x_in)
         return self._unstandardize(nested.to(self.dtype), mean, std)
 
     # ------------------------------------------------------------------------------------------
     # Training
     # ------------------------------------------------------------------------------------------
 
-    def _training_losses(self, x_in: Tensor, dead: Tensor) -> Tuple[Codes, Tensor, Dict[str, Tensor]]:
+    def _training_losses(self, x_in: Tensor, y_in: Tensor, dead: Tensor) -> Tuple[Codes, Tensor, Dict[str, Tensor]]:
         c = self.config
         n = x_in.shape[0]
         aux_acts = None
@@ -170,10 +175,10 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         # One decode for every group (and the aux-K codes): one W_dec gradient buffer.
         decoded = ops.sparse_decode(blocks if aux_acts is None else ops.stack_rows(blocks, aux_acts), self.W_dec)
         n_groups = len(c.prefix_sizes)
-        nested = self._nested(decoded[:n_groups * n], n)
-        prefix_mse = (nested - x_in.float()).pow(2).mean(dim=(1, 2))
+        nested = self._nested(decoded[:n_groups * n], n, x_in)
+        prefix_mse = (nested - y_in.float()).pow(2).mean(dim=(1, 2))
         x_hat = nested[-1].to(x_in.dtype)
-        residual = (x_in - x_hat).detach()
+        residual = (y_in - x_hat).detach()
         if aux_acts is not None:
             aux_loss = self._aux_penalty(decoded[n_groups * n:], residual)
         else:

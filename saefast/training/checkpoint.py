@@ -85,9 +85,11 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------------------------
     def save(self, step: int, sae_state: Dict[str, torch.Tensor], trainer_state: Dict[str, Any],
-             rank_state: Dict[str, Any]) -> Path:
+             rank_state: Dict[str, Any], prune: bool = True) -> Path:
         """Write checkpoint ``step`` atomically and make it ``latest``; returns its folder. A full
-        disk raises DiskFullError naming the file; the half-written folder is removed."""
+        disk raises DiskFullError naming the file; the half-written folder is removed. With
+        ``prune=False`` older checkpoints stay until :meth:`prune` (several runs that must keep a
+        common step prune only once all of them have saved)."""
         name = f"step_{step:08d}"
         tmp = self.dir / f".tmp-{name}"
         final = self.dir / name
@@ -113,9 +115,17 @@ class CheckpointManager:
                 fsync_path(pointer)
             os.replace(pointer, self.dir / "latest")
             fsync_path(self.dir)
-            self._prune(keep_name=name)
+            if prune:
+                self._prune(keep_name=name)
         self._barrier()
         return final
+
+    def prune(self) -> None:
+        """Delete all but the ``keep`` newest complete checkpoints (main process)."""
+        if self.rank == 0:
+            latest = self.latest()
+            self._prune(keep_name=latest.name if latest is not None else "")
+        self._barrier()
 
     def _write(self, tmp: Path, name: str, sae_state: Dict[str, torch.Tensor], trainer_state: Dict[str, Any],
                rank_state: Dict[str, Any]) -> None:
@@ -159,6 +169,11 @@ class CheckpointManager:
             if path.name != keep_name:
                 shutil.rmtree(path, ignore_errors=True)
 
+    def at_step(self, step: int) -> Optional[Path]:
+        """The complete checkpoint of ``step``, or None."""
+        path = self.dir / f"step_{step:08d}"
+        return path if path.is_dir() else None
+
     # ------------------------------------------------------------------------------------------
     def complete(self) -> List[Path]:
         """Complete checkpoint folders, oldest first."""
@@ -193,15 +208,18 @@ class CheckpointManager:
         except FileNotFoundError as err:
             raise CorruptFileError(err.filename, "the file is missing") from None
 
-    def load_newest_readable(self, agree: Callable[[bool], bool] = lambda ok: ok
+    def load_newest_readable(self, agree: Callable[[bool], bool] = lambda ok: ok, at_most: Optional[int] = None
                              ) -> Optional[Tuple[Path, Dict[str, Any]]]:
-        """(folder, :meth:`load` of it) for ``latest``, or for the newest older checkpoint when
-        ``latest`` has a truncated, damaged or missing file (a warning names both); None when
-        there is no checkpoint. ``agree(ok)`` is True when every process read the candidate
+        """(folder, :meth:`load` of it) for ``latest`` (with ``at_most``: the newest checkpoint of
+        at most that step), or for the newest older checkpoint when that one has a truncated,
+        damaged or missing file (a warning names both); None when there is no checkpoint. ``agree(ok)`` is True when every process read the candidate
         (processes decide together under DDP). Checkpoints passed over are renamed
         ``damaged-step_*`` (kept, never read or pruned again). When none can be read, a ValueError
         lists why."""
         latest = self.latest()
+        if at_most is not None:
+            older = [p for p in self.complete() if int(_STEP_DIR.match(p.name).group(1)) <= at_most]
+            latest = older[-1] if older else None
         if latest is None:
             return None
         step = int(_STEP_DIR.match(latest.name).group(1))

@@ -57,7 +57,11 @@ class _RunOptions:
     d_in: Optional[int] = _opt(None, "Input width. Default: the hook's width for model runs, 64 for the synthetic default; "
                                      "a value that disagrees with the hook is an error.", "sae")
     d_sae: Optional[int] = _opt(None, "Number of latents (dictionary size). Default: expansion_factor * d_in.", "sae")
-    expansion_factor: int = _opt(8, "d_sae = expansion_factor * d_in when d_sae is not given.", "sae")
+    expansion_factor: int = _opt(8, "d_sae = expansion_factor * d_in when d_sae is not given (a crosscoder: times "
+                                    "one layer's width).", "sae")
+    d_out: Optional[int] = _opt(None, "Transcoders: output width. Model and cache runs take it from target_hook (a value "
+                                      "that disagrees is an error); on the synthetic default, setting it trains a "
+                                      "transcoder on planted (input, target) pairs.", "sae")
     device: Optional[str] = _opt(None, "Device for the SAE and the model (cuda, cuda:1, cpu). Default: cuda if available. "
                                        "Under torchrun each rank uses cuda:<LOCAL_RANK>.", "sae")
 
@@ -106,7 +110,18 @@ class _RunOptions:
     model: Optional[str] = _opt(None, "transformer-lens model name (e.g. gpt2). Omit model, dataset and cache_dir "
                                       "to train on the embedded synthetic default.", "data")
     hook: Optional[str] = _opt(None, "Hook to read activations from, e.g. blocks.8.hook_resid_pre (cache runs: recorded "
-                                     "in the saved SAE).", "data", sources=("model", "cache"))
+                                     "in the saved SAE). Repeat --hook to read several (the same as --hooks).", "data",
+                               sources=("model", "cache"))
+    hooks: List[str] = _opt([], "Several hooks read in one model pass (or from one cache): one SAE per hook, each with "
+                                "its own optimizer, metrics and run sub-folder <run>/<hook>; with --architecture "
+                                "crosscoder, the layers of one crosscoder. 'all-resid' stands for every "
+                                "blocks.<i>.hook_resid_post.", "data", sources=("model", "cache"))
+    target_hook: Optional[str] = _opt(None, "Transcoders: the hook the SAE writes (its target), read in the same model "
+                                            "pass as hook, e.g. --hook blocks.8.ln2.hook_normalized --target-hook "
+                                            "blocks.8.hook_mlp_out. Repeat --target-hook, once per --hook, for several "
+                                            "transcoders.", "data", sources=("model", "cache"))
+    target_hooks: List[str] = _opt([], "Several transcoders: one target hook per entry of hooks, in the same order.",
+                                   "data", sources=("model", "cache"))
     dataset: Optional[str] = _opt(None, "Hugging Face dataset name, or a local dataset folder / json / jsonl / csv / "
                                         "parquet / txt file (works offline).", "data")
     dataset_split: str = _opt("train", "Dataset split.", "data", sources=("model",))
@@ -133,6 +148,10 @@ class _RunOptions:
                                           "synthetic", sources=("synthetic",))
     synthetic_noise: float = _opt(0.01, "Synthetic default: std of Gaussian noise added to each activation entry.", "synthetic",
                                   sources=("synthetic",))
+    synthetic_linear: float = _opt(0.0, "Synthetic transcoder pairs (d_out): weight of a planted linear map from input to "
+                                         "target (what skip_connection can learn).", "synthetic", sources=("synthetic",))
+    synthetic_layers: int = _opt(3, "Synthetic crosscoder data (architecture crosscoder): layers the planted features "
+                                    "span, each a contiguous run of them.", "synthetic", sources=("synthetic",))
 
     # --- model evals and end-to-end losses ----------------------------------------------------
     eval_ce_batches: int = _opt(4, "Model runs: batches of model_batch_size windows for the CE / KL evals with the SAE "
@@ -166,12 +185,12 @@ class _RunOptions:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype={self.dtype!r} must be one of {_DTYPES}")
         positive_ints = ("batch_size", "grad_accum_steps", "expansion_factor", "n_batches_to_dead", "context_size", "model_batch_size", "buffer_tokens", "eval_batches", "log_every",
-                         "keep_checkpoints", "synthetic_features", "e2e_batch_size")
+                         "keep_checkpoints", "synthetic_features", "e2e_batch_size", "synthetic_layers")
         for name in positive_ints:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
-        for name in ("d_in", "d_sae", "train_steps", "top_k", "top_k_aux", "cpu_threads"):
+        for name in ("d_in", "d_sae", "d_out", "train_steps", "top_k", "top_k_aux", "cpu_threads"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}={value!r} must be a positive integer or unset")
@@ -202,12 +221,17 @@ class _RunOptions:
         uses_model = self.model is not None or self.dataset is not None
         if uses_model and self.cache_dir is not None:
             raise ValueError("give either cache_dir (train from cached activations) or model + dataset, not both")
-        if uses_model and (self.model is None or self.dataset is None or self.hook is None):
-            missing = [n for n in ("model", "hook", "dataset") if getattr(self, n) is None]
+        if uses_model and (self.model is None or self.dataset is None or not self.hook_list):
+            missing = [n for n, v in (("model", self.model), ("hook", self.hook_list), ("dataset", self.dataset))
+                       if not v]
             raise ValueError(f"a model run needs model, hook and dataset; missing: {', '.join(missing)}")
+        self._check_hooks()
         if self.uses_e2e and self.model is None:
             raise ValueError("end-to-end losses (e2e_kl_weight, e2e_block_mse_weight) need a model run: "
                              "set model, hook and dataset")
+        if self.uses_e2e and (self.is_transcoder or len(self.hook_list) > 1):
+            raise ValueError("end-to-end losses splice one SAE at the hook it reads; they do not apply to transcoders, "
+                             "crosscoders or several hooks: drop e2e_kl_weight / e2e_block_mse_weight")
         if self.e2e_block_mse_weight > 0 and not self.e2e_downstream_hooks:
             raise ValueError("e2e_block_mse_weight > 0 needs e2e_downstream_hooks (the later hooks to compare)")
         if self.synthetic_active <= 0:
@@ -256,6 +280,58 @@ class _RunOptions:
                 raise ValueError(f"{name}={getattr(self, name)!r} ({_flag(name)}) has no effect on architecture="
                                  f"{self.architecture!r}: {why}; drop it")
 
+    def _check_hooks(self) -> None:
+        """hook / hooks / target_hook / target_hooks / d_out agree with each other and the source."""
+        if self.is_crosscoder and (self.target_hook is not None or self.target_hooks or self.d_out is not None):
+            raise ValueError("a crosscoder writes the layers it reads: target_hook / target_hooks / d_out do not apply")
+        if self.hook is not None and self.hooks:
+            raise ValueError(f"give hook={self.hook!r} or hooks={self.hooks!r}, not both (repeating --hook fills hooks)")
+        if len(set(self.hooks)) != len(self.hooks):
+            raise ValueError(f"hooks={self.hooks!r} names a hook twice")
+        if "all-resid" in self.hooks and self.hooks != ["all-resid"]:
+            raise ValueError("hooks='all-resid' stands for every residual hook; give it alone")
+        if self.target_hook is not None and self.target_hooks:
+            raise ValueError("give target_hook or target_hooks, not both")
+        if self.target_hook is not None and self.hooks:
+            raise ValueError(f"hooks names {len(self.hooks)} hooks but only one target_hook is given; give one target "
+                             "per input hook, in the same order (repeat --target-hook)")
+        if self.target_hook is not None and self.hook is None:
+            raise ValueError("target_hook is the target of the hook a transcoder reads: give hook too "
+                             "(several transcoders: hooks and target_hooks)")
+        if self.target_hooks and len(self.target_hooks) != len(self.hooks):
+            raise ValueError(f"target_hooks names {len(self.target_hooks)} hooks but hooks names {len(self.hooks)}; "
+                             "give one target per input hook, in the same order")
+        # hooks on the synthetic default are refused by check_no_ignored_options (their sources)
+        if self.source_kind != "synthetic" and self.d_out is not None and not self.target_hook \
+                and not self.target_hooks:
+            raise ValueError(f"d_out={self.d_out} is a transcoder's output width, which model and cache runs take from "
+                             "target_hook: give target_hook, or drop d_out")
+        if self.skip_connection and not self.is_transcoder:
+            raise ValueError("skip_connection=True needs a transcoder: give target_hook (or d_out on the synthetic "
+                             "default)")
+        if self.synthetic_linear and self.source_kind == "synthetic" and self.d_out is None:
+            raise ValueError("synthetic_linear is the linear part of synthetic transcoder pairs: it needs d_out")
+
+    @property
+    def hook_list(self) -> List[str]:
+        """The hooks read: [hook], or hooks (possibly ['all-resid'], resolved against the model)."""
+        return [self.hook] if self.hook is not None else list(self.hooks)
+
+    @property
+    def is_transcoder(self) -> bool:
+        """The run trains transcoders: target hooks given (or d_out on the synthetic default)."""
+        return self.target_hook is not None or bool(self.target_hooks) or self.d_out is not None
+
+    @property
+    def is_crosscoder(self) -> bool:
+        """The architecture reads several layers as one input (its class declares ``multi_layer``)."""
+        return bool(getattr(variant_class(self.architecture), "multi_layer", False))
+
+    @property
+    def is_multi(self) -> bool:
+        """The run trains one SAE per hook (several hooks, not a crosscoder)."""
+        return not self.is_crosscoder and (len(self.hooks) > 1 or self.hooks == ["all-resid"])
+
     def _check_sae_options(self) -> None:
         """Options of another architecture than the chosen one must keep their defaults: a flag
         that would have no effect is refused rather than ignored."""
@@ -277,23 +353,36 @@ class _RunOptions:
             raise ValueError(f"architecture={self.architecture!r} needs top_k, the active latents per token: pass "
                              "--top-k (e.g. --top-k 32)")
 
-    def sae_config(self, d_in: int, device: Any, **metadata: Any) -> SAEConfig:
+    def sae_config(self, d_in: int, device: Any, *, d_out: Optional[int] = None,
+                   layer_hooks: Optional[List[str]] = None, n_layers: Optional[int] = None,
+                   **metadata: Any) -> SAEConfig:
         """The SAEConfig this run trains: its SAE options, ``d_in``, ``d_sae`` (or
-        ``expansion_factor * d_in``), ``device``, the seed, the hook and ``metadata`` (model_name,
-        dataset_path, ...). A missing or bad value raises a ValueError naming the flag."""
-        d_sae = self.d_sae if self.d_sae is not None else self.expansion_factor * d_in
-        ef_default = next(_default(f) for f in dataclasses.fields(self) if f.name == "expansion_factor")
-        if self.d_sae is not None and self.expansion_factor != ef_default and self.d_sae != self.expansion_factor * d_in:
-            raise ValueError(f"expansion_factor={self.expansion_factor} (--expansion-factor) has no effect when "
-                             f"d_sae={self.d_sae} (--d-sae) is given: give one of them")
+        ``expansion_factor * d_in``; a crosscoder's per-layer width), ``device``, the seed, the
+        hook and ``metadata`` (model_name, dataset_path, ...). A transcoder also gets ``d_out``
+        and its target hook; a crosscoder its ``n_layers`` and their ``layer_hooks``. A missing or
+        bad value raises a ValueError naming the flag."""
         names = {f.name for f in _sae_option_fields(variant_class(self.architecture))}
         values: Dict[str, Any] = {name: getattr(self, name) for name in names}
+        base_width = d_in
+        if self.is_crosscoder:
+            layers = len(layer_hooks) if layer_hooks else (n_layers or 1)
+            values.update(crosscoder_layers=layers, crosscoder_hooks=list(layer_hooks) if layer_hooks else None)
+            base_width = d_in // layers
+        d_sae = self.d_sae if self.d_sae is not None else self.expansion_factor * base_width
+        ef_default = next(_default(f) for f in dataclasses.fields(self) if f.name == "expansion_factor")
+        if self.d_sae is not None and self.expansion_factor != ef_default and \
+                self.d_sae != self.expansion_factor * base_width:
+            raise ValueError(f"expansion_factor={self.expansion_factor} (--expansion-factor) has no effect when "
+                             f"d_sae={self.d_sae} (--d-sae) is given: give one of them")
         values.update(d_in=d_in, d_sae=d_sae, device=str(device), seed=self.seed, **metadata)
-        if self.hook is not None:
-            layer, name = parse_hook(self.hook)
-            values.update(hook_spec=self.hook, hook_name=name)
+        hook = layer_hooks[-1] if layer_hooks else self.hook
+        if hook is not None:
+            layer, name = parse_hook(hook)
+            values.update(hook_spec=hook, hook_name=name)
             if layer is not None:
                 values["hook_layer"] = layer
+        if d_out is not None:
+            values.update(d_out=d_out, hook_spec_out=self.target_hook)
         self.check_trainable()
         try:
             return SAEConfig(**values)

@@ -24,9 +24,12 @@ __all__ = ["evaluate_sae", "evaluate_run", "model_eval_means"]
 
 def model_eval_means(model: nn.Module, sae: nn.Module, eval_tokens: Tensor, cfg: TrainConfig,
                      eval_kwargs: Dict[str, Any]) -> Dict[str, float]:
-    """CE loss clean / spliced / zero-ablated, CE loss recovered and KL with ``sae`` spliced in."""
+    """CE loss clean / spliced / zero-ablated, CE loss recovered and KL with ``sae`` spliced in
+    (a transcoder at its target hook, a crosscoder at every layer it reads)."""
     from ..evals.model_evals import spliced_ce_eval
-    return spliced_ce_eval(model, sae, eval_tokens, cfg.hook, batch_size=cfg.model_batch_size, **eval_kwargs)
+    hook = cfg.hook if not cfg.is_crosscoder else None  # a crosscoder names its layers itself
+    return spliced_ce_eval(model, sae, eval_tokens, hook, target_hook=cfg.target_hook,
+                           batch_size=cfg.model_batch_size, **eval_kwargs)
 
 
 def evaluate_sae(sae: nn.Module, heldout: List[Tensor], cfg: TrainConfig, source: Any,
@@ -77,12 +80,21 @@ def evaluate_run(run_dir: str, device: Optional[str] = None, n_batches: Optional
     batches of a freshly built source, exactly those the trainer held out), plus planted-feature
     recovery (synthetic runs) and the CE/KL evals (model runs). Writes ``eval.json`` (or ``output``),
     keeping the ``step`` and ``tokens`` of the trained SAE that training recorded there (or, when
-    eval.json is missing, in the last eval row of metrics.jsonl)."""
+    eval.json is missing, in the last eval row of metrics.jsonl). A run of several hooks evaluates
+    each member run and returns {member: metrics}."""
     from ..io import load_sae
     from .build import build_inputs
 
     run = Path(run_dir)
     cfg = TrainConfig.from_dict(read_run_config(run))
+    if cfg.is_multi:
+        members = sorted(p for p in run.iterdir() if p.is_dir() and (p / "config.json").is_file())
+        if not members:
+            raise ValueError(f"{run} trains several hooks but holds no member run yet; train it first")
+        gathered = {p.name: evaluate_run(str(p), device=device, n_batches=n_batches) for p in members}
+        from ..utils import write_atomic, write_json
+        write_atomic(Path(output) if output is not None else run / "eval.json", lambda p: write_json(gathered, p))
+        return gathered
     if not (run / SAE_DIRNAME / "cfg.json").is_file():
         raise ValueError(f"{run}/{SAE_DIRNAME} holds no trained SAE yet (training has not finished); "
                          f"resume it with saefast train --resume {run}")

@@ -86,7 +86,8 @@ class RunFolder:
                 lines = "; ".join(f"{k}: run has {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
                 raise ValueError(f"--resume: {path} was trained with a different config ({lines}). "
                                  "Resume with the run's own config, or start a new run_name.")
-            if CheckpointManager(path).latest() is None:
+            # a run of several hooks keeps its checkpoints in its members' folders
+            if not cfg.is_multi and CheckpointManager(path).latest() is None:
                 log.warning("%s has no checkpoint yet (the run stopped before its first one): starting it again "
                             "from step 0 with its own config", path)
         else:

@@ -14,7 +14,8 @@ One optimizer step (every process, in this order):
 4. ``sae.project_decoder_gradients()``, gradient clipping, ``optimizer.step()``, ``scheduler.step()``,
    ``sae.normalize_decoder()``.
 
-Activation sources follow one protocol: an iterable of [batch, d_in] tensors with ``.d_in`` and
+Activation sources follow one protocol: an iterable of [batch, d_in] tensors (for a transcoder,
+:class:`~saefast.data.source.ActivationPair` (x, target) batches) with ``.d_in`` and
 ``state_dict()/load_state_dict()``; ``iter(source)`` continues from the recorded position.
 The first ``eval_batches`` batches are held out for evals and input normalisation and never trained
 on. ``SAEFAST_KILL_AFTER_STEP=N`` (tests only) ends the process with ``os._exit`` right after step N
@@ -23,6 +24,8 @@ to emulate a crash.
 The trainer owns its run folder (:mod:`saefast.training.run_folder`: checked once, config
 written once, curves drawn at the end) and delegates the metrics log
 (:mod:`saefast.training.metrics_log`) and the evals (:mod:`saefast.training.evaluate`).
+``train()`` is ``begin()``, ``advance()`` until ``done``, ``end()``; :mod:`saefast.training.multi`
+interleaves those of several trainers that share one model pass.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from ..data.source import split_pair
 from ..utils import DiskFullError
 from .checkpoint import capture_rng_state, restore_rng_state
 from .config import TrainConfig
@@ -74,8 +78,11 @@ class _TrainingStep(nn.Module):
         self.input_scale = 1.0
         self._model = [model]  # a list keeps the frozen model out of this module's parameters
 
-    def forward(self, x: Tensor, tokens: Optional[Tensor] = None) -> Dict[str, Any]:
-        out = self.sae.training_forward(x, update_stats=False)
+    def forward(self, x: Tensor, tokens: Optional[Tensor] = None, target: Optional[Tensor] = None) -> Dict[str, Any]:
+        if target is None:
+            out = self.sae.training_forward(x, update_stats=False)
+        else:
+            out = self.sae.training_forward(x, update_stats=False, target=target)
         if tokens is not None:
             from ..evals.model_evals import e2e_losses
             extra = e2e_losses(self._model[0], self.sae, tokens, self.cfg.hook, kl=self.cfg.e2e_kl_weight > 0,
@@ -96,8 +103,9 @@ class Trainer:
 
     Args:
         sae: an SAE following saefast's SAE interface (``saefast.sae.create_sae``), on its device.
-        source: activation source (iterable of [batch, d_in] tensors, ``.d_in``, ``state_dict``).
-            Under DDP each process passes its own slice of the data.
+        source: activation source (iterable of [batch, d_in] tensors, or of ActivationPair
+            (x, target) for a transcoder; ``.d_in``, ``state_dict``). Under DDP each process passes
+            its own slice of the data.
         cfg: the run's options; the run folder is ``cfg.out_dir / cfg.run_name``.
         resume: continue from the newest checkpoint in the run folder that reads (a damaged
             latest one is skipped, with a warning); a run with no checkpoint yet starts again from
@@ -130,6 +138,10 @@ class Trainer:
         d_in = getattr(source, "d_in", None)
         if d_in is not None and d_in != sae.d_in:
             raise ValueError(f"the source yields d_in={d_in} activations but the SAE has d_in={sae.d_in}")
+        self.transcoder = bool(getattr(getattr(sae, "config", None), "is_transcoder", False))
+        d_out = getattr(source, "d_out", None)
+        if self.transcoder and d_out is not None and d_out != sae.d_out:
+            raise ValueError(f"the source yields targets of width {d_out} but the transcoder has d_out={sae.d_out}")
         if cfg.uses_e2e and (model is None or e2e_tokens is None):
             raise ValueError("end-to-end losses are enabled: pass model= and e2e_tokens= to the Trainer")
         if cfg.uses_e2e and cfg.normalize == "dataset_center_scale":
@@ -150,6 +162,7 @@ class Trainer:
         barrier()  # every process checks the folder before rank 0 writes into it
         self.checkpoints = self.run.checkpoints(cfg.keep_checkpoints, self.dist.rank)
         self._resume_from: Optional[Path] = None  # the checkpoint resumed from, once loaded
+        self._resume_step: Optional[int] = None  # resume from no later than this step (resume_at_most)
         self._logger: Optional[MetricLogger] = None
         self._resume_rows: Optional[int] = None  # metrics rows the resumed checkpoint recorded
 
@@ -176,6 +189,9 @@ class Trainer:
         self.tokens_seen = 0
         self.norm_mean: Optional[Tensor] = None
         self.norm_scale = 1.0
+        self.target_mean: Optional[Tensor] = None  # a transcoder's targets are normalised on their own
+        self.target_scale = 1.0
+        self.defer_prune = False  # saefast.training.multi prunes checkpoints once every trainer has saved
         self.heldout: List[Tensor] = []
         self.history: Dict[str, List[float]] = {}
         self.final_metrics: Dict[str, Any] = {}
@@ -208,42 +224,64 @@ class Trainer:
             self._data = iter(self.source)
             if self.e2e_tokens is not None:
                 self.e2e_tokens.load_state_dict(rank_state["e2e_tokens"])
-        for x in self.heldout:
+        for batch in self.heldout:
+            x, y = split_pair(batch)
             if x.dim() != 2 or x.shape[1] != self.sae.d_in:
                 raise ValueError(f"the source yields batches of shape {tuple(x.shape)}; the SAE needs "
                                  f"[batch, {self.sae.d_in}]")
+            if self.transcoder and (y is None or y.dim() != 2 or y.shape != (x.shape[0], self.sae.d_out)):
+                got = "no targets" if y is None else f"targets of shape {tuple(y.shape)}"
+                raise ValueError(f"the source yields {got}; the transcoder needs (x, target) pairs with target "
+                                 f"[batch, {self.sae.d_out}]")
 
     def _estimate_normalization(self) -> None:
         if self.cfg.normalize == "none":
             return
-        xs = torch.cat([x.double() for x in self.heldout])
+        pairs = [split_pair(b) for b in self.heldout]
+        self.norm_mean, self.norm_scale = self._dataset_stats([x for x, _ in pairs], "input")
+        if self.transcoder:
+            self.target_mean, self.target_scale = self._dataset_stats([y for _, y in pairs], "target")
+
+    def _dataset_stats(self, rows: List[Tensor], what: str):
+        """(mean or None, scale) so that ``(x - mean) * scale`` has mean squared norm d (all processes)."""
+        xs = torch.cat([x.double() for x in rows])
         d_in = xs.shape[1]
         stats = torch.cat([xs.sum(0), xs.pow(2).sum().reshape(1), torch.tensor([float(xs.shape[0])], dtype=torch.float64)])
         stats = all_reduce_sum(stats.to(self.device) if self.dist.enabled else stats).cpu()
         n = stats[-1].item()
         mean = stats[:d_in] / n
         mean_sq_norm = stats[d_in].item() / n
+        center = None
         if self.cfg.normalize == "dataset_center_scale":
             mean_sq_norm -= mean.pow(2).sum().item()
-            self.norm_mean = mean.float()
+            center = mean.float()
         if not mean_sq_norm > 0:
-            raise ValueError("the held-out activations have zero variance; input normalisation is impossible")
-        self.norm_scale = math.sqrt(d_in / mean_sq_norm)
+            raise ValueError(f"the held-out {what} activations have zero variance; input normalisation is impossible")
+        return center, math.sqrt(d_in / mean_sq_norm)
 
-    def _normalize(self, x: Tensor) -> Tensor:
+    def _normalize(self, x: Tensor, mean: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
+        mean, scale = (self.norm_mean, self.norm_scale) if scale is None else (mean, scale)
         x = x.to(device=self.device, dtype=next(self.sae.parameters()).dtype)
-        if self.norm_mean is not None:
-            x = x - self.norm_mean.to(x)
-        if self.norm_scale != 1.0:
-            x = x * self.norm_scale
+        if mean is not None:
+            x = x - mean.to(x)
+        if scale != 1.0:
+            x = x * scale
         return x.contiguous()
+
+    def _normalize_batch(self, batch: Any):
+        """(x, target or None) of a source batch, normalised, on the SAE's device and dtype."""
+        x, y = split_pair(batch)
+        x = self._normalize(x)
+        if self.transcoder:
+            y = self._normalize(y, self.target_mean, self.target_scale)
+        return x, y
 
     def _load_checkpoint(self) -> Optional[Dict[str, Any]]:
         """The newest readable checkpoint's state restored (None for a new run, or a resumed one
         that has no checkpoint yet); returns this process's rank state."""
         if not self.run.resume:
             return None
-        found = self.checkpoints.load_newest_readable(agree=self._all_agree)
+        found = self.checkpoints.load_newest_readable(agree=self._all_agree, at_most=self._resume_step)
         if found is None:
             return None
         self._resume_from, ckpt = found
@@ -257,6 +295,8 @@ class Trainer:
         self.step, self.tokens_seen = t["step"], t["tokens_seen"]
         self.norm_mean = t["norm_mean"]
         self.norm_scale = t["norm_scale"]
+        self.target_mean = t.get("target_mean")
+        self.target_scale = t.get("target_scale", 1.0)
         restore_rng_state(ckpt["rank"]["rng"])
         self._resume_rows = t.get("metrics_rows")
         log.info("resumed %s at step %d", self._resume_from, self.step)
@@ -273,12 +313,14 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "norm_mean": self.norm_mean, "norm_scale": self.norm_scale, "config": self.cfg.to_dict(),
             "metrics_rows": self._logger.rows if self._logger is not None else None,
+            "target_mean": self.target_mean, "target_scale": self.target_scale,
         }
         rank_state = {"rng": capture_rng_state(), "source": self.source.state_dict(),
                       "heldout_source": self._heldout_state}
         if self.e2e_tokens is not None:
             rank_state["e2e_tokens"] = self.e2e_tokens.state_dict()
-        return self.checkpoints.save(self.step, self.sae.state_dict(), trainer_state, rank_state)
+        return self.checkpoints.save(self.step, self.sae.state_dict(), trainer_state, rank_state,
+                                     prune=not self.defer_prune)
 
     # ------------------------------------------------------------------------------------------
     # the step
@@ -296,13 +338,16 @@ class Trainer:
         # [loss terms..., non-finite flag, kept_min sum, fired per latent]
         stats = torch.zeros(n_terms + 2 + sae.d_sae, dtype=torch.float32, device=self.device)
         for micro in range(cfg.grad_accum_steps):
-            x = self._normalize(self._take(self._data, 1, f"step {self.step + 1}")[0])
+            x, y = self._normalize_batch(self._take(self._data, 1, f"step {self.step + 1}")[0])
             tokens = next(self.e2e_tokens) if self.e2e_tokens is not None else None
             sync = micro == cfg.grad_accum_steps - 1
             no_sync = getattr(self._step_module, "no_sync", None)
             with (contextlib.nullcontext() if sync or no_sync is None else no_sync()):
                 with self._autocast():
-                    out = self._step_module(x, tokens) if tokens is not None else self._step_module(x)
+                    if y is not None:
+                        out = self._step_module(x, target=y)
+                    else:
+                        out = self._step_module(x, tokens) if tokens is not None else self._step_module(x)
                 loss = out["loss"]
                 (loss / cfg.grad_accum_steps).backward()
             with torch.no_grad():
@@ -354,16 +399,25 @@ class Trainer:
         return sae
 
     def _fold(self, sae: nn.Module) -> None:
-        """Rewrite ``sae`` (trained on ``(x - mean) * scale``) in place to take raw x."""
-        sae.fold_input_scale(self.norm_scale)
+        """Rewrite ``sae`` (trained on ``(x - mean) * scale``; a transcoder: to predict
+        ``(y - target_mean) * target_scale``) in place to take raw x and return raw outputs."""
+        transcoder = bool(getattr(getattr(sae, "config", None), "is_transcoder", False))
+        if transcoder:
+            sae.fold_input_scale(self.norm_scale, target_scale=self.target_scale)
+        else:
+            sae.fold_input_scale(self.norm_scale)
         if self.norm_mean is not None:
             mean = self.norm_mean.to(sae.b_dec)
+            out_mean = self.target_mean.to(sae.b_dec) if transcoder else mean
             with torch.no_grad():
-                # encode sees x - b_dec (or x, when b_dec is not applied to the input) and decode
-                # adds b_dec: shifting both by the mean makes the SAE act on uncentred x.
+                # encode sees x - b_dec (or x, when b_dec is not applied to the input), the skip
+                # connection sees x, and decode adds b_dec: these shifts make the SAE act on
+                # uncentred x and return uncentred outputs.
                 if not getattr(getattr(sae, "config", None), "apply_b_dec_to_input", True):
                     sae.b_enc.sub_(mean @ sae.W_enc)
-                sae.b_dec.add_(mean)
+                if getattr(sae.config, "skip_connection", False):
+                    sae.b_dec.sub_(mean @ sae.W_skip)
+                sae.b_dec.add_(out_mean)
 
     def evaluate(self, sae: Optional[nn.Module] = None) -> Dict[str, float]:
         """Reconstruction metrics on the held-out batches (raw activations, SAE in eval mode), the
@@ -381,13 +435,36 @@ class Trainer:
         the final metrics. A full disk raises ``DiskFullError`` naming the file being written and
         the last complete checkpoint (what ``--resume`` continues from once there is room)."""
         try:
-            return self._train()
+            self.begin()
+            try:
+                while not self.done:
+                    self.advance()
+                self.end()
+            finally:
+                self.close()
         except DiskFullError as err:
-            latest = self.checkpoints.latest()
-            raise err.with_note(f"the last complete checkpoint is {latest}" if latest is not None
-                                else "no checkpoint has been written yet") from None
+            raise err.with_note(self.last_checkpoint_note()) from None
+        return self.final_metrics
 
-    def _train(self) -> Dict[str, Any]:
+    def last_checkpoint_note(self) -> str:
+        """Where this run can be resumed from (for error messages)."""
+        latest = self.checkpoints.latest()
+        return f"the last complete checkpoint is {latest}" if latest is not None else \
+            "no checkpoint has been written yet"
+
+    @property
+    def done(self) -> bool:
+        """Every step of the run has been taken."""
+        return self.step >= self.total_steps
+
+    def resume_at_most(self, step: int) -> None:
+        """Resume from the newest readable checkpoint of at most ``step`` instead of the newest
+        one (before :meth:`begin`; several runs sharing one model pass resume at a common step)."""
+        self._resume_step = step
+
+    def begin(self) -> None:
+        """Start the run: create the folder, load the checkpoint (resume), draw the held-out
+        batches, estimate the normalisation, open the metrics log and the progress bar."""
         cfg = self.cfg
         if self.dist.is_main:
             self.run.start(d_in=self.sae.d_in, d_sae=self.sae.d_sae)
@@ -398,60 +475,74 @@ class Trainer:
             self._estimate_normalization()
         self._step_inner.input_scale = self.norm_scale
         # A resumed run (even one restarted from step 0) cuts its log back to its checkpoint.
-        logger = MetricLogger(self.run_dir, cfg, self.dist.is_main, resume_step=self.step if self.run.resume else None,
-                              resume_rows=self._resume_rows if rank_state is not None else 0)
-        self._logger = logger
-        self.history = logger.history
-        kill_after = int(os.environ.get("SAEFAST_KILL_AFTER_STEP", "0"))
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress_bar and self.dist.is_main),
-                   desc=f"saefast {self.run_dir.name}", unit="step", dynamic_ncols=True,
-                   mininterval=0.1 if sys.stderr.isatty() else 5.0)
-        last_time, last_tokens = time.perf_counter(), self.tokens_seen
-        last_ckpt = self.step if rank_state else -1
-        logs_above_bar = contextlib.ExitStack()  # log lines while the bar is shown go above it
-        if not bar.disable:
-            logs_above_bar.enter_context(logging_redirect_tqdm())
+        self._logger = MetricLogger(self.run_dir, cfg, self.dist.is_main,
+                                    resume_step=self.step if self.run.resume else None,
+                                    resume_rows=self._resume_rows if rank_state is not None else 0)
+        self.history = self._logger.history
+        self._kill_after = int(os.environ.get("SAEFAST_KILL_AFTER_STEP", "0"))
+        self._bar = tqdm(total=self.total_steps, initial=self.step,
+                         disable=not (cfg.progress_bar and self.dist.is_main),
+                         desc=f"saefast {self.run_dir.name}", unit="step", dynamic_ncols=True,
+                         mininterval=0.1 if sys.stderr.isatty() else 5.0)
+        self._last_time, self._last_tokens = time.perf_counter(), self.tokens_seen
+        self._last_ckpt = self.step if rank_state else -1
+        self._logs_above_bar = contextlib.ExitStack()  # log lines while the bar is shown go above it
+        if not self._bar.disable:
+            self._logs_above_bar.enter_context(logging_redirect_tqdm())
+
+    def advance(self) -> None:
+        """One optimizer step, then the logging, evals and checkpoint that fall on it."""
+        cfg = self.cfg
         try:
-            while self.step < self.total_steps:
-                try:
-                    values = self.train_step()
-                except TrainingDiverged as err:
-                    if self.dist.is_main:
-                        log.error("%s", err)
-                    raise
-                if self.step < self.total_steps:
-                    bar.update(1)
-                else:
-                    bar.n = self.step  # the final state is drawn once, by bar.close()
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    now = time.perf_counter()
-                    values.update(lr=self.scheduler.get_last_lr()[0], tokens=self.tokens_seen,
-                                  dead_fraction=self.sae.dead_mask().float().mean().item(),
-                                  tokens_per_s=(self.tokens_seen - last_tokens) / max(now - last_time, 1e-9))
-                    last_time, last_tokens = now, self.tokens_seen
-                    logger.log_train(self.step, values)
-                    bar.set_postfix(loss=f"{values['loss']:.4g}", l0=f"{values['l0']:.1f}",
-                                    dead=f"{values['dead_fraction']:.1%}", tok_s=f"{values['tokens_per_s']:.3g}",
-                                    refresh=False)  # redrawn at the bar's own pace, not once per log row
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
-                    if self.dist.is_main:
-                        logger.log_eval(self.step, self.evaluate())
-                    barrier()
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                    self._save_checkpoint()
-                    last_ckpt = self.step
-                if kill_after and self.step == kill_after:
-                    os._exit(75)
-            if last_ckpt != self.step:
-                self._save_checkpoint()
-            logs_above_bar.close()
-            bar.close()  # before the final log line, which then starts on a line of its own
-            self._finish(logger)
-        finally:
-            logs_above_bar.close()
-            bar.close()
-            logger.close()
-        return self.final_metrics
+            values = self.train_step()
+        except TrainingDiverged as err:
+            if self.dist.is_main:
+                log.error("%s", err)
+            raise
+        if self.step < self.total_steps:
+            self._bar.update(1)
+        else:
+            self._bar.n = self.step  # the final state is drawn once, by bar.close()
+        if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+            now = time.perf_counter()
+            values.update(lr=self.scheduler.get_last_lr()[0], tokens=self.tokens_seen,
+                          dead_fraction=self.sae.dead_mask().float().mean().item(),
+                          tokens_per_s=(self.tokens_seen - self._last_tokens) / max(now - self._last_time, 1e-9))
+            self._last_time, self._last_tokens = now, self.tokens_seen
+            self._logger.log_train(self.step, values)
+            self._bar.set_postfix(loss=f"{values['loss']:.4g}", l0=f"{values['l0']:.1f}",
+                                  dead=f"{values['dead_fraction']:.1%}", tok_s=f"{values['tokens_per_s']:.3g}",
+                                  refresh=False)  # redrawn at the bar's own pace, not once per log row
+        if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+            if self.dist.is_main:
+                self._logger.log_eval(self.step, self.evaluate())
+            barrier()
+        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+            self._save_checkpoint()
+            self._last_ckpt = self.step
+        if self._kill_after and self.step == self._kill_after:
+            os._exit(75)
+
+    @property
+    def checkpoint_pending(self) -> bool:
+        """The last step has no checkpoint yet (:meth:`end` writes one)."""
+        return self._last_ckpt != self.step
+
+    def end(self) -> None:
+        """After the last step: the final checkpoint, evals, the saved SAE, eval.json, curves."""
+        if self.checkpoint_pending:
+            self._save_checkpoint()
+            self._last_ckpt = self.step
+        self._logs_above_bar.close()
+        self._bar.close()  # before the final log line, which then starts on a line of its own
+        self._finish(self._logger)
+
+    def close(self) -> None:
+        """Close the progress bar and the metrics log (also after an error)."""
+        for name in ("_logs_above_bar", "_bar", "_logger"):
+            part = getattr(self, name, None)
+            if part is not None:
+                part.close()
 
     def _finish(self, logger: MetricLogger) -> None:
         if self.dist.is_main:

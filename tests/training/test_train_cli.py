@@ -10,6 +10,7 @@ import torch
 from saefast.cli import main
 from saefast.evals.metrics import feature_recovery
 from saefast.io import load_sae
+from train_helpers import model_run_files
 
 FAST = ["--no-progress-bar", "--no-tensorboard", "--checkpoint-every", "0"]
 
@@ -131,36 +132,9 @@ def test_config_file_and_errors(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # model runs, with a tiny random transformer-lens model and a dataset written by the test
 # ---------------------------------------------------------------------------------------------
-WORDS = "the cat sat on a mat while dog ran far away from big red ball and then slept".split()
-
-
-def _tiny_model():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from saefast.data.models import tiny_model
-    vocab = {"<pad>": 0, "<bos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(dict.fromkeys(WORDS))}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", pad_token="<pad>",
-                                        unk_token="<unk>")
-    model = tiny_model(dict(d_model=16, d_head=4, n_heads=4, n_layers=3, n_ctx=32, d_vocab=len(vocab), seed=0))
-    model.tokenizer = tokenizer  # what load_model's hub models carry
-    return model
-
-
 @pytest.fixture(scope="module")
 def model_run(tmp_path_factory):
-    pytest.importorskip("transformer_lens")  # absent on the lent GPU machine
-    pytest.importorskip("datasets")
-    tmp = tmp_path_factory.mktemp("model_run")
-    g = torch.Generator().manual_seed(0)
-    docs = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (int(n),), generator=g).tolist())
-            for n in torch.randint(3, 30, (40,), generator=g)]
-    data = tmp / "docs.jsonl"
-    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    (tmp / "empty.jsonl").write_text("")
-    return tmp, data, _tiny_model()
+    return model_run_files(tmp_path_factory.mktemp("model_run"))
 
 
 MODEL_ARGS = ["--model", "tiny", "--hook", "blocks.1.hook_resid_pre", "--context-size", "16",

@@ -83,7 +83,7 @@ def test_sae_options_are_declared_once_with_one_default():
     from saefast.training.config import _RunOptions
     sae_fields = {f.name: f for f in dataclasses.fields(SAEConfig) if f.metadata.get("train")}
     for cls in variant_classes():
-        sae_fields.update({f.name: f for f in variant_options(cls)})
+        sae_fields.update({f.name: f for f in variant_options(cls) if f.metadata.get("train")})
     run_fields = {f.name for f in dataclasses.fields(_RunOptions)}
     assert not run_fields & set(sae_fields), "an SAE option is declared again among the run's options"
     train_fields = {f.name: f for f in dataclasses.fields(TrainConfig)}

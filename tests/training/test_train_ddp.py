@@ -5,7 +5,8 @@ gradients, so 2 processes x B rows equal one process accumulating 2 micro-batche
 (every variant; BatchTopK and Matryoshka BatchTopK select per process), and for per-token
 sparsity (TopK, JumpReLU) also one process on the concatenated 2B rows. Dead-latent counters and
 BatchTopK's threshold are all-reduced, so the SAE buffers agree too; JumpReLU's L0-target price is
-a parameter, averaged like every gradient.
+a parameter, averaged like every gradient. A skip transcoder trains on (input, target) pairs the
+same way.
 """
 import os
 import socket
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from saefast.data.source import ActivationPair
 from saefast.training import Trainer
 from saefast.training.build import build_sae
 
@@ -24,13 +26,26 @@ B, D_IN, STEPS = 32, 16, 4
 ARCHS = {"topk": {"architecture": "topk"}, "batchtopk": {"architecture": "batchtopk"},
          "matryoshka": {"architecture": "matryoshka_batchtopk", "matryoshka_prefixes": [8, 24, 64]},
          "jumprelu": {"architecture": "jumprelu", "jumprelu_target_l0": 3.0, "jumprelu_bandwidth": 0.1,
-                      "jumprelu_pre_act_coefficient": 1e-3}}
+                      "jumprelu_pre_act_coefficient": 1e-3},
+         "transcoder": {"architecture": "topk", "d_out": 8, "skip_connection": True}}
 
 
-def _global_batches():
+def _global_batches(arch):
     g = torch.Generator().manual_seed(0)
     # batch 0 is held out; the planted-ish data has a few rare directions so latents die and revive
-    return [torch.randn(2 * B, D_IN, generator=g) * torch.linspace(0.2, 2.0, D_IN) for _ in range(STEPS + 1)]
+    batches = [torch.randn(2 * B, D_IN, generator=g) * torch.linspace(0.2, 2.0, D_IN) for _ in range(STEPS + 1)]
+    if "d_out" in ARCHS[arch]:  # a transcoder's target: a fixed nonlinear map of the input
+        return [ActivationPair(x, torch.tanh(x[:, :8] - x[:, 8:])) for x in batches]
+    return batches
+
+
+def _rows(batch, lo, hi):
+    return ActivationPair(batch.x[lo:hi], batch.target[lo:hi]) if isinstance(batch, ActivationPair) else batch[lo:hi]
+
+
+def _split(batch, size):
+    n = batch.x.shape[0] if isinstance(batch, ActivationPair) else batch.shape[0]
+    return [_rows(batch, lo, lo + size) for lo in range(0, n, size)]
 
 
 def _config(tmp_path, name, arch, batch_size, accum=1):
@@ -52,8 +67,8 @@ def _worker(rank, world, port, tmp_path, out):
         results = {}
         for arch in ARCHS:
             cfg = _config(tmp_path, f"ddp-{arch}", arch, B)
-            shards = [b[rank * B:(rank + 1) * B] for b in _global_batches()]
-            sae = build_sae(cfg, D_IN, torch.device("cpu"))
+            shards = [_rows(b, rank * B, (rank + 1) * B) for b in _global_batches(arch)]
+            sae = build_sae(cfg, D_IN, torch.device("cpu"), d_out=cfg.d_out)
             trainer = Trainer(sae, ListSource(shards), cfg)
             trainer.train()
             results[arch] = _result(sae)
@@ -64,10 +79,10 @@ def _worker(rank, world, port, tmp_path, out):
 
 def _single(tmp_path, arch, batch_size, accum):
     cfg = _config(tmp_path, f"single-{arch}-{accum}", arch, batch_size, accum)
-    batches = [part for b in _global_batches() for part in b.split(batch_size)]
+    batches = [part for b in _global_batches(arch) for part in _split(b, batch_size)]
     if accum == 2:
         batches = batches[:1] + batches[2:]  # hold out one micro-batch (rank 0's share) like DDP rank 0
-    sae = build_sae(cfg, D_IN, torch.device("cpu"))
+    sae = build_sae(cfg, D_IN, torch.device("cpu"), d_out=cfg.d_out)
     Trainer(sae, ListSource(batches), cfg).train()
     return _result(sae)
 
@@ -95,7 +110,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         accumulated = _single(tmp_path, arch, B, 2)
         _assert_close(ranks[0][arch]["state"], accumulated["state"], f"{arch} vs 1 process accumulating 2 x {B}")
         _assert_close(ranks[0][arch]["grads"], accumulated["grads"], f"{arch} grads vs accumulation")
-    for arch in ("topk", "jumprelu"):  # per-token sparsity: also one process on the concatenated batch
+    for arch in ("topk", "jumprelu", "transcoder"):  # per-token sparsity: also one process on the concatenated batch
         full = _single(tmp_path, arch, 2 * B, 1)
         _assert_close(ranks[0][arch]["state"], full["state"], f"{arch} vs 1 process on the concatenated batch")
         _assert_close(ranks[0][arch]["grads"], full["grads"], f"{arch} grads vs the concatenated batch")

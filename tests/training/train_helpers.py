@@ -1,6 +1,9 @@
-"""Shared helpers of the training tests (tiny configs, in-memory activation sources)."""
+"""Shared helpers of the training tests (tiny configs, in-memory activation sources, a tiny
+transformer-lens model with a dataset written to disk)."""
+import json
 from typing import Any, Dict, List
 
+import pytest
 import torch
 
 from saefast.config import variant_class
@@ -27,9 +30,13 @@ def synthetic_run(cfg: TrainConfig):
 class ListSource:
     """Activation source over a fixed list of batches (follows the trainer's source protocol)."""
 
-    def __init__(self, batches: List[torch.Tensor]) -> None:
+    def __init__(self, batches: List[Any]) -> None:
+        from saefast.data.source import split_pair
+
         self.batches, self.pos = batches, 0
-        self.d_in = batches[0].shape[1]
+        x, target = split_pair(batches[0])
+        self.d_in = x.shape[1]
+        self.d_out = target.shape[1] if target is not None else None
 
     def __iter__(self):
         return self
@@ -45,3 +52,38 @@ class ListSource:
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         self.pos = state["pos"]
+
+
+# ---------------------------------------------------------------------------------------------
+# model runs, with a tiny random transformer-lens model and a dataset written by the test
+# ---------------------------------------------------------------------------------------------
+WORDS = "the cat sat on a mat while dog ran far away from big red ball and then slept".split()
+
+
+def tiny_model_with_tokenizer():
+    """A random 3-layer transformer-lens model (d_model 16) carrying a word-level tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from saefast.data.models import tiny_model
+    vocab = {"<pad>": 0, "<bos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(dict.fromkeys(WORDS))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", pad_token="<pad>",
+                                        unk_token="<unk>")
+    model = tiny_model(dict(d_model=16, d_head=4, n_heads=4, n_layers=3, n_ctx=32, d_vocab=len(vocab), seed=0))
+    model.tokenizer = tokenizer  # what load_model's hub models carry
+    return model
+
+
+def model_run_files(tmp):
+    """(tmp, docs.jsonl, model): 40 random documents (and an empty.jsonl) in ``tmp``, and the model."""
+    pytest.importorskip("transformer_lens")  # absent on the lent GPU machine
+    pytest.importorskip("datasets")
+    g = torch.Generator().manual_seed(0)
+    docs = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (int(n),), generator=g).tolist())
+            for n in torch.randint(3, 30, (40,), generator=g)]
+    data = tmp / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (tmp / "empty.jsonl").write_text("")
+    return tmp, data, tiny_model_with_tokenizer()
