@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .config import TrainConfig
+from .config import SYNTHETIC_D_IN, TrainConfig
 from .distributed import DistInfo, dist_info
 
 __all__ = ["RunInputs", "build_sae", "build_inputs", "build_members", "build_model_source", "synthetic_source",
@@ -30,7 +30,6 @@ __all__ = ["RunInputs", "build_sae", "build_inputs", "build_members", "build_mod
 
 log = logging.getLogger(__name__)
 
-SYNTHETIC_D_IN = 64
 _RANK_SEED_STRIDE = 7919
 
 

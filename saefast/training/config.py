@@ -27,6 +27,14 @@ from .distributed import parse_device
 __all__ = ["TrainConfig", "NORMALIZATIONS", "SYNTHETIC_DEFAULTS"]
 
 NORMALIZATIONS = ("none", "dataset_scale", "dataset_center_scale")
+SYNTHETIC_D_IN = 64      # the synthetic default's input width when d_in is not given
+
+# Transcoder names (SAELens's among them) that --architecture accepts: the activation they train
+# with and whether they add the linear skip. A transcoder is an option of every architecture
+# (target_hook / d_out); these names set it in one flag.
+TRANSCODER_ARCHITECTURES = {"transcoder": ("batchtopk", False), "skip_transcoder": ("batchtopk", True),
+                            "jumprelu_transcoder": ("jumprelu", False),
+                            "jumprelu_skip_transcoder": ("jumprelu", True)}
 _DTYPES = ("float32", "bfloat16", "float16")
 
 # Defaults of the embedded synthetic run (no model, dataset or cache named), beneath the config
@@ -176,6 +184,7 @@ class _RunOptions:
                     and not math.isfinite(value):
                 flag = "--" + f.name.replace("_", "-")
                 raise ValueError(f"{f.name}={value} ({flag}) must be a finite number")
+        self._resolve_transcoder_architecture()
         self.architecture = canonical_architecture(self.architecture)
         if self.device is not None:
             parse_device(self.device)
@@ -279,6 +288,23 @@ class _RunOptions:
                        "it has no TopK selection and no aux-K loss")
                 raise ValueError(f"{name}={getattr(self, name)!r} ({_flag(name)}) has no effect on architecture="
                                  f"{self.architecture!r}: {why}; drop it")
+
+    def _resolve_transcoder_architecture(self) -> None:
+        """architecture='transcoder' (or skip_transcoder, jumprelu_transcoder,
+        jumprelu_skip_transcoder) stands for its activation with the transcoder options set: the
+        skip connection where the name has it, and on the synthetic default a target as wide as
+        the input unless d_out is given. Model and cache runs name the target with target_hook."""
+        name = str(self.architecture).strip().lower()
+        if name not in TRANSCODER_ARCHITECTURES:
+            return
+        self.architecture, skip = TRANSCODER_ARCHITECTURES[name]
+        self.skip_connection = self.skip_connection or skip
+        if self.source_kind == "synthetic":
+            if self.d_out is None:
+                self.d_out = self.d_in if self.d_in is not None else SYNTHETIC_D_IN
+        elif self.target_hook is None and not self.target_hooks:
+            raise ValueError(f"architecture={name!r} writes another hook than it reads: give target_hook "
+                             "(--target-hook, e.g. blocks.8.hook_mlp_out for --hook blocks.8.ln2.hook_normalized)")
 
     def _check_hooks(self) -> None:
         """hook / hooks / target_hook / target_hooks / d_out agree with each other and the source."""
@@ -558,7 +584,8 @@ def _train_config_class() -> type:
         owner = owners.get(f.name, SAEConfig)
         hints = typing.get_type_hints(owner)
         default = _default(f)
-        help_text = "SAE variant: " + ", ".join(architectures()) + "." if f.name == "architecture" else f.metadata["help"]
+        help_text = "SAE variant: " + ", ".join(architectures()) + "; or " + ", ".join(TRANSCODER_ARCHITECTURES) \
+            + " (that activation as a transcoder: needs target_hook on model and cache runs)." if f.name == "architecture" else f.metadata["help"]
         meta = {"help": help_text, "group": "sae", "resume_safe": False, "sae_option": True}
         if isinstance(default, list):
             fields.append((f.name, hints[f.name], field(default_factory=lambda d=default: list(d), metadata=meta)))

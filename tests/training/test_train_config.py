@@ -124,3 +124,24 @@ def test_ignored_options_are_refused_for_new_runs_and_saved_configs_still_read(t
         RunFolder.prepare(cfg, resume=False)  # a new run with it is refused before any work
     assert not (tmp_path / "old").exists()
     RunFolder.prepare(TrainConfig(architecture="relu", out_dir=str(tmp_path), run_name="new"), resume=False)
+
+
+@pytest.mark.parametrize("name, architecture, skip", [("transcoder", "batchtopk", False),
+                                                      ("Skip_Transcoder", "batchtopk", True),
+                                                      ("jumprelu_transcoder", "jumprelu", False),
+                                                      ("jumprelu_skip_transcoder", "jumprelu", True)])
+def test_transcoder_architecture_names_set_the_transcoder_options(name, architecture, skip):
+    args = ["train", "--architecture", name] + (["--top-k", "4"] if architecture == "batchtopk" else [])
+    cfg = _config_from_args(build_parser().parse_args(args))
+    assert (cfg.architecture, cfg.skip_connection, cfg.is_transcoder) == (architecture, skip, True)
+    assert cfg.d_out == 64  # the synthetic default writes a target as wide as its input
+    assert TrainConfig(architecture=name, top_k=4, d_in=40, d_out=24).d_out == 24
+    assert TrainConfig(architecture=name, top_k=4, d_in=40).d_out == 40
+    restored = TrainConfig.from_dict(cfg.to_dict())  # config.json of such a run reads back the same
+    assert (restored.architecture, restored.skip_connection, restored.d_out) == (architecture, skip, 64)
+    with pytest.raises(ValueError, match="target_hook"):  # a model run must name the hook it writes
+        TrainConfig(architecture=name, top_k=4, model="gpt2", hook="blocks.1.ln2.hook_normalized",
+                    dataset="texts.jsonl")
+    model_cfg = TrainConfig(architecture=name, top_k=4, model="gpt2", hook="blocks.1.ln2.hook_normalized",
+                            dataset="texts.jsonl", target_hook="blocks.1.hook_mlp_out")
+    assert model_cfg.d_out is None and model_cfg.skip_connection == skip and model_cfg.is_transcoder
