@@ -222,15 +222,7 @@ def run_to_hook(model: nn.Module, tokens: Tensor, hook_name: str) -> Tensor:
     Runs with ``names_filter=[hook_name]`` and ``stop_at_layer`` just past the hook's block, so only
     that activation is cached and later blocks are skipped. No gradient is recorded.
     """
-    check_hook(model, hook_name)
-    if not isinstance(tokens, Tensor) or tokens.dim() != 2:
-        raise ValueError(f"tokens must be a [batch, seq] integer tensor, got "
-                         f"{tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__}")
-    tokens = tokens.to(model_device(model))
-    with torch.no_grad(), model_lock(model):
-        _, cache = model.run_with_cache(tokens, names_filter=[hook_name],
-                                        stop_at_layer=stop_layer_for([hook_name]))
-    return _flatten_per_token(cache[hook_name], hook_name, tokens.shape[1])
+    return run_to_hooks(model, tokens, [hook_name])[hook_name]
 
 
 def run_to_hooks(model: nn.Module, tokens: Tensor, hook_names: Sequence[str]) -> Dict[str, Tensor]:
