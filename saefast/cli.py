@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from .training.config import SYNTHETIC_DEFAULTS, TrainConfig, load_config_file
+from .training.config import SYNTHETIC_ARCHITECTURE_DEFAULTS, SYNTHETIC_DEFAULTS, TrainConfig, load_config_file
 from .utils import DiskFullError, is_disk_full
 
 __all__ = ["main", "build_parser"]
@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train an SAE",
         description="Train an SAE. With no --model/--dataset/--cache-dir it trains on the embedded synthetic "
                     "default (planted dictionary, no network, well under two minutes on a laptop CPU), whose "
-                    f"own defaults are {SYNTHETIC_DEFAULTS} unless given (--total-tokens replaces train_steps, "
+                    f"own defaults are {SYNTHETIC_DEFAULTS} (per architecture also {SYNTHETIC_ARCHITECTURE_DEFAULTS}) "
+                    "unless given (--total-tokens replaces train_steps, "
                     "--d-sae expansion_factor). Options may also come from --config FILE (YAML or JSON); flags "
                     "override the file. An option that would have no effect on the run (another source's, "
                     "another architecture's) is refused with the reason. Launch under torchrun for "

@@ -135,6 +135,7 @@ def test_transcoder_architecture_names_set_the_transcoder_options(name, architec
     cfg = _config_from_args(build_parser().parse_args(args))
     assert (cfg.architecture, cfg.skip_connection, cfg.is_transcoder) == (architecture, skip, True)
     assert cfg.d_out == 64  # the synthetic default writes a target as wide as its input
+    assert cfg.top_k == (4 if architecture == "batchtopk" else None)  # no synthetic top_k for JumpReLU
     assert TrainConfig(architecture=name, top_k=4, d_in=40, d_out=24).d_out == 24
     assert TrainConfig(architecture=name, top_k=4, d_in=40).d_out == 40
     restored = TrainConfig.from_dict(cfg.to_dict())  # config.json of such a run reads back the same
@@ -145,3 +146,13 @@ def test_transcoder_architecture_names_set_the_transcoder_options(name, architec
     model_cfg = TrainConfig(architecture=name, top_k=4, model="gpt2", hook="blocks.1.ln2.hook_normalized",
                             dataset="texts.jsonl", target_hook="blocks.1.hook_mlp_out")
     assert model_cfg.d_out is None and model_cfg.skip_connection == skip and model_cfg.is_transcoder
+
+
+def test_synthetic_relu_default_is_sparse_and_gives_way_to_flags_and_model_runs():
+    parse = lambda *a: _config_from_args(build_parser().parse_args(["train", *a]))
+    assert parse("--architecture", "relu").l1_coefficient == 1e-2
+    assert parse("--architecture", "relu", "--l1-coefficient", "0.5").l1_coefficient == 0.5
+    assert parse("--architecture", "crosscoder").l1_coefficient == TrainConfig().l1_coefficient
+    model_run = TrainConfig.with_defaults_for_source({"architecture": "relu", "model": "gpt2", "dataset": "t.jsonl",
+                                                      "hook": "blocks.0.hook_resid_post"})
+    assert model_run.l1_coefficient == TrainConfig().l1_coefficient
