@@ -169,3 +169,20 @@ def test_readme_says_how_to_get_a_cpu_torch_and_opens_with_two_commands():
     first = next(b for b in BLOCKS if b.path.name == "README.md")
     assert commands(first) == ['pip install -e ".[test]" && saefast train',
                                'pip install -e ".[test]" && python -m pytest tests/ -q -x']
+
+
+# ------------------------------------------------------------------------------------------------
+# contracts, not provenance
+# ------------------------------------------------------------------------------------------------
+
+PROVENANCE = re.compile(r"the user'?s (notes|api|code)|\bseeds?/|\bseed 0\d\d\b|design notes", re.IGNORECASE)
+
+
+def test_code_docs_and_help_speak_of_contracts_not_where_ideas_came_from():
+    """Docstrings, comments, help texts and docs name the contract ("the classic SAE API", "the
+    SAELens layout"), never the notes an idea came from."""
+    files = [*DOCS, *(ROOT / "saefast").rglob("*.py"), *(ROOT / "kernels").rglob("*.py"),
+             *(ROOT / "benchmarks").glob("*.py"), *(ROOT / "tests").rglob("*.py")]
+    found = [f"{path.relative_to(ROOT)}:{n}: {line.strip()}" for path in files if path != Path(__file__).resolve()
+             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if PROVENANCE.search(line)]
+    assert not found, "say what the code does, not where the idea came from:\n" + "\n".join(found)

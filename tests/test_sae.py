@@ -1,8 +1,8 @@
 """SAE classes: both drop-in APIs against plain dense PyTorch of the same semantics, training on
 planted features, the inference threshold, folding, bookkeeping and bad input.
 
-The plain implementations below are written from the semantics (the user's design notes and the
-BatchTopK reference code), dense and unoptimised; saefast runs the sparse ops.
+The plain implementations below are written from the semantics (the classic SAE API and the
+BatchTopK reference code's training step), dense and unoptimised; saefast runs the sparse ops.
 """
 import logging
 import math
@@ -178,7 +178,7 @@ def test_reference_output_builds_dense_features_only_on_access():
 
 
 # ------------------------------------------------------------------------------------------------
-# Plain dense PyTorch of the user's API semantics (seed 000)
+# Plain dense PyTorch of the classic SAE API's semantics
 # ------------------------------------------------------------------------------------------------
 
 class PlainUserBatchTopK(nn.Module):
