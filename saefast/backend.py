@@ -60,6 +60,12 @@ Optional (ops uses it where a backend has it, else ``encode_forward`` and
     The main codes (``encode_forward``, mode "batch" or "row") and the aux-K codes: each row's
     ``min(k_aux, n_dead)`` largest positive entries among the latents ``dead`` (int64,
     increasing), indices into the whole dictionary; same results as the two separate calls.
+
+``decoder_adam_(W_dec, grad, exp_avg, exp_avg_sq, *, step_size, beta1, beta2, eps, bias_correction2_sqrt, project, normalize)``
+    One Adam step of the decoder in place, fused with the projection of ``grad`` off each row
+    (before) and the renormalisation of the rows (after); ``grad`` is left unchanged
+    (``saefast.kernels.adam`` states the update). ``saefast.optim.SAEAdam`` uses it where present
+    and otherwise runs the projection, torch's Adam and the renormalisation one after the other.
 """
 from __future__ import annotations
 

@@ -561,6 +561,36 @@ def normalize_decoder_and_project_grad_(W_dec: Tensor, grad: Tensor) -> None:
     _backend(W.device).normalize_decoder_and_project_grad_(W, grad)
 
 
+def has_fused_decoder_adam(W_dec: Tensor) -> bool:
+    """Whether the backend for W_dec's device runs :func:`decoder_adam_` (optional in the
+    backend contract: the Triton backend has it)."""
+    return (isinstance(W_dec, Tensor) and W_dec.dtype in _FLOAT_DTYPES
+            and hasattr(_backend(W_dec.device), "decoder_adam_"))
+
+
+@torch.no_grad()
+def decoder_adam_(W_dec: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step_size: float,
+                  beta1: float, beta2: float, eps: float, bias_correction2_sqrt: float, project: bool = True,
+                  normalize: bool = True) -> None:
+    """One Adam step of the decoder W_dec [d_sae, d_in] in place, fused with the decoder's norm
+    maintenance: ``grad`` projected off each row (``project``), Adam's update with the moments
+    ``exp_avg``/``exp_avg_sq`` (updated in place; ``step_size = lr / (1 - beta1**step)``), rows
+    renormalised (``normalize``). ``grad`` is not modified. Needs :func:`has_fused_decoder_adam`;
+    :class:`saefast.optim.SAEAdam` calls this."""
+    W = W_dec.data if isinstance(W_dec, torch.nn.Parameter) else W_dec
+    _check_decoder(W, grad, True)
+    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        _check_tensor(name, t, 2, W.dtype, W.device)
+        if t.shape != W.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but W_dec has {tuple(W.shape)}")
+    impl = _backend(W.device)
+    if not hasattr(impl, "decoder_adam_"):
+        raise RuntimeError(f"the {backend_name(W.device)} backend has no fused decoder Adam; use "
+                           "saefast.optim.SAEAdam, which runs the parts one after the other there")
+    impl.decoder_adam_(W, grad, exp_avg, exp_avg_sq, step_size=step_size, beta1=beta1, beta2=beta2, eps=eps,
+                       bias_correction2_sqrt=bias_correction2_sqrt, project=project, normalize=normalize)
+
+
 # ----------------------------------------------------------------------------------------------
 # JumpReLU: straight-through estimators over sparse entries
 # ----------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from saefast.kernels import adam as _adam_k
 from saefast.kernels import decoder_norm as _norm_k
 from saefast.kernels import sparse_decode as _sparse_k
 from saefast.kernels import topk_encode as _encode_k
@@ -275,3 +276,12 @@ def project_decoder_grad_(W_dec: Tensor, grad: Tensor) -> None:
 
 def normalize_decoder_and_project_grad_(W_dec: Tensor, grad: Tensor) -> None:
     _norm_k.decoder_norm_(W_dec, grad, normalize=True, project=True, eps=NORM_EPS)
+
+
+def decoder_adam_(W_dec: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step_size: float,
+                  beta1: float, beta2: float, eps: float, bias_correction2_sqrt: float, project: bool,
+                  normalize: bool) -> None:
+    """See ``saefast.backend`` (optional); ``saefast.kernels.adam``."""
+    _adam_k.decoder_adam_(W_dec, grad, exp_avg, exp_avg_sq, step_size=step_size, beta1=beta1, beta2=beta2,
+                          eps=eps, bias_correction2_sqrt=bias_correction2_sqrt, project=project,
+                          normalize=normalize, norm_eps=NORM_EPS)
