@@ -75,43 +75,43 @@ def _decoder_adam_kernel(
             w = w.to(out_ty).to(tl.float32)
             w = w * (1.0 / tl.maximum(tl.sqrt(tl.sum(w * w, axis=1)), norm_eps))[:, None]
         tl.store(w_ptr + offs, w.to(out_ty), mask=msk)
-        return
-    coef = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    if PROJECT:
-        sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        gw = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    else:
+        coef = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        if PROJECT:
+            sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            gw = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                ds = d0 + tl.arange(0, BLOCK_D)
+                msk = r_mask[:, None] & (ds < D)[None, :]
+                w = tl.load(w_ptr + base + ds[None, :], mask=msk, other=0.0).to(tl.float32)
+                g = tl.load(g_ptr + base + ds[None, :], mask=msk, other=0.0).to(tl.float32)
+                sq += tl.sum(w * w, axis=1)
+                gw += tl.sum(g * w, axis=1)
+            inv = 1.0 / tl.maximum(tl.sqrt(sq), norm_eps)
+            coef = gw * inv * inv
+        sq_new = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             msk = r_mask[:, None] & (ds < D)[None, :]
-            w = tl.load(w_ptr + base + ds[None, :], mask=msk, other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + base + ds[None, :], mask=msk, other=0.0).to(tl.float32)
-            sq += tl.sum(w * w, axis=1)
-            gw += tl.sum(g * w, axis=1)
-        inv = 1.0 / tl.maximum(tl.sqrt(sq), norm_eps)
-        coef = gw * inv * inv
-    sq_new = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        msk = r_mask[:, None] & (ds < D)[None, :]
-        offs = base + ds[None, :]
-        w = tl.load(w_ptr + offs, mask=msk, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=msk, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + offs, mask=msk, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + offs, mask=msk, other=0.0).to(tl.float32)
-        w, m, v = _adam_values(w, g, m, v, coef, step_size, beta1, beta2, eps, bc2_sqrt, PROJECT)
-        tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=msk)
-        tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=msk)
-        w = w.to(out_ty)
-        tl.store(w_ptr + offs, w, mask=msk)
-        wf = w.to(tl.float32)
-        sq_new += tl.sum(wf * wf, axis=1)
-    if NORMALIZE:
-        scale = 1.0 / tl.maximum(tl.sqrt(sq_new), norm_eps)
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            msk = r_mask[:, None] & (ds < D)[None, :]
-            w = tl.load(w_ptr + base + ds[None, :], mask=msk, other=0.0).to(tl.float32)
-            tl.store(w_ptr + base + ds[None, :], (w * scale[:, None]).to(out_ty), mask=msk)
+            offs = base + ds[None, :]
+            w = tl.load(w_ptr + offs, mask=msk, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + offs, mask=msk, other=0.0).to(tl.float32)
+            m = tl.load(m_ptr + offs, mask=msk, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + offs, mask=msk, other=0.0).to(tl.float32)
+            w, m, v = _adam_values(w, g, m, v, coef, step_size, beta1, beta2, eps, bc2_sqrt, PROJECT)
+            tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=msk)
+            tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=msk)
+            w_out = w.to(out_ty)
+            tl.store(w_ptr + offs, w_out, mask=msk)
+            wf = w_out.to(tl.float32)
+            sq_new += tl.sum(wf * wf, axis=1)
+        if NORMALIZE:
+            scale = 1.0 / tl.maximum(tl.sqrt(sq_new), norm_eps)
+            for d0 in range(0, D, BLOCK_D):
+                ds = d0 + tl.arange(0, BLOCK_D)
+                msk = r_mask[:, None] & (ds < D)[None, :]
+                w = tl.load(w_ptr + base + ds[None, :], mask=msk, other=0.0).to(tl.float32)
+                tl.store(w_ptr + base + ds[None, :], (w * scale[:, None]).to(out_ty), mask=msk)
 
 
 def decoder_adam_(W: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
