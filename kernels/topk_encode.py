@@ -93,10 +93,11 @@ def _select_and_append(acc, rows, cols, row_mask, b_enc_ptr, row_thr_ptr, col_th
     value = acc.to(out_val_ptr.dtype.element_ty)
     if HAS_DEAD:
         # int32 offsets: the caller keeps B * N_DEAD below 2**31.
-        slot = tl.load(slot_ptr + cols, mask=col_mask, other=-1)
-        if tl.max(slot, axis=0) >= 0:
-            tl.store(dead_out_ptr + rows[:, None] * N_DEAD + slot[None, :], value,
-                     mask=row_mask[:, None] & (slot >= 0)[None, :])
+        # (named apart from the append's ``slot`` below: Triton types a name once per scope)
+        dead_slot = tl.load(slot_ptr + cols, mask=col_mask, other=-1)
+        if tl.max(dead_slot, axis=0) >= 0:
+            tl.store(dead_out_ptr + rows[:, None] * N_DEAD + dead_slot[None, :], value,
+                     mask=row_mask[:, None] & (dead_slot >= 0)[None, :])
     vf = value.to(tl.float32)
     positive = row_mask[:, None] & col_mask[None, :] & (vf > 0)
     keep = positive
