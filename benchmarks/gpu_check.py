@@ -270,7 +270,7 @@ def _saefast_paths(p, mode: str, step, device: str) -> dict:
         dtype = torch.bfloat16 if mode == "bf16-autocast" else torch.float32
         info["aux"] = "dense block" if tb.aux_dense_pays(p.batch, p.n_dead, p.k_aux, dtype) else "sparse"
         info["fp32_master_weights_read"] = mode == "bf16-autocast" and tb.READS_MASTER_WEIGHTS
-        info["encode_counters"] = tb.encode_counters()
+        info["encode_counters"] = {k: v for k, v in tb.encode_counters().items() if v}  # slow paths: *_reruns, *_fallback_*
     return info
 
 

@@ -16,8 +16,8 @@ registers, stack, shared memory, local loads/stores (LDL/STL: spills), matrix in
 (HGMMA on sm_90a, HMMA on sm_80, UTC*MMA on sm_100a) and FFMA, and the occupancy that follows.
 
 The gate (:func:`violations`), on sm_80 and sm_90a: every kernel compiles; the hot kernels (encode,
-sparse products, decoder norm) have no LDL/STL; every 16-bit or tf32 encode GEMM issues tensor-core
-instructions, and so does the one-hot product of ``segment_outer`` on 16-bit operands. Other
+sparse products and matvec, decoder norm, the decoder Adam pass) have no LDL/STL; every 16-bit or
+tf32 encode GEMM issues tensor-core instructions, and so does the one-hot product of ``segment_outer`` on 16-bit operands. Other
 architectures are reported, not gated (triton 3.6 cannot compile the encode kernel's tensor-core
 variants for sm_100a: its OptimizeTMemLayouts pass fails; triton 3.9 can).
 

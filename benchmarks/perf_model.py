@@ -337,7 +337,9 @@ def bytes_per_latent(s: Shape, contender: str) -> float:
     state = 2 * d * w * 4  # W_enc, W_dec: weights, gradients, two Adam moments
     copies = 2 * d * 2 * 2 if s.mode == "bf16-autocast" else 0  # bf16 copies and their bf16 grads
     if contender == "saefast":
-        return state + copies + 64 * 4 * 2  # the threshold sample's [64, d_sae] fp32 and its topk
+        # bf16 copies only (the gradients are written in fp32 directly); the first step's threshold
+        # sample [64, d_sae] fp32 and its topk
+        return state + copies / 2 + 64 * 4 * 2
     if contender == "dense":
         return state + copies + B * e * 5  # pre, acts, their grads, masks/topk scratch
     return state + copies + B * e * 4
