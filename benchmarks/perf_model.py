@@ -315,8 +315,6 @@ WHAT_IF = {
         ("sort pairs by latent (decode bwd, encode bwd)",),
         lambda s, dev: [Phase("sort main pairs by latent (once)", hbm_bytes=sort_bytes(s.batch * s.k, 4),
                               launches=8)], ""),
-    "b_dec gradient folded into the encoder backward's segment_outer": (
-        ("encode bwd: b_dec grad (-W_enc @ latent sums, Triton matvec)",), lambda s, dev: [], ""),
 }
 
 
