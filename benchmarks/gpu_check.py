@@ -37,7 +37,7 @@ from typing import Callable, Dict, List, Optional
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
-TESTS = ["tests/kernels/test_triton_kernels.py", "tests/kernels/test_kernel_tiles.py",
+TESTS = ["tests/kernels/test_gpu_step_paths.py", "tests/kernels/test_adam.py", "tests/kernels/test_kernel_tiles.py",
          "tests/kernels/test_triton_sae_training.py"]
 PROFILES = {
     # The memory search starts near the model's prediction (perf_model.py) so that a few trials,
@@ -232,8 +232,12 @@ def _time_contender(sae_steps, p, impl: str, mode: str, steps: int, device: str)
                 with autocast:
                     step.run()
             row["notes"] = step.notes
+        if impl == "saefast":
+            _reset_counters()
         warm = _time_cuda(fn, 2, device)
         times = _time_cuda(fn, steps, device)
+        if impl == "saefast":
+            row["paths"] = _saefast_paths(p, mode, step, device)
         med = statistics.median(times)
         row.update(status="ok", median_ms=round(med * 1e3, 3), min_ms=round(min(times) * 1e3, 3),
                    first_call_s=round(warm[0], 2), steps=steps, tokens_per_s=round(p.batch / med))
@@ -246,6 +250,28 @@ def _time_contender(sae_steps, p, impl: str, mode: str, steps: int, device: str)
         oom = isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err)
         row.update(status="out of memory" if oom else "error", error=f"{type(err).__name__}: {err}"[:500])
     return row
+
+
+def _reset_counters() -> None:
+    with contextlib.suppress(ImportError):
+        from saefast import triton_backend
+        triton_backend.reset_encode_counters()
+
+
+def _saefast_paths(p, mode: str, step, device: str) -> dict:
+    """Which paths the saefast step took: backend, optimizer, aux-K as a dense block or sparse,
+    fp32 master weights read under autocast, and the encode's slow-path counters."""
+    import torch
+    from saefast.ops import backend_name
+    name = backend_name(torch.device(device))
+    info = {"backend": name, "optimizer": step.extra.get("optimizer")}
+    if name == "triton":
+        from saefast import triton_backend as tb
+        dtype = torch.bfloat16 if mode == "bf16-autocast" else torch.float32
+        info["aux"] = "dense block" if tb.aux_dense_pays(p.batch, p.n_dead, p.k_aux, dtype) else "sparse"
+        info["fp32_master_weights_read"] = mode == "bf16-autocast" and tb.READS_MASTER_WEIGHTS
+        info["encode_counters"] = {k: v for k, v in tb.encode_counters().items() if v}  # slow paths: *_reruns, *_fallback_*
+    return info
 
 
 def _prediction(perf_model, shape: dict, device_name: str) -> dict:
@@ -330,6 +356,9 @@ def summarize(doc: dict) -> str:
             meas = f"{r['median_ms']:.2f} ms" if "median_ms" in r else r.get("status", "")
             lines.append(f"| {r['mode']} | {r['impl']} | {meas} | {r.get('tokens_per_s', '–')} | "
                          f"{'–' if p is None else f'{p:.2f} ms (prediction)'} |")
+        for r in step["rows"]:
+            if r.get("paths"):
+                lines.append(f"  saefast {r['mode']} paths: " + ", ".join(f"{k} {v}" for k, v in r["paths"].items()))
         for mode in ("fp32", "bf16-autocast"):
             got = {r["impl"]: r.get("median_ms") for r in step["rows"] if r["mode"] == mode}
             if got.get("floor-gemm") and got.get("floor-adam") and got.get("saefast"):

@@ -16,8 +16,8 @@ registers, stack, shared memory, local loads/stores (LDL/STL: spills), matrix in
 (HGMMA on sm_90a, HMMA on sm_80, UTC*MMA on sm_100a) and FFMA, and the occupancy that follows.
 
 The gate (:func:`violations`), on sm_80 and sm_90a: every kernel compiles; the hot kernels (encode,
-sparse products, decoder norm) have no LDL/STL; every 16-bit or tf32 encode GEMM issues tensor-core
-instructions, and so does the one-hot product of ``segment_outer`` on 16-bit operands. Other
+sparse products and matvec, decoder norm, the decoder Adam pass) have no LDL/STL; every 16-bit or
+tf32 encode GEMM issues tensor-core instructions, and so does the one-hot product of ``segment_outer`` on 16-bit operands. Other
 architectures are reported, not gated (triton 3.6 cannot compile the encode kernel's tensor-core
 variants for sm_100a: its OptimizeTMemLayouts pass fails; triton 3.9 can).
 
@@ -56,10 +56,11 @@ DTYPE_PATHS = (("fp32", "float32", "highest"), ("tf32", "float32", "high"), ("bf
                ("fp16", "float16", "highest"))
 ARCHS = {"sm_80": 80, "sm_90a": 90, "sm_100a": 100}
 REQUIRED_ARCHS = ("sm_80", "sm_90a")
-KERNEL_MODULES = ("saefast.kernels.topk_encode", "saefast.kernels.sparse_decode", "saefast.kernels.decoder_norm")
-# Every kernel of the three families is hot: it runs once or more in every training step.
+KERNEL_MODULES = ("saefast.kernels.topk_encode", "saefast.kernels.sparse_decode", "saefast.kernels.decoder_norm",
+                  "saefast.kernels.adam")
+# Every kernel of these families is hot: it runs once or more in every training step.
 HOT_KERNELS = ("_encode_candidates_kernel", "_csr_gather_sum_kernel", "_pair_dot_kernel", "_segment_outer_kernel",
-               "_decoder_norm_kernel")
+               "_matvec_kernel", "_decoder_norm_kernel", "_decoder_adam_kernel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +134,7 @@ def drive_backend(d_in: int, dtype_name: str, precision: str, seed: int = 0) -> 
     import torch
     from saefast import torch_backend
     from saefast import triton_backend as tb
+    from saefast.backend import DenseBlock
 
     dtype = getattr(torch, dtype_name)
     B, d_sae, k = 64, 1024, 8
@@ -163,6 +165,37 @@ def drive_backend(d_in: int, dtype_name: str, precision: str, seed: int = 0) -> 
         tb.normalize_decoder_(W_dec.clone())
         tb.project_decoder_grad_(W_dec.clone(), grad.clone())
         tb.normalize_decoder_and_project_grad_(W_dec.clone(), grad.clone())
+        for project, normalize in ((True, True), (False, True), (True, False)):
+            tb.decoder_adam_(W_dec.clone(), grad, torch.zeros_like(grad), torch.zeros_like(grad), step_size=1e-3,
+                             beta1=0.9, beta2=0.999, eps=1e-8, bias_correction2_sqrt=0.03, project=project,
+                             normalize=normalize)
+        if d_in == max(HEADLINE_D_IN):  # rows wider than one tile take the kernel's three-sweep variant
+            from saefast.kernels.adam import MAX_ONE_TILE_D
+            wide = torch.randn(16, 2 * MAX_ONE_TILE_D + 8, generator=gen).to(dtype)
+            tb.decoder_adam_(wide.clone(), wide, torch.zeros_like(wide), torch.zeros_like(wide), step_size=1e-3,
+                             beta1=0.9, beta2=0.999, eps=1e-8, bias_correction2_sqrt=0.03, project=True,
+                             normalize=True)
+        # The aux-K dense block (dead columns' pre-activations written by the encode kernel, the
+        # dense-block backwards adding their rows in segment_outer) and the b_dec gradient's matvec.
+        dead = torch.arange(0, d_sae, 16)
+        for mode in ("batch", "row"):
+            tb.encode_forward_with_aux(xc, W_enc, b_enc, mode=mode, k=k, dead=dead, k_aux=8)
+        pre = (xc.float() @ W_enc.float().index_select(1, dead)).to(dtype)
+        aux, slots = tb._select_rows_dense(pre, dead, 8)
+        block = DenseBlock(0, aux[0].numel(), 0, B, dead, slots)
+        aux_grads = torch.randn(aux[0].shape, generator=gen).to(dtype)
+        for need_xc, need_W in ((True, True), (False, True)):
+            tb.encode_backward_with_block(aux_grads, xc, W_enc, aux[1], aux[2], need_xc, need_W, block)
+        tb.decode_forward_with_block(aux[0], aux[1], aux[3], aux[2], W_dec, b_dec, block)
+        for need_values, need_W in ((True, True), (False, True)):
+            tb.decode_backward_with_block(grad_out, aux[0], aux[1], aux[2], W_dec, need_values, need_W, block)
+        tb.weight_matvec(W_enc, torch.randn(d_sae, generator=gen), dtype)
+        if dtype != torch.float32:
+            # fp32 master weights with 16-bit activations (torch.autocast): the same kernels, with
+            # a fp32 gradient output.
+            tb.encode_backward(grad_values, xc, W_enc.float(), indices, row_ids, False, True)
+            tb.decode_backward(grad_out, values, indices, row_ids, W_dec.float(), True, True)
+            tb.weight_matvec(W_enc.float(), torch.randn(d_sae, generator=gen), dtype)
     finally:
         torch.set_float32_matmul_precision(old)
 

@@ -143,62 +143,103 @@ def floor(s: Shape, dev: Device) -> List[Phase]:
             Phase("Adam (fused), one pass", hbm_bytes=2 * s.weights * s.master_bytes * 7, launches=1)]
 
 
+# The Triton backend's rule for aux-K as a dense block (saefast/triton_backend.py: AUX_DENSE_RATIO,
+# DENSE_BLOCK_BYTES, aux_dense_pays); tests/test_perf_model.py checks these copies stay equal.
+AUX_DENSE_RATIO = {"16bit": 100.0, "tf32": 100.0, "ieee": 24.0}
+DENSE_BLOCK_BYTES = 1 << 28
+
+
+def aux_dense(s: Shape) -> bool:
+    """Whether the Triton backend computes this shape's aux-K as a dense block over the dead columns."""
+    k_eff = min(s.k_aux, s.n_dead)
+    if s.batch * s.n_dead * 4 > DENSE_BLOCK_BYTES:
+        return False
+    return s.n_dead <= AUX_DENSE_RATIO["ieee" if s.mode == "fp32" else "16bit"] * k_eff
+
+
 def saefast(s: Shape, dev: Device) -> List[Phase]:
+    """The step as the Triton backend runs it (``saefast/triton_backend.py``, ``saefast.optim.SAEAdam``):
+
+    * BatchTopK's threshold is carried from the previous step's (no sample GEMM, no host sync);
+    * under autocast the ops hand the fp32 master weights to the backend, which makes one bf16 copy
+      of each per forward, reuses it in the backward and writes the weight gradients in fp32
+      directly (no cast of the gradients);
+    * aux-K, where :func:`aux_dense` holds, is a dense block: the encode kernel writes the dead
+      columns' pre-activations, torch.topk picks each row's k_aux, and the aux decode, its backward
+      and the aux share of the encoder backward are cuBLAS products over the dead columns; the
+      sparse kernels see the main pairs only and the main and aux value gradients need no merge;
+    * the decoder backward's segment_outer also forms the value gradients (each W_dec row read once);
+    * the b_dec gradient is one Triton matvec over the bf16 copy of W_enc;
+    * SAEAdam: torch's fused Adam for W_enc and the biases, one Triton pass for the decoder's
+      projection + Adam + renormalisation.
+    """
     B, d, D, e, w = s.batch, s.d_in, s.d_sae, s.compute_bytes, s.master_bytes
     N, nd = s.weights, s.n_dead
     nm, na = B * s.k, B * min(s.k_aux, nd)
-    nnz = nm + na
+    gw = 4 if s.mode != "bf16" else 2  # weight gradients: fp32 for fp32 masters, else the weights' dtype
     sample = 64
     cand_main, cand_aux = 2 * nm, 2 * na  # CANDIDATE_MARGIN
     row = d * e
     autocast = s.mode == "bf16-autocast"
+    dense_aux = aux_dense(s)
+    Bn = B * nd  # elements of the dense aux block
     ph: List[Phase] = []
     if autocast:
-        ph.append(Phase("autocast: W_enc, W_dec to bf16", hbm_bytes=2 * N * (4 + 2), launches=4,
-                        note="the ops cast fp32 master weights each step"))
+        ph.append(Phase("autocast: bf16 copies of W_enc, W_dec (forward; reused by the backward)",
+                        hbm_bytes=2 * N * (4 + 2), launches=2))
     ph.append(Phase("xc = x - b_dec", hbm_bytes=3 * B * d * e, launches=1))
-    ph.append(Phase("encode: threshold sample (64 rows, dense)", flops=2.0 * sample * d * D,
-                    hbm_bytes=N * e + 2 * sample * D * 4, launches=8, syncs=2,
-                    note="reads all of W_enc once more"))
-    ph.append(Phase("encode: fused GEMM + candidates (Triton)", flops=2.0 * B * d * D,
-                    hbm_bytes=N * e + cand_main * (e + 8), l2_bytes=(D / 128) * B * row, launches=4, syncs=1,
+    ph.append(Phase("encode: threshold carried from the previous step", launches=8,
+                    note="a few scalar ops on the device; the first step samples 64 rows instead"))
+    ph.append(Phase("encode: fused GEMM + candidates (Triton)" + (" + dead columns' block" if dense_aux else ""),
+                    flops=2.0 * B * d * D, hbm_bytes=N * e + cand_main * (e + 8) + (Bn * e if dense_aux else 0),
+                    l2_bytes=(D / 128) * B * row, launches=4, syncs=1,
                     note="assumes the fused kernel reaches the matrix rate of torch.mm"))
     ph.append(Phase("encode: exact selection among candidates (sorts)",
                     hbm_bytes=sort_bytes(cand_main, 8) + sort_bytes(cand_main, 4) + sort_bytes(nm, 8),
                     launches=25, syncs=1))
-    ph.append(Phase("aux: copy dead columns of W_enc", hbm_bytes=d * nd * (32 + e), launches=2, syncs=1,
-                    note="index_select of scattered columns: one 32-byte sector per element read"))
-    ph.append(Phase("aux: sample + fused GEMM over dead columns", flops=2.0 * (B + sample) * d * nd,
-                    hbm_bytes=2 * d * nd * e + cand_aux * (e + 8), launches=12, syncs=3))
-    ph.append(Phase("aux: per-row selection (sorts)", hbm_bytes=2 * sort_bytes(cand_aux, 8)
-                    + sort_bytes(cand_aux, 4) + sort_bytes(na, 8), launches=30, syncs=1))
     dead_set = nd * row
+    if dense_aux:
+        ph.append(Phase("aux: per-row top-k_aux of the [B, n_dead] block (torch.topk, tie check, nonzero)",
+                        hbm_bytes=Bn * (5 * e + 3), launches=15, syncs=2))
+    else:
+        ph.append(Phase("aux: copy dead columns of W_enc", hbm_bytes=d * nd * (32 + e), launches=2, syncs=1,
+                        note="index_select of scattered columns: one 32-byte sector per element read"))
+        ph.append(Phase("aux: sample + fused GEMM over dead columns", flops=2.0 * (B + sample) * d * nd,
+                        hbm_bytes=2 * d * nd * e + cand_aux * (e + 8), launches=12, syncs=3))
+        ph.append(Phase("aux: per-row selection (sorts)", hbm_bytes=2 * sort_bytes(cand_aux, 8)
+                        + sort_bytes(cand_aux, 4) + sort_bytes(na, 8), launches=30, syncs=1))
     ph.append(Phase("decode: gather W_dec rows (main)", hbm_bytes=nm * row + B * d * e, launches=3))
-    ph.append(Phase("decode: gather W_dec rows (aux)", **_gather_bytes(na, row, dead_set, dev), launches=1,
-                    note="k_aux rows per token among the dead latents"))
+    if dense_aux:
+        ph.append(Phase("aux decode: dense block @ W_dec[dead] (cuBLAS)", flops=2.0 * B * nd * d,
+                        hbm_bytes=2 * Bn * e + 3 * nd * row + B * d * (4 * 3 + e), launches=8,
+                        note="the block laid out densely, the dead rows copied, fp32 output, bias, cast"))
+    else:
+        ph.append(Phase("decode: gather W_dec rows (aux)", **_gather_bytes(na, row, dead_set, dev), launches=1,
+                        note="k_aux rows per token among the dead latents"))
     ph.append(Phase("losses, residual, their backward", hbm_bytes=14 * 2 * B * d * 4, launches=25))
-    # pair_dot: a W_dec row per pair; pairs come sorted by row, so a program's 32 pairs share
-    # one grad_out row (read once, the rest from L1).
-    ph.append(Phase("decode bwd: grad values (pair_dot), main", hbm_bytes=nm * row, l2_bytes=nm / 32 * row,
-                    launches=2))
-    ph.append(Phase("decode bwd: grad values (pair_dot), aux",
-                    **_gather_bytes(na, row, dead_set, dev, l2_bytes=na / 32 * row), launches=1))
-    ph.append(Phase("sort pairs by latent (decode bwd, encode bwd)", hbm_bytes=2 * sort_bytes(nnz, 4),
+    pairs = nm if dense_aux else nm + na
+    ph.append(Phase("sort pairs by latent (decode bwd, encode bwd)", hbm_bytes=2 * sort_bytes(pairs, 4),
                     launches=16))
-    ph.append(Phase("decode bwd: grad W_dec (segment_outer)", flops=2.0 * nnz * 16 * d, unit="hmma",
-                    hbm_bytes=N * e, l2_bytes=nnz * row, launches=1,
-                    note="writes every element; one-hot product on tensor cores in 16-bit, FMA in fp32"))
-    ph.append(Phase("encode bwd: merge main and aux value grads (unique)", hbm_bytes=sort_bytes(nnz, 8),
-                    launches=12, syncs=1))
-    ph.append(Phase("encode bwd: grad W_enc (segment_outer)", flops=2.0 * nnz * 16 * d, unit="hmma",
-                    hbm_bytes=N * e, l2_bytes=nnz * row, launches=1))
-    ph.append(Phase("encode bwd: b_dec grad (-W_enc @ latent sums)", hbm_bytes=N * e + (2 * N * 4 if e == 2 else 0),
-                    launches=10, note="fp32 copies of 16-bit column chunks"))
-    if autocast:
-        ph.append(Phase("autocast bwd: bf16 weight grads to fp32", hbm_bytes=2 * N * (2 + 4), launches=2))
-    ph.append(Phase("decoder-gradient projection", hbm_bytes=3 * N * w, launches=1))
-    ph.append(Phase("Adam (fused)", hbm_bytes=2 * N * w * 7, launches=1))
-    ph.append(Phase("decoder renormalisation", hbm_bytes=2 * N * w, launches=1))
+    if dense_aux:
+        ph.append(Phase("aux decode bwd: G @ W_dec[dead].T at the entries, block.T @ G (cuBLAS)",
+                        flops=2 * 2.0 * B * nd * d, hbm_bytes=3 * Bn * e + 2 * nd * row + 3 * nd * d * 4,
+                        launches=10))
+    n_blocks = math.ceil(d / 64)
+    ph.append(Phase("decode bwd: grad W_dec and grad values (segment_outer)", flops=2.0 * pairs * 16 * d, unit="hmma",
+                    hbm_bytes=N * e + N * gw + 2 * n_blocks * pairs * 4 + (nd * d * 4 if dense_aux else 0),
+                    l2_bytes=pairs * row, launches=4,
+                    note="writes every element; reads each W_dec row once for the value gradients"))
+    if dense_aux:
+        ph.append(Phase("aux encode bwd: block.T @ xc (cuBLAS) + latent sums", flops=2.0 * B * nd * d,
+                        hbm_bytes=Bn * (2 * e + 4) + 3 * nd * d * 4, launches=8))
+    else:
+        ph.append(Phase("encode bwd: merge main and aux value grads (unique)", hbm_bytes=sort_bytes(pairs, 8),
+                        launches=12, syncs=1))
+    ph.append(Phase("encode bwd: grad W_enc (segment_outer)", flops=2.0 * pairs * 16 * d, unit="hmma",
+                    hbm_bytes=N * gw + (nd * d * 4 if dense_aux else 0), l2_bytes=pairs * row, launches=1))
+    ph.append(Phase("encode bwd: b_dec grad (-W_enc @ latent sums, Triton matvec)", hbm_bytes=N * e, launches=2))
+    ph.append(Phase("Adam (torch fused) for W_enc and biases", hbm_bytes=N * w * 7, launches=1))
+    ph.append(Phase("SAEAdam decoder pass: projection + Adam + renormalisation", hbm_bytes=N * w * 7, launches=1))
     return ph
 
 
@@ -266,29 +307,22 @@ CONTENDERS = {"saefast": saefast, "dense": dense, "sparsify": sparsify}
 
 # Changes to saefast the model can price before they are built (each replaces the named phases).
 WHAT_IF = {
-    "aux-K as dense GEMMs over the dead columns": (
-        ("decode: gather W_dec rows (aux)", "decode bwd: grad values (pair_dot), aux"),
-        lambda s, dev: [Phase("aux dense: decode, grad acts, grad W_dec, grad W_enc (4 GEMMs)",
-                              flops=4 * 2.0 * s.batch * s.n_dead * s.d_in,
-                              hbm_bytes=6 * s.batch * s.n_dead * s.compute_bytes, launches=12)],
-        "and segment_outer sees only the main pairs"),
-    "projection and renormalisation fused into the Adam pass over W_dec": (
-        ("decoder-gradient projection", "decoder renormalisation"), lambda s, dev: [], ""),
-    "kernels read fp32 master weights (no autocast cast passes)": (
-        ("autocast: W_enc, W_dec to bf16", "autocast bwd: bf16 weight grads to fp32"), lambda s, dev: [], ""),
+    "encode kernel reads fp32 W_enc itself (no W_enc copy under autocast)": (
+        ("autocast: bf16 copies of W_enc, W_dec (forward; reused by the backward)",),
+        lambda s, dev: [Phase("autocast: bf16 copy of W_dec", hbm_bytes=s.weights * (4 + 2), launches=1)],
+        "the GEMM reads fp32 tiles (twice the bytes, still under its FLOP time)"),
+    "one sort of the main pairs by latent for both backwards": (
+        ("sort pairs by latent (decode bwd, encode bwd)",),
+        lambda s, dev: [Phase("sort main pairs by latent (once)", hbm_bytes=sort_bytes(s.batch * s.k, 4),
+                              launches=8)], ""),
 }
 
 
 def _apply_what_if(phases: List[Phase], s: Shape, dev: Device, name: str) -> List[Phase]:
     drop, extra, _ = WHAT_IF[name]
-    out = [p for p in phases if p.name not in drop] + extra(s, dev)
-    if name.startswith("aux-K"):
-        main_pairs = s.batch * s.k
-        for p in out:
-            if p.name.startswith(("decode bwd: grad W_dec", "encode bwd: grad W_enc")):
-                p.l2_bytes = main_pairs * s.d_in * s.compute_bytes
-                p.flops = 2.0 * main_pairs * 16 * s.d_in
-    return out
+    if not any(p.name in drop for p in phases):
+        return phases  # this mode or shape has no such phase
+    return [p for p in phases if p.name not in drop] + extra(s, dev)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,7 +335,9 @@ def bytes_per_latent(s: Shape, contender: str) -> float:
     state = 2 * d * w * 4  # W_enc, W_dec: weights, gradients, two Adam moments
     copies = 2 * d * 2 * 2 if s.mode == "bf16-autocast" else 0  # bf16 copies and their bf16 grads
     if contender == "saefast":
-        return state + copies + 64 * 4 * 2  # the threshold sample's [64, d_sae] fp32 and its topk
+        # bf16 copies only (the gradients are written in fp32 directly); the first step's threshold
+        # sample [64, d_sae] fp32 and its topk
+        return state + copies / 2 + 64 * 4 * 2
     if contender == "dense":
         return state + copies + B * e * 5  # pre, acts, their grads, masks/topk scratch
     return state + copies + B * e * 4

@@ -5,7 +5,9 @@ the dtype and device, and the aux-K setting (``k_aux`` per row among a fixed set
 latents). :func:`make_step` builds one contender's whole BatchTopK training step on it:
 
 * ``saefast``: the ops directly (topk_encode_with_aux -> one sparse_decode of the stacked main
-  and aux codes -> MSE + aux MSE, backward, project_decoder_grad_, Adam, normalize_decoder_).
+  and aux codes -> MSE + aux MSE, backward, project_decoder_grad_, Adam, normalize_decoder_; where
+  the backend has the fused decoder kernel, ``saefast.optim.SAEAdam`` does the last three in one
+  pass over W_dec).
 * ``saefast-sae``: the same step through ``BatchTopKSAE(SAEConfig).training_forward`` (the native
   loop: ``out["loss"].backward()``, ``project_decoder_gradients()``, Adam, ``normalize_decoder()``).
 * ``saefast-classic``: the classic SAE API: ``x_recon, features = sae(x)``, MSE +
@@ -20,7 +22,8 @@ latents). :func:`make_step` builds one contender's whole BatchTopK training step
   configured as close to the same problem as each allows; :attr:`Step.notes` says how not.
 
 Every contender gets the same inputs, the same dead latents and the same optimizer
-(:func:`make_adam`), so the figures differ only by how the SAE maths is computed.
+(:func:`make_adam`; ``saefast`` on a backend with the fused decoder kernel: ``SAEAdam``, the same
+update), so the figures differ only by how the SAE maths is computed.
 No function here measures time; ``conftest.py`` does.
 """
 from __future__ import annotations
@@ -34,7 +37,9 @@ from torch import Tensor
 
 import saefast
 from saefast import normalize_decoder_, project_decoder_grad_, sparse_decode, topk_encode
+from saefast import ops
 from saefast.ops import stack_rows, topk_encode_with_aux
+from saefast.optim import SAEAdam
 
 AUX_PENALTY = 1 / 32
 LEARNING_RATE = 1e-4
@@ -132,7 +137,13 @@ def saefast_ops_step(p: Problem, inputs: Dict[str, Tensor]) -> Step:
     """The BatchTopK step written on saefast's ops: nothing [B, d_sae] is ever built."""
     W_enc, W_dec, b_dec = _parameters(inputs)
     x, dead = inputs["x"], inputs["dead_mask"]
-    opt = make_adam([W_enc, W_dec, b_dec])
+    # Where the backend has the fused decoder kernel (Triton: CUDA), SAEAdam does the projection,
+    # Adam and the renormalisation of W_dec in one pass; elsewhere the three ops one after the other.
+    fused_decoder = ops.has_fused_decoder_adam(W_dec)
+    if fused_decoder:
+        opt = SAEAdam([W_enc, W_dec, b_dec], lr=LEARNING_RATE, fused=True, decoder=W_dec)
+    else:
+        opt = make_adam([W_enc, W_dec, b_dec])
 
     def run() -> None:
         if p.n_dead == 0:
@@ -149,11 +160,15 @@ def saefast_ops_step(p: Problem, inputs: Dict[str, Tensor]) -> Step:
                     + AUX_PENALTY * (both[x.shape[0]:].float() - residual.float()).pow(2).mean())
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if fused_decoder:
+            opt.step()
+            return
         project_decoder_grad_(W_dec, W_dec.grad)
         opt.step()
         normalize_decoder_(W_dec)
 
-    return Step("saefast", run, f"saefast ops, {adam_kind(opt)}", extra={"optimizer": adam_kind(opt)})
+    kind = "SAEAdam(fused decoder pass)" if fused_decoder else adam_kind(opt)
+    return Step("saefast", run, f"saefast ops, {kind}", extra={"optimizer": kind})
 
 
 def _saefast_sae_class():

@@ -13,6 +13,10 @@ are dropped but still counted, so the caller can tell and rerun. Per-row counts 
 candidates and of positive entries come back too. The dense [B, d_sae] matrix is never written.
 The order of candidates depends on scheduling; callers sort them, so results are deterministic.
 
+Optionally the same tiles also write the pre-activations of a set of columns (the dead latents of
+aux-K), densely: ``dead_out[r, slot[l]] = pre[r, l]`` (rounded, before the ReLU) for every column l
+with ``slot[l] >= 0``, so the aux-K selection needs no GEMM of its own.
+
 dtypes: xc, W_enc, b_enc in fp32, bf16 or fp16 (all the same); thresholds fp32.
 """
 from __future__ import annotations
@@ -75,17 +79,25 @@ def _column_quarters(x, QUARTER: tl.constexpr):
 
 @triton.jit
 def _select_and_append(acc, rows, cols, row_mask, b_enc_ptr, row_thr_ptr, col_thr_ptr,
-                       out_val_ptr, out_col_ptr, out_row_ptr, counter_ptr, D_SAE, capacity,
-                       HAS_B_ENC: tl.constexpr, HAS_ROW_THR: tl.constexpr, HAS_COL_THR: tl.constexpr):
-    """Finish one column block of the tile: bias, rounding to the output dtype, the keep test,
-    and the append of the kept entries to the candidate lists in row-major order (one atomic
-    reserves the block's slots, an exclusive scan over the row counts places each row and a scan
-    along each row places each entry; int32 slots, as capacity < 2**31). Returns the per-row
-    counts of kept and of positive entries."""
+                       out_val_ptr, out_col_ptr, out_row_ptr, counter_ptr, slot_ptr, dead_out_ptr, D_SAE, capacity,
+                       N_DEAD, HAS_B_ENC: tl.constexpr, HAS_ROW_THR: tl.constexpr, HAS_COL_THR: tl.constexpr,
+                       HAS_DEAD: tl.constexpr):
+    """Finish one column block of the tile: bias, rounding to the output dtype, the dense write of
+    the dead columns (HAS_DEAD), the keep test, and the append of the kept entries to the
+    candidate lists in row-major order (one atomic reserves the block's slots, an exclusive scan
+    over the row counts places each row and a scan along each row places each entry; int32
+    slots, as capacity < 2**31). Returns the per-row counts of kept and of positive entries."""
     col_mask = cols < D_SAE
     if HAS_B_ENC:
         acc += tl.load(b_enc_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     value = acc.to(out_val_ptr.dtype.element_ty)
+    if HAS_DEAD:
+        # int32 offsets: the caller keeps B * N_DEAD below 2**31.
+        # (named apart from the append's ``slot`` below: Triton types a name once per scope)
+        dead_slot = tl.load(slot_ptr + cols, mask=col_mask, other=-1)
+        if tl.max(dead_slot, axis=0) >= 0:
+            tl.store(dead_out_ptr + rows[:, None] * N_DEAD + dead_slot[None, :], value,
+                     mask=row_mask[:, None] & (dead_slot >= 0)[None, :])
     vf = value.to(tl.float32)
     positive = row_mask[:, None] & col_mask[None, :] & (vf > 0)
     keep = positive
@@ -110,9 +122,9 @@ def _select_and_append(acc, rows, cols, row_mask, b_enc_ptr, row_thr_ptr, col_th
 @triton.jit
 def _encode_candidates_kernel(
     xc_ptr, w_ptr, b_enc_ptr, row_thr_ptr, col_thr_ptr,
-    out_val_ptr, out_col_ptr, out_row_ptr, counter_ptr, row_count_ptr, row_pos_ptr,
-    B, D_IN, D_SAE, capacity,
-    HAS_B_ENC: tl.constexpr, HAS_ROW_THR: tl.constexpr, HAS_COL_THR: tl.constexpr,
+    out_val_ptr, out_col_ptr, out_row_ptr, counter_ptr, row_count_ptr, row_pos_ptr, slot_ptr, dead_out_ptr,
+    B, D_IN, D_SAE, capacity, N_DEAD,
+    HAS_B_ENC: tl.constexpr, HAS_ROW_THR: tl.constexpr, HAS_COL_THR: tl.constexpr, HAS_DEAD: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -145,17 +157,17 @@ def _encode_candidates_kernel(
     q0, q1, q2, q3 = _column_quarters(acc, QUARTER)
     c0 = pid_n * BLOCK_N + tl.arange(0, QUARTER)
     keep0, pos0 = _select_and_append(q0, rows, c0, row_mask, b_enc_ptr, row_thr_ptr, col_thr_ptr,
-                                     out_val_ptr, out_col_ptr, out_row_ptr, counter_ptr, D_SAE, capacity,
-                                     HAS_B_ENC, HAS_ROW_THR, HAS_COL_THR)
+                                     out_val_ptr, out_col_ptr, out_row_ptr, counter_ptr, slot_ptr, dead_out_ptr,
+                                     D_SAE, capacity, N_DEAD, HAS_B_ENC, HAS_ROW_THR, HAS_COL_THR, HAS_DEAD)
     keep1, pos1 = _select_and_append(q1, rows, c0 + QUARTER, row_mask, b_enc_ptr, row_thr_ptr, col_thr_ptr,
-                                     out_val_ptr, out_col_ptr, out_row_ptr, counter_ptr, D_SAE, capacity,
-                                     HAS_B_ENC, HAS_ROW_THR, HAS_COL_THR)
+                                     out_val_ptr, out_col_ptr, out_row_ptr, counter_ptr, slot_ptr, dead_out_ptr,
+                                     D_SAE, capacity, N_DEAD, HAS_B_ENC, HAS_ROW_THR, HAS_COL_THR, HAS_DEAD)
     keep2, pos2 = _select_and_append(q2, rows, c0 + 2 * QUARTER, row_mask, b_enc_ptr, row_thr_ptr, col_thr_ptr,
-                                     out_val_ptr, out_col_ptr, out_row_ptr, counter_ptr, D_SAE, capacity,
-                                     HAS_B_ENC, HAS_ROW_THR, HAS_COL_THR)
+                                     out_val_ptr, out_col_ptr, out_row_ptr, counter_ptr, slot_ptr, dead_out_ptr,
+                                     D_SAE, capacity, N_DEAD, HAS_B_ENC, HAS_ROW_THR, HAS_COL_THR, HAS_DEAD)
     keep3, pos3 = _select_and_append(q3, rows, c0 + 3 * QUARTER, row_mask, b_enc_ptr, row_thr_ptr, col_thr_ptr,
-                                     out_val_ptr, out_col_ptr, out_row_ptr, counter_ptr, D_SAE, capacity,
-                                     HAS_B_ENC, HAS_ROW_THR, HAS_COL_THR)
+                                     out_val_ptr, out_col_ptr, out_row_ptr, counter_ptr, slot_ptr, dead_out_ptr,
+                                     D_SAE, capacity, N_DEAD, HAS_B_ENC, HAS_ROW_THR, HAS_COL_THR, HAS_DEAD)
     tl.atomic_add(row_count_ptr + rows, keep0 + keep1 + keep2 + keep3, mask=row_mask)
     tl.atomic_add(row_pos_ptr + rows, pos0 + pos1 + pos2 + pos3, mask=row_mask)
 
@@ -171,12 +183,15 @@ def _input_precision(dtype: torch.dtype):
 def encode_candidates(
     xc: torch.Tensor, W_enc: torch.Tensor, b_enc: Optional[torch.Tensor],
     row_thr: Optional[torch.Tensor], col_thr: Optional[torch.Tensor], capacity: int,
+    dead_slot: Optional[torch.Tensor] = None, dead_out: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]:
     """Launch the candidate kernel.
 
     Returns (values [capacity], latents int32 [capacity], rows int32 [capacity], total,
     per-row candidate counts int32 [B], per-row positive counts int32 [B]). Only the first
     ``min(total, capacity)`` slots are written; ``total > capacity`` means candidates were lost.
+    With ``dead_slot`` (int32 [d_sae], -1 for columns not wanted) and ``dead_out`` [B, n_dead] in
+    xc's dtype, the wanted columns' pre-activations are written into dead_out as well.
     """
     B, d_in = xc.shape
     d_sae = W_enc.shape[1]
@@ -187,6 +202,12 @@ def encode_candidates(
         raise ValueError("W_enc must be [d_in, d_sae] with the dtype of xc")
     if capacity >= 2 ** 31:
         raise ValueError(f"capacity={capacity} exceeds the int32 candidate counter")
+    if (dead_slot is None) != (dead_out is None):
+        raise ValueError("dead_slot and dead_out go together")
+    n_dead = dead_out.shape[1] if dead_out is not None else 0
+    if dead_out is not None and (dead_out.shape[0] != B or dead_out.dtype != xc.dtype or B * n_dead >= 2 ** 31
+                                 or not dead_out.is_contiguous()):
+        raise ValueError("dead_out must be a contiguous [B, n_dead] tensor of xc's dtype with B * n_dead < 2**31")
     dev = xc.device
     capacity = max(int(capacity), 1)
     values = torch.empty(capacity, dtype=xc.dtype, device=dev)
@@ -203,8 +224,10 @@ def encode_candidates(
         xc, W_enc, b_enc if b_enc is not None else W_enc, row_thr if row_thr is not None else xc,
         col_thr if col_thr is not None else xc,
         values, latents, rows, counter, row_count, row_pos,
-        B, d_in, d_sae, capacity,
+        dead_slot if dead_slot is not None else row_count, dead_out if dead_out is not None else values,
+        B, d_in, d_sae, capacity, n_dead,
         HAS_B_ENC=b_enc is not None, HAS_ROW_THR=row_thr is not None, HAS_COL_THR=col_thr is not None,
+        HAS_DEAD=dead_out is not None,
         INPUT_PRECISION=precision if not upcast else "ieee",
         # The Triton interpreter mis-multiplies 16-bit dot operands; fp32 operands give the same
         # exact products (16-bit x 16-bit fits in fp32) with the same fp32 accumulation.

@@ -53,28 +53,77 @@ Functions (every backend, same signatures):
     :data:`NORM_EPS`; a zero row stays zero); remove from ``grad`` its component along the row
     (``grad -= (grad . W) / |W|^2 * W``, using the row before normalisation).
 
-Optional (ops uses it where a backend has it, else ``encode_forward`` and
-:func:`aux_codes_by_copy`):
+Optional functions (``saefast.ops`` uses each where a backend has it, and otherwise the
+seven above):
 
 ``encode_forward_with_aux(xc, W_enc, b_enc, *, mode, k, dead, k_aux) -> (EncodeOut, EncodeOut)``
     The main codes (``encode_forward``, mode "batch" or "row") and the aux-K codes: each row's
     ``min(k_aux, n_dead)`` largest positive entries among the latents ``dead`` (int64,
     increasing), indices into the whole dictionary; same results as the two separate calls.
+
+    A backend may also return a third element, a :class:`DenseBlock` for the aux codes (all of
+    them, rows 0..B-1): ``saefast.ops`` then hands it to the ``*_with_block`` functions below
+    whenever those codes (alone, or stacked with ``stack_rows``) are decoded or backpropagated.
+
+``decode_forward_with_block(values, indices, offsets, row_ids, W_dec, b_dec, block)``,
+``decode_backward_with_block(grad_out, values, indices, row_ids, W_dec, need_values, need_W, block)``,
+``encode_backward_with_block(grad_values, xc, W_enc, indices, row_ids, need_xc, need_W, block)``
+    The same results as the functions without ``block``, for codes some of whose entries form a
+    :class:`DenseBlock` (which the backend may compute as dense products over its columns).
+
+``weight_matvec(W, v, dtype) -> [R] fp32``
+    ``W @ v`` for W [R, C], v [C] fp32, each element of W rounded to ``dtype`` first (the b_dec
+    gradient ``-W_enc @ lat_sum`` with fp32 master weights under autocast); without it ``ops``
+    uses :func:`matvec_acc`.
+
+``decoder_adam_(W_dec, grad, exp_avg, exp_avg_sq, *, step_size, beta1, beta2, eps, bias_correction2_sqrt, project, normalize)``
+    One Adam step of the decoder in place, fused with the projection of ``grad`` off each row
+    (before) and the renormalisation of the rows (after); ``grad`` is left unchanged
+    (``saefast.kernels.adam`` states the update). ``saefast.optim.SAEAdam`` uses it where present
+    and otherwise runs the projection, torch's Adam and the renormalisation one after the other.
+
+Master weights: a backend with ``READS_MASTER_WEIGHTS = True`` (the Triton backend) also takes
+float32 W_enc / W_dec with 16-bit activations (xc, values, grad_out): the arguments
+``saefast.ops`` passes under ``torch.autocast`` with fp32 parameters. Each weight element is
+rounded to the activations' dtype as it is read, results are in the activations' dtype, and weight
+gradients are float32 tensors holding the values of the 16-bit gradients: the numbers of 16-bit
+copies of the weights, without making the copies.
 """
 from __future__ import annotations
 
-from typing import Optional, Protocol, Tuple
+from typing import NamedTuple, Optional, Protocol, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["Backend", "BACKEND_FUNCTIONS", "EncodeOut", "NORM_EPS", "acc_dtype", "aux_codes_by_copy", "matvec_acc"]
+__all__ = ["Backend", "BACKEND_FUNCTIONS", "DenseBlock", "EncodeOut", "NORM_EPS", "acc_dtype", "aux_codes_by_copy",
+           "matvec_acc"]
 
 NORM_EPS = 1e-12
 BACKEND_FUNCTIONS = ("encode_forward", "encode_backward", "decode_forward", "decode_backward",
                      "normalize_decoder_", "project_decoder_grad_", "normalize_decoder_and_project_grad_")
 
 EncodeOut = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+class DenseBlock(NamedTuple):
+    """Entries ``entry0 .. entry1 - 1`` of a set of codes lie in rows ``row0 .. row1 - 1`` and in
+    the columns ``cols`` (int64 [n_cols], increasing); ``slots`` (int32 [entry1 - entry0]) is each
+    entry's position in ``cols``. Made for the aux-K codes (k_aux per row among the dead latents:
+    dense enough that products over all dead columns beat per-entry gathers). When a decode is
+    handed a block, rows row0 .. row1 - 1 hold no other entries."""
+
+    entry0: int
+    entry1: int
+    row0: int
+    row1: int
+    cols: Tensor
+    slots: Tensor
+
+    def shifted(self, rows: int, entries: int) -> "DenseBlock":
+        """The same block in codes with ``rows`` rows and ``entries`` entries placed before it."""
+        return self._replace(entry0=self.entry0 + entries, entry1=self.entry1 + entries,
+                             row0=self.row0 + rows, row1=self.row1 + rows)
 
 
 class Backend(Protocol):

@@ -32,8 +32,10 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from torch.utils.weak import WeakTensorKeyDictionary
+
 from . import torch_backend
-from .backend import acc_dtype, aux_codes_by_copy, matvec_acc
+from .backend import DenseBlock, acc_dtype, aux_codes_by_copy, matvec_acc
 from .selection import csr_offsets
 
 __all__ = [
@@ -173,22 +175,38 @@ def _check_fp64(device: torch.device, dtype: torch.dtype) -> None:
                         "the Triton kernels take float32, bfloat16 or float16")
 
 
-def _autocast(*tensors):
+def _autocast(*tensors, master: Optional[Tensor] = None):
     """Under ``torch.autocast`` the ops run in the autocast dtype, like a matmul would: float
-    tensors are cast to it (differentiably, so fp32 master weights get fp32 gradients)."""
+    tensors are cast to it (differentiably, so fp32 master weights get fp32 gradients). The
+    weight passed as ``master`` (the op's W_enc or W_dec) stays float32 where the backend reads
+    master weights (``READS_MASTER_WEIGHTS``: the Triton backend rounds each element to the
+    autocast dtype as it reads it and returns the gradient in float32 with the 16-bit gradient's
+    values): the same numbers without the cast copies and their passes over the weight."""
     first = next(t for t in tensors if isinstance(t, Tensor))
     device_type = first.device.type
     if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != dtype else t
-                 for t in tensors)
+    keep = master is not None and _reads_master(master, dtype)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != dtype
+                 and not (keep and t is master) else t for t in tensors)
+
+
+def _reads_master(W: Tensor, dtype: torch.dtype) -> bool:
+    """Whether W (float32) may go to the backend as it is with activations of ``dtype``."""
+    return (W.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16)
+            and getattr(_backend(W.device), "READS_MASTER_WEIGHTS", False))
+
+
+def _compute_dtype(x: Tensor, W: Tensor) -> torch.dtype:
+    """The dtype an op computes in: W's, or x's for float32 master weights with 16-bit x."""
+    return x.dtype if (W.dtype != x.dtype and _reads_master(W, x.dtype)) else W.dtype
 
 
 def _check_encode_args(x: Tensor, W_enc: Tensor, b_dec: Tensor, b_enc: Optional[Tensor]) -> None:
     _check_tensor("W_enc", W_enc, 2)
     d_in, d_sae = W_enc.shape
-    dt, dev = W_enc.dtype, W_enc.device
+    dt, dev = (_compute_dtype(x, W_enc) if isinstance(x, Tensor) else W_enc.dtype), W_enc.device
     _check_tensor("x", x, 2, dt, dev)
     if x.shape[1] != d_in:
         raise ValueError(f"x has {x.shape[1]} features per row but W_enc expects d_in={d_in}; "
@@ -256,20 +274,30 @@ class _Encode(torch.autograd.Function):
         return _codes_backward(ctx, grad_values) + (None, None, None)
 
 
-def _encode_input_grads(ctx, grad_values, xc, W_enc, indices, row_ids):
-    """Gradients for (x, W_enc, b_dec, b_enc) from the gradients of the kept values."""
+def _encode_input_grads(ctx, grad_values, xc, W_enc, indices, row_ids, block: Optional[DenseBlock] = None):
+    """Gradients for (x, W_enc, b_dec, b_enc) from the gradients of the kept values (those of the
+    entries in ``block``, if any, computed as a dense block by the backend)."""
     impl = _backend(xc.device)
     need_x, need_W, need_b_dec, need_b_enc = ctx.needs_input_grad[:4]
-    grad_xc, grad_W, lat_sum = impl.encode_backward(
-        grad_values.contiguous(), xc, W_enc, indices, row_ids, need_x, need_W)
+    if block is not None:
+        grad_xc, grad_W, lat_sum = impl.encode_backward_with_block(
+            grad_values.contiguous(), xc, W_enc, indices, row_ids, need_x, need_W, block)
+    else:
+        grad_xc, grad_W, lat_sum = impl.encode_backward(
+            grad_values.contiguous(), xc, W_enc, indices, row_ids, need_x, need_W)
     acc = acc_dtype(xc.dtype)
     grad_b_dec = None
     if need_b_dec:
         # d/db_dec = -sum_r d/dxc[r]; without grad_xc, -W_enc @ (per-latent sums) is one
         # pass over W_enc instead of a gather of nnz columns.
-        grad_b_dec = (-(grad_xc.sum(0, dtype=acc)) if grad_xc is not None
-                      else -matvec_acc(W_enc, lat_sum)).to(xc.dtype)
-    grad_b_enc = lat_sum.to(W_enc.dtype) if (need_b_enc and ctx.has_b_enc) else None
+        if grad_xc is not None:
+            grad_b_dec = -(grad_xc.sum(0, dtype=acc))
+        elif hasattr(impl, "weight_matvec"):
+            grad_b_dec = -impl.weight_matvec(W_enc, lat_sum, xc.dtype)
+        else:
+            grad_b_dec = -matvec_acc(W_enc, lat_sum)
+        grad_b_dec = grad_b_dec.to(xc.dtype)
+    grad_b_enc = lat_sum.to(xc.dtype) if (need_b_enc and ctx.has_b_enc) else None
     return grad_xc, grad_W, grad_b_dec, grad_b_enc
 
 
@@ -278,25 +306,43 @@ def _aux_forward(impl, xc, W_enc, b_enc, dead, k_aux):
     return aux_codes_by_copy(impl.encode_forward, xc, W_enc, b_enc, dead, k_aux)
 
 
+def _block_outputs(block: Optional[DenseBlock], device: torch.device) -> Tuple[Tensor, Tensor]:
+    """A dense block's (cols, slots) as extra outputs of an encode node (empty without a block)."""
+    if block is None:
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        return empty, empty.int()
+    return block.cols, block.slots
+
+
 class _AuxEncode(torch.autograd.Function):
     """aux-K codes; the backward scatters straight into a W_enc-shaped gradient (no gradient of
-    the dead-column copy to expand afterwards)."""
+    the dead-column copy to expand afterwards). Outputs the codes and the (cols, slots) of their
+    dense block (empty when the backend made none)."""
 
     @staticmethod
     @_autocast_off
     def forward(ctx, x, W_enc, b_dec, b_enc, dead, k_aux):
+        impl = _backend(x.device)
         xc = x - b_dec
-        return _save_codes(ctx, xc, W_enc, b_enc, _aux_forward(_backend(x.device), xc, W_enc, b_enc, dead, k_aux))
+        dense = getattr(impl, "aux_forward_dense", None)  # optional in the backend contract
+        out = dense(xc, W_enc, b_enc, dead, k_aux) if dense is not None else None
+        codes, block = out if out is not None else (_aux_forward(impl, xc, W_enc, b_enc, dead, k_aux), None)
+        ctx.block = block
+        cols, slots = _block_outputs(block, x.device)
+        ctx.mark_non_differentiable(cols, slots)
+        return _save_codes(ctx, xc, W_enc, b_enc, tuple(codes)) + (cols, slots)
 
     @staticmethod
     @_autocast_off
     def backward(ctx, grad_values, *_):
-        return _codes_backward(ctx, grad_values) + (None, None)
+        xc, W_enc, indices, row_ids = ctx.saved_tensors
+        return _encode_input_grads(ctx, grad_values, xc, W_enc, indices, row_ids, ctx.block) + (None, None)
 
 
 class _EncodeWithAux(torch.autograd.Function):
     """The main encode and the aux-K encode in one node, so that the backward scatters both sets
-    of pairs into a single W_enc gradient (no second [d_in, d_sae] buffer)."""
+    of pairs into a single W_enc gradient (no second [d_in, d_sae] buffer). Outputs both codes and
+    the (cols, slots) of the aux codes' dense block (empty when the backend made none)."""
 
     @staticmethod
     @_autocast_off
@@ -305,14 +351,17 @@ class _EncodeWithAux(torch.autograd.Function):
         xc = x - b_dec
         fused = getattr(impl, "encode_forward_with_aux", None)  # optional in the backend contract
         if fused is not None:
-            main, aux = fused(xc, W_enc, b_enc, mode=mode, k=k, dead=dead, k_aux=k_aux)
+            out = fused(xc, W_enc, b_enc, mode=mode, k=k, dead=dead, k_aux=k_aux)
         else:
-            main = impl.encode_forward(xc, W_enc, b_enc, mode=mode, k=k)
-            aux = _aux_forward(impl, xc, W_enc, b_enc, dead, k_aux)
+            out = (impl.encode_forward(xc, W_enc, b_enc, mode=mode, k=k),
+                   _aux_forward(impl, xc, W_enc, b_enc, dead, k_aux))
+        main, aux = out[0], out[1]
+        ctx.block = out[2] if len(out) > 2 else None
         ctx.save_for_backward(xc, W_enc, main[1], main[2], aux[1], aux[2])
         ctx.has_b_enc = b_enc is not None
-        ctx.mark_non_differentiable(*main[1:], *aux[1:])
-        return (*main, *aux)
+        cols, slots = _block_outputs(ctx.block, x.device)
+        ctx.mark_non_differentiable(*main[1:], *aux[1:], cols, slots)
+        return (*main, *aux, cols, slots)
 
     @staticmethod
     @_autocast_off
@@ -322,11 +371,12 @@ class _EncodeWithAux(torch.autograd.Function):
         acc = acc_dtype(xc.dtype)
         # A latent can be in both sets for a row (a dead latent firing again); its pre-activation
         # is the same entry, so the two value gradients add up. Without a gradient for x the
-        # backend takes the pairs as they are (repeats add up); grad_xc needs them sorted by row.
-        if not ctx.needs_input_grad[0]:
-            grads = torch.cat([grad_main.to(acc), grad_aux.to(acc)]).to(xc.dtype)
-            grads_in = _encode_input_grads(ctx, grads, xc, W_enc, torch.cat([main_idx, aux_idx]),
-                                           torch.cat([main_rows, aux_rows]))
+        # backend takes the pairs as they are (repeats add up); grad_xc needs them sorted by row,
+        # which the main pairs are on their own (the aux pairs of a dense block go apart).
+        if not ctx.needs_input_grad[0] or ctx.block is not None:
+            block = ctx.block.shifted(0, main_idx.numel()) if ctx.block is not None else None
+            grads_in = _encode_input_grads(ctx, torch.cat([grad_main, grad_aux.to(grad_main.dtype)]), xc, W_enc,
+                                           torch.cat([main_idx, aux_idx]), torch.cat([main_rows, aux_rows]), block)
             return grads_in + (None, None, None, None)
         keys = torch.cat([main_rows.long() * d_sae + main_idx.long(), aux_rows.long() * d_sae + aux_idx.long()])
         grads = torch.cat([grad_main.to(acc), grad_aux.to(acc)])
@@ -337,13 +387,28 @@ class _EncodeWithAux(torch.autograd.Function):
         return grads_in + (None, None, None, None)
 
 
+# Dense blocks of codes (``saefast.backend.DenseBlock``), by the codes' values tensor: set by the
+# aux-K encodes of a backend that makes them, carried by stack_rows, read by sparse_decode. Codes
+# built any other way (select, _replace with new values...) simply have none.
+_DENSE_BLOCKS = WeakTensorKeyDictionary()
+
+
+def _with_block(acts: "SparseActs", cols: Tensor, slots: Tensor) -> "SparseActs":
+    if cols.numel():
+        _DENSE_BLOCKS[acts.values] = DenseBlock(0, acts.nnz, 0, acts.n_rows, cols, slots)
+    return acts
+
+
 class _Decode(torch.autograd.Function):
     @staticmethod
     @_autocast_off
-    def forward(ctx, values, indices, row_ids, offsets, W_dec, b_dec):
+    def forward(ctx, values, indices, row_ids, offsets, W_dec, b_dec, block):
         impl = _backend(W_dec.device)
         ctx.save_for_backward(values, indices, row_ids, W_dec)
         ctx.has_b_dec = b_dec is not None
+        ctx.block = block
+        if block is not None:
+            return impl.decode_forward_with_block(values, indices, offsets, row_ids, W_dec, b_dec, block)
         return impl.decode_forward(values, indices, offsets, row_ids, W_dec, b_dec)
 
     @staticmethod
@@ -352,12 +417,16 @@ class _Decode(torch.autograd.Function):
         values, indices, row_ids, W_dec = ctx.saved_tensors
         impl = _backend(W_dec.device)
         grad_out = grad_out.contiguous()
-        grad_values, grad_W = impl.decode_backward(
-            grad_out, values, indices, row_ids, W_dec, ctx.needs_input_grad[0], ctx.needs_input_grad[4])
+        need_values, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
+        if ctx.block is not None:
+            grad_values, grad_W = impl.decode_backward_with_block(grad_out, values, indices, row_ids, W_dec,
+                                                                  need_values, need_W, ctx.block)
+        else:
+            grad_values, grad_W = impl.decode_backward(grad_out, values, indices, row_ids, W_dec, need_values, need_W)
         grad_b = None
         if ctx.has_b_dec and ctx.needs_input_grad[5]:
-            grad_b = grad_out.sum(0, dtype=acc_dtype(grad_out.dtype)).to(W_dec.dtype)
-        return grad_values, None, None, None, grad_W, grad_b
+            grad_b = grad_out.sum(0, dtype=acc_dtype(grad_out.dtype)).to(grad_out.dtype)
+        return grad_values, None, None, None, grad_W, grad_b, None
 
 
 def _encode(x, W_enc, b_dec, b_enc, mode, k, threshold) -> SparseActs:
@@ -378,7 +447,7 @@ def topk_encode(x: Tensor, W_enc: Tensor, b_dec: Tensor, k: int, *, b_enc: Optio
     positive). ``mode="row"``: each row's k largest positive values. Ties go to the lower
     (row, latent) index (see ``saefast.selection``); zeros after the ReLU are never kept.
     """
-    x, W_enc, b_dec, b_enc = _autocast(x, W_enc, b_dec, b_enc)
+    x, W_enc, b_dec, b_enc = _autocast(x, W_enc, b_dec, b_enc, master=W_enc)
     _check_encode_args(x, W_enc, b_dec, b_enc)
     if mode not in _MODES:
         raise ValueError(f"mode={mode!r} must be one of {_MODES}")
@@ -396,7 +465,7 @@ def threshold_encode(x: Tensor, W_enc: Tensor, b_dec: Tensor, threshold: Union[f
     threshold is never rounded first, so a bf16 entry equal to 1.0 passes a threshold of
     0.99999994 on every backend. Entries <= 0 are never kept.
     """
-    x, W_enc, b_dec, b_enc = _autocast(x, W_enc, b_dec, b_enc)
+    x, W_enc, b_dec, b_enc = _autocast(x, W_enc, b_dec, b_enc, master=W_enc)
     _check_encode_args(x, W_enc, b_dec, b_enc)
     d_sae = W_enc.shape[1]
     if not isinstance(threshold, Tensor):
@@ -419,14 +488,15 @@ def auxk_encode(x: Tensor, W_enc: Tensor, b_dec: Tensor, dead_mask: Tensor, k_au
     Only the dead columns of W_enc are multiplied, so the cost scales with the number of dead
     latents and no [B, d_sae] tensor is formed. With no dead latent the result is empty.
     """
-    x, W_enc, b_dec, b_enc = _autocast(x, W_enc, b_dec, b_enc)
+    x, W_enc, b_dec, b_enc = _autocast(x, W_enc, b_dec, b_enc, master=W_enc)
     _check_encode_args(x, W_enc, b_dec, b_enc)
     d_sae = W_enc.shape[1]
     dead = _check_dead(dead_mask, d_sae, W_enc.device)
     k_aux = _check_k("k_aux", k_aux, d_sae)
     if dead.numel() == 0:
         return _empty_acts(_EmptyCodes.apply(x, W_enc, b_dec, b_enc), x.shape[0], d_sae)
-    return SparseActs(*_AuxEncode.apply(x, W_enc, b_dec, b_enc, dead, k_aux), d_sae)
+    out = _AuxEncode.apply(x, W_enc, b_dec, b_enc, dead, k_aux)
+    return _with_block(SparseActs(*out[:5], d_sae), *out[5:])
 
 
 class _EmptyCodes(torch.autograd.Function):
@@ -462,7 +532,7 @@ def topk_encode_with_aux(x: Tensor, W_enc: Tensor, b_dec: Tensor, k: int, dead_m
     Same results as the two calls; the backward produces one W_enc gradient for both, which
     saves a [d_in, d_sae] buffer per step (the training path of the TopK SAEs uses this).
     """
-    x, W_enc, b_dec, b_enc = _autocast(x, W_enc, b_dec, b_enc)
+    x, W_enc, b_dec, b_enc = _autocast(x, W_enc, b_dec, b_enc, master=W_enc)
     _check_encode_args(x, W_enc, b_dec, b_enc)
     if mode not in _MODES:
         raise ValueError(f"mode={mode!r} must be one of {_MODES}")
@@ -476,7 +546,7 @@ def topk_encode_with_aux(x: Tensor, W_enc: Tensor, b_dec: Tensor, k: int, dead_m
         # b_dec through the main encode) at the cost of nnz zeros in the backward.
         return main, _empty_acts(main.values[:0], x.shape[0], d_sae)
     out = _EncodeWithAux.apply(x, W_enc, b_dec, b_enc, mode, k, dead, k_aux)
-    return SparseActs(*out[:5], d_sae), SparseActs(*out[5:], d_sae)
+    return SparseActs(*out[:5], d_sae), _with_block(SparseActs(*out[5:10], d_sae), *out[10:])
 
 
 def stack_rows(*acts: SparseActs) -> SparseActs:
@@ -495,10 +565,17 @@ def stack_rows(*acts: SparseActs) -> SparseActs:
     # The smallest kept value over the parts that keep something (an empty part's kept_min is 0).
     kept = [a.kept_min for a in acts if a.nnz]
     kept_min = torch.stack(kept).min() if kept else acts[0].kept_min
-    return SparseActs(
+    out = SparseActs(
         torch.cat([a.values for a in acts]), torch.cat([a.indices for a in acts]),
         torch.cat([a.row_ids + base for a, base in zip(acts, row_base)]), torch.cat(offsets),
         kept_min, acts[0].d_sae)
+    # One part's dense block, moved to where that part sits (several blocks: none is kept).
+    blocks = [(i, _DENSE_BLOCKS.get(a.values)) for i, a in enumerate(acts)]
+    blocks = [(i, b) for i, b in blocks if b is not None]
+    if len(blocks) == 1:
+        i, block = blocks[0]
+        _DENSE_BLOCKS[out.values] = block.shifted(row_base[i], sum(a.nnz for a in acts[:i]))
+    return out
 
 
 def sparse_decode(acts: SparseActs, W_dec: Tensor, b_dec: Optional[Tensor] = None) -> Tensor:
@@ -508,19 +585,23 @@ def sparse_decode(acts: SparseActs, W_dec: Tensor, b_dec: Optional[Tensor] = Non
     """
     if not isinstance(acts, SparseActs):
         raise TypeError(f"acts must be the SparseActs returned by an encode op, got {type(acts).__name__}")
-    values, W_dec, b_dec = _autocast(acts.values, W_dec, b_dec)
+    block = _DENSE_BLOCKS.get(acts.values)
+    values, W_dec, b_dec = _autocast(acts.values, W_dec, b_dec, master=W_dec)
     acts = acts._replace(values=values)
     _check_tensor("W_dec", W_dec, 2)
     if W_dec.shape[0] != acts.d_sae:
         raise ValueError(f"W_dec has {W_dec.shape[0]} rows but the activations have d_sae={acts.d_sae}; "
                          "W_dec must be [d_sae, d_in]")
-    _check_tensor("acts.values", acts.values, 1, W_dec.dtype, W_dec.device)
+    dt = _compute_dtype(acts.values, W_dec) if isinstance(acts.values, Tensor) else W_dec.dtype
+    _check_tensor("acts.values", acts.values, 1, dt, W_dec.device)
     if b_dec is not None:
-        _check_tensor("b_dec", b_dec, 1, W_dec.dtype, W_dec.device)
+        _check_tensor("b_dec", b_dec, 1, dt, W_dec.device)
         if b_dec.shape[0] != W_dec.shape[1]:
             raise ValueError(f"b_dec has shape {tuple(b_dec.shape)}, expected [{W_dec.shape[1]}] (d_in)")
     _check_fp64(W_dec.device, W_dec.dtype)
-    return _Decode.apply(acts.values, acts.indices, acts.row_ids, acts.offsets, W_dec, b_dec)
+    if block is not None and not hasattr(_backend(W_dec.device), "decode_forward_with_block"):
+        block = None
+    return _Decode.apply(acts.values, acts.indices, acts.row_ids, acts.offsets, W_dec, b_dec, block)
 
 
 def _check_decoder(W_dec: Tensor, grad: Optional[Tensor], need_grad: bool) -> None:
@@ -559,6 +640,36 @@ def normalize_decoder_and_project_grad_(W_dec: Tensor, grad: Tensor) -> None:
     W = W_dec.data if isinstance(W_dec, torch.nn.Parameter) else W_dec
     _check_decoder(W, grad, True)
     _backend(W.device).normalize_decoder_and_project_grad_(W, grad)
+
+
+def has_fused_decoder_adam(W_dec: Tensor) -> bool:
+    """Whether the backend for W_dec's device runs :func:`decoder_adam_` (optional in the
+    backend contract: the Triton backend has it)."""
+    return (isinstance(W_dec, Tensor) and W_dec.dtype in _FLOAT_DTYPES
+            and hasattr(_backend(W_dec.device), "decoder_adam_"))
+
+
+@torch.no_grad()
+def decoder_adam_(W_dec: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step_size: float,
+                  beta1: float, beta2: float, eps: float, bias_correction2_sqrt: float, project: bool = True,
+                  normalize: bool = True) -> None:
+    """One Adam step of the decoder W_dec [d_sae, d_in] in place, fused with the decoder's norm
+    maintenance: ``grad`` projected off each row (``project``), Adam's update with the moments
+    ``exp_avg``/``exp_avg_sq`` (updated in place; ``step_size = lr / (1 - beta1**step)``), rows
+    renormalised (``normalize``). ``grad`` is not modified. Needs :func:`has_fused_decoder_adam`;
+    :class:`saefast.optim.SAEAdam` calls this."""
+    W = W_dec.data if isinstance(W_dec, torch.nn.Parameter) else W_dec
+    _check_decoder(W, grad, True)
+    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        _check_tensor(name, t, 2, W.dtype, W.device)
+        if t.shape != W.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but W_dec has {tuple(W.shape)}")
+    impl = _backend(W.device)
+    if not hasattr(impl, "decoder_adam_"):
+        raise RuntimeError(f"the {backend_name(W.device)} backend has no fused decoder Adam; use "
+                           "saefast.optim.SAEAdam, which runs the parts one after the other there")
+    impl.decoder_adam_(W, grad, exp_avg, exp_avg_sq, step_size=step_size, beta1=beta1, beta2=beta2, eps=eps,
+                       bias_correction2_sqrt=bias_correction2_sqrt, project=project, normalize=normalize)
 
 
 # ----------------------------------------------------------------------------------------------

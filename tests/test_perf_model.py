@@ -51,3 +51,19 @@ def test_gpu_check_summary_labels_predictions():
     text = gpu_check.summarize(doc)
     assert "55.00 ms" in text and "(prediction)" in text
     assert "saefast 1.25x floor" in text
+
+
+def test_model_prices_the_aux_path_the_triton_backend_takes():
+    """The model's copy of the dense-aux rule is the backend's, and it prices the dense block
+    exactly where the backend would take it."""
+    from saefast import triton_backend as tb
+    assert perf_model.AUX_DENSE_RATIO == tb.AUX_DENSE_RATIO
+    assert perf_model.DENSE_BLOCK_BYTES == tb.DENSE_BLOCK_BYTES
+    import torch
+    for mode, dtype, kind in (("fp32", torch.float32, "ieee"), ("bf16", torch.bfloat16, "16bit")):
+        for d_sae, k_aux, dead_fraction in ((1 << 17, 512, 0.05), (1 << 17, 16, 0.05), (1 << 20, 512, 0.05),
+                                            (1 << 14, 512, 0.5)):
+            s = perf_model.Shape(d_sae=d_sae, k_aux=k_aux, dead_fraction=dead_fraction, mode=mode)
+            assert perf_model.aux_dense(s) == tb.aux_dense_pays(s.batch, s.n_dead, k_aux, dtype, kind), (mode, d_sae)
+            names = [p.name for p in perf_model.saefast(s, perf_model.DEVICES["H200"])]
+            assert any(n.startswith("aux decode: dense block") for n in names) == perf_model.aux_dense(s)

@@ -186,3 +186,37 @@ def test_the_trainer_owns_its_run_folder(tmp_path, monkeypatch):
     prepares.clear(), config_reads.clear()
     assert main(["train", "--resume", str(run)]) == 0
     assert len(prepares) == 1 and config_reads == [str(run / "config.json")]
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1.0], ids=["no-clipping", "clipping"])
+def test_trainer_keeps_the_decoder_in_sae_adam_where_the_backend_has_the_fused_kernel(tmp_path, monkeypatch,
+                                                                                      max_grad_norm):
+    """On the Triton backend the trainer's optimizer is SAEAdam (renormalising W_dec in its pass,
+    projecting there too when nothing is clipped); the run's weights equal the PyTorch backend's
+    (Adam between the SAE's own projection and renormalisation) after a few steps."""
+    from saefast.optim import SAEAdam
+    from saefast.training import trainer as trainer_module
+    calls = []
+    for name in ("project_decoder_gradients", "normalize_decoder"):
+        real = getattr(trainer_module.BaseSAE, name)
+        monkeypatch.setattr(trainer_module.BaseSAE, name,
+                            lambda self, _real=real, _name=name: (calls.append(_name), _real(self))[1])
+    states = {}
+    for backend in ("triton", "torch"):
+        monkeypatch.setenv("SAEFAST_BACKEND", backend)
+        calls.clear()
+        cfg = tiny_config(tmp_path, run_name=backend, architecture="topk", train_steps=4, max_grad_norm=max_grad_norm,
+                          eval_batches=1)
+        torch.manual_seed(0)
+        sae = build_sae(cfg, 16, torch.device("cpu"))
+        source = ListSource([torch.randn(64, 16, generator=torch.Generator().manual_seed(i)) for i in range(6)])
+        trainer = Trainer(sae, source, cfg)
+        assert isinstance(trainer.optimizer, SAEAdam) == (backend == "triton"), backend
+        trainer.train()
+        fused = backend == "triton"
+        assert calls.count("normalize_decoder") == (0 if fused else 4)
+        assert calls.count("project_decoder_gradients") == (0 if fused and max_grad_norm == 0 else 4)
+        states[backend] = {k: v.clone() for k, v in sae.state_dict().items()}
+    assert not torch.equal(states["torch"]["W_dec"], build_sae(cfg, 16, torch.device("cpu")).W_dec)
+    for name, value in states["torch"].items():
+        torch.testing.assert_close(states["triton"][name], value, rtol=1e-4, atol=1e-5, msg=name)
