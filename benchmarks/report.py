@@ -325,6 +325,24 @@ def variant_sections(results_dir: Path = RESULTS_DIR) -> List[str]:
     return lines
 
 
+def gpu_check_sections(results_dir: Path = RESULTS_DIR) -> List[str]:
+    """The newest recorded GPU check (``results/gpu-check-*/check.json``, written by
+    ``benchmarks/gpu_check.sh``): its measured step beside the model's prediction for that device,
+    each labelled, through ``gpu_check.summarize``. Empty when no GPU check is recorded."""
+    checks = sorted(results_dir.glob("gpu-check-*/check.json"))
+    if not checks:
+        return []
+    sys.path.insert(0, str(BENCH_DIR))
+    import gpu_check
+    newest = checks[-1]
+    summary = gpu_check.summarize(json.loads(newest.read_text(encoding="utf-8"))).splitlines()
+    # the summary's indented lines (stages, paths, floor multiples) become list items
+    lines = [f"- {line.strip()}" if line.startswith("  ") else line for line in summary]
+    return ["", "### GPU check: measured beside the model's prediction", "",
+            f"From `{_rel(newest)}` (`python benchmarks/gpu_check.py --summarize` prints the same); predictions "
+            "come from `benchmarks/perf_model.py` and are labelled so.", "", *lines]
+
+
 def _rel(path: Path) -> str:
     path = Path(path).resolve()
     return (path.relative_to(ROOT) if path.is_relative_to(ROOT) else path).as_posix()
@@ -428,6 +446,7 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
         variants = (["", "### SAE variants and several hooks"] + variants) if variants else []
     else:
         docs, variants = latest_per_device(), variant_sections()
+    variants = gpu_check_sections() + variants
     if args.print_only:
         print(section(docs, None, variants))
         return 0

@@ -1,6 +1,7 @@
 """The analytic step model (benchmarks/perf_model.py) and the GPU check's summary: the floor is the
 encoder GEMM plus one Adam pass at the device's ceilings, every contender costs at least the
 floor, and predictions are labelled as such beside measured figures."""
+import json
 import sys
 from pathlib import Path
 
@@ -67,3 +68,21 @@ def test_model_prices_the_aux_path_the_triton_backend_takes():
             assert perf_model.aux_dense(s) == tb.aux_dense_pays(s.batch, s.n_dead, k_aux, dtype, kind), (mode, d_sae)
             names = [p.name for p in perf_model.saefast(s, perf_model.DEVICES["H200"])]
             assert any(n.startswith("aux decode: dense block") for n in names) == perf_model.aux_dense(s)
+
+
+def test_report_puts_a_recorded_gpu_check_beside_the_prediction(tmp_path):
+    import report
+    assert report.gpu_check_sections(tmp_path) == []  # no GPU check recorded: no section, no figure
+    doc = {"env": {"commit": "abc", "device": "NVIDIA H200"}, "profile": "cuda", "elapsed_s": 1,
+           "stages": {"tests": {"status": "ok"}, "step": {"status": "ok", "rows": [
+               {"mode": "fp32", "impl": "floor-gemm", "median_ms": 40.0, "tokens_per_s": 1},
+               {"mode": "fp32", "impl": "floor-adam", "median_ms": 4.0, "tokens_per_s": 1},
+               {"mode": "fp32", "impl": "saefast", "median_ms": 55.0, "tokens_per_s": 1}],
+               "prediction": gpu_check._prediction(perf_model, gpu_check.PROFILES["cuda"], "NVIDIA H200")}}}
+    for day, ms in (("2026-11-01", 99.0), ("2026-12-01", 55.0)):
+        (tmp_path / f"gpu-check-{day}").mkdir()
+        doc["stages"]["step"]["rows"][2]["median_ms"] = ms
+        (tmp_path / f"gpu-check-{day}" / "check.json").write_text(json.dumps(doc))
+    text = "\n".join(report.gpu_check_sections(tmp_path))
+    assert "gpu-check-2026-12-01" in text and "55.00 ms" in text and "99.00" not in text  # the newest check
+    assert "ms (prediction)" in text and "- fp32: measured floor 44.00 ms, saefast 1.25x floor" in text
