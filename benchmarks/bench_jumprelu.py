@@ -19,7 +19,7 @@ from torch import Tensor
 
 import sae_steps
 from conftest import SIZES, dtype_name, problem, run_contender
-from sae_steps import Problem, Step, adam_kind, make_adam
+from sae_steps import Problem, Step, adam_kind, dense_decoder_update, make_adam, sae_training_step
 
 IMPLS = ("dense", "saefast")
 LOSSES = {"l0": {}, "tanh+pre_act": {"jumprelu_sparsity_loss": "tanh", "jumprelu_pre_act_coefficient": 3e-4}}
@@ -95,12 +95,7 @@ def dense_step(p: Problem, inputs: Dict[str, Tensor], loss: str) -> Step:
             aux = 0.0
         opt.zero_grad(set_to_none=True)
         (mse + L0_COEFFICIENT * s + aux).backward()
-        with torch.no_grad():
-            unit = m.W_dec / m.W_dec.norm(dim=-1, keepdim=True)
-            m.W_dec.grad -= (m.W_dec.grad * unit).sum(-1, keepdim=True) * unit
-        opt.step()
-        with torch.no_grad():
-            m.W_dec.div_(m.W_dec.norm(dim=-1, keepdim=True))
+        dense_decoder_update(m.W_dec, opt)
 
     return Step("dense", run, f"plain PyTorch, dense straight-through estimators, {adam_kind(opt)}", module=m)
 
@@ -118,14 +113,7 @@ def saefast_step(p: Problem, inputs: Dict[str, Tensor], loss: str) -> Step:
     x = inputs["x"]
     opt = make_adam([q for q in sae.parameters() if q.requires_grad])
 
-    def run() -> None:
-        out = sae.training_forward(x)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        sae.project_decoder_gradients()
-        opt.step()
-        sae.normalize_decoder()
-
+    run = sae_training_step(sae, opt, x)
     return Step("saefast", run, f"saefast.JumpReLUSAE.training_forward, {adam_kind(opt)}", module=sae)
 
 

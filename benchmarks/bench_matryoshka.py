@@ -21,7 +21,7 @@ from torch import Tensor
 
 import sae_steps
 from conftest import SIZES, dtype_name, problem, run_contender
-from sae_steps import AUX_PENALTY, Problem, Step, adam_kind, make_adam
+from sae_steps import AUX_PENALTY, Problem, Step, adam_kind, dense_decoder_update, make_adam, sae_training_step
 
 IMPLS = ("dense", "saefast-batchtopk", "saefast")
 CASES = [pytest.param(impl, dtype, id=f"{impl}-{dtype_name(dtype)}") for dtype in SIZES.dtypes for impl in IMPLS]
@@ -64,12 +64,7 @@ def dense_matryoshka_step(p: Problem, inputs: Dict[str, Tensor]) -> Step:
         aux = AUX_PENALTY * ((acts_aux @ W_dec[dead]).float() - residual.float()).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         (torch.stack(prefix_mse).mean() + aux).backward()
-        with torch.no_grad():
-            unit = W_dec / W_dec.norm(dim=-1, keepdim=True)
-            W_dec.grad -= (W_dec.grad * unit).sum(-1, keepdim=True) * unit
-        opt.step()
-        with torch.no_grad():
-            W_dec.div_(W_dec.norm(dim=-1, keepdim=True))
+        dense_decoder_update(W_dec, opt)
 
     return Step("dense", run, f"plain PyTorch, prefixes accumulated group by group, {adam_kind(opt)}",
                 module=module)
@@ -89,14 +84,10 @@ def saefast_step(p: Problem, inputs: Dict[str, Tensor], architecture: str) -> St
     x = inputs["x"]
     opt = make_adam([q for q in sae.parameters() if q.requires_grad])
 
-    def run() -> None:
+    def pin_dead() -> None:
         sae.num_batches_not_active[dead_idx] = 1 << 40  # the same latents stay dead every step
-        out = sae.training_forward(x)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        sae.project_decoder_gradients()
-        opt.step()
-        sae.normalize_decoder()
+
+    run = sae_training_step(sae, opt, x, before=pin_dead)
 
     return Step("saefast", run, f"saefast.{type(sae).__name__}.training_forward, {adam_kind(opt)}", module=sae)
 

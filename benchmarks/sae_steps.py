@@ -112,6 +112,36 @@ def adam_kind(opt: torch.optim.Optimizer) -> str:
     return "Adam(foreach)" if opt.defaults.get("foreach") else "Adam"
 
 
+def dense_decoder_update(W_dec: Tensor, opt: torch.optim.Optimizer) -> None:
+    """After backward, in plain PyTorch: the decoder gradient projected off each row's direction,
+    the Adam step, the rows renormalised (what the dense contenders do in place of saefast's
+    ``project_decoder_grad_`` / ``normalize_decoder_``)."""
+    with torch.no_grad():
+        unit = W_dec / W_dec.norm(dim=-1, keepdim=True)
+        W_dec.grad -= (W_dec.grad * unit).sum(-1, keepdim=True) * unit
+    opt.step()
+    with torch.no_grad():
+        W_dec.div_(W_dec.norm(dim=-1, keepdim=True))
+
+
+def sae_training_step(sae: torch.nn.Module, opt: torch.optim.Optimizer, x: Tensor,
+                      before: Optional[Callable[[], None]] = None, **forward_kwargs) -> Callable[[], None]:
+    """A saefast SAE's native step: ``before()`` (e.g. pinning the dead latents),
+    ``training_forward(x, **forward_kwargs)``, backward, ``project_decoder_gradients``, Adam,
+    ``normalize_decoder``."""
+    def run() -> None:
+        if before is not None:
+            before()
+        out = sae.training_forward(x, **forward_kwargs)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        sae.project_decoder_gradients()
+        opt.step()
+        sae.normalize_decoder()
+
+    return run
+
+
 @dataclasses.dataclass
 class Step:
     """One contender's training step: call ``run()`` once per step."""
@@ -221,15 +251,7 @@ def saefast_sae_step(p: Problem, inputs: Dict[str, Tensor]) -> Step:
     sae, pin_dead, opt = _saefast_sae(p, inputs)
     x = inputs["x"]
 
-    def run() -> None:
-        pin_dead()
-        out = sae.training_forward(x)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        sae.project_decoder_gradients()
-        opt.step()
-        sae.normalize_decoder()
-
+    run = sae_training_step(sae, opt, x, before=pin_dead)
     return Step("saefast-sae", run, f"saefast.BatchTopKSAE.training_forward, {adam_kind(opt)}", module=sae,
                 extra={"optimizer": adam_kind(opt)})
 
@@ -296,12 +318,7 @@ def dense_step(p: Problem, inputs: Dict[str, Tensor]) -> Step:
             loss = loss + AUX_PENALTY * ((acts_aux @ W_dec[dead]).float() - residual.float()).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        with torch.no_grad():
-            unit = W_dec / W_dec.norm(dim=-1, keepdim=True)
-            W_dec.grad -= (W_dec.grad * unit).sum(-1, keepdim=True) * unit
-        opt.step()
-        with torch.no_grad():
-            W_dec.div_(W_dec.norm(dim=-1, keepdim=True))
+        dense_decoder_update(W_dec, opt)
 
     return Step("dense", run, f"plain PyTorch, SAELens maths, {adam_kind(opt)}",
                 extra={"optimizer": adam_kind(opt)})

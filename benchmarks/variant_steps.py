@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from saefast import SAEConfig, create_sae, normalize_decoder_
-from sae_steps import AUX_PENALTY, Problem, Step, adam_kind, make_adam
+from sae_steps import AUX_PENALTY, Problem, Step, adam_kind, dense_decoder_update, make_adam, sae_training_step
 
 L1_COEFFICIENT = 1e-3
 N_LAYERS = 4
@@ -82,14 +82,10 @@ def saefast_transcoder(p: Problem, inputs: Dict[str, Tensor]) -> Step:
     x, y = inputs["x"], inputs["y"]
     opt = make_adam([q for q in sae.parameters() if q.requires_grad])
 
-    def run() -> None:
+    def pin_dead() -> None:
         sae.num_batches_not_active[dead_idx] = 1 << 40  # the same latents stay dead every step
-        out = sae.training_forward(x, target=y)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        sae.project_decoder_gradients()
-        opt.step()
-        sae.normalize_decoder()
+
+    run = sae_training_step(sae, opt, x, before=pin_dead, target=y)
 
     return Step("saefast", run, f"saefast BatchTopKSAE skip transcoder (sparse ops), {adam_kind(opt)}", module=sae)
 
@@ -114,12 +110,7 @@ def dense_transcoder(p: Problem, inputs: Dict[str, Tensor]) -> Step:
         aux = AUX_PENALTY * ((acts_aux @ W_dec[dead]).float() - residual.float()).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         (mse + aux).backward()
-        with torch.no_grad():
-            unit = W_dec / W_dec.norm(dim=-1, keepdim=True)
-            W_dec.grad -= (W_dec.grad * unit).sum(-1, keepdim=True) * unit
-        opt.step()
-        with torch.no_grad():
-            W_dec.div_(W_dec.norm(dim=-1, keepdim=True))
+        dense_decoder_update(W_dec, opt)
 
     step = Step("dense", run, f"plain PyTorch, the same maths on dense [B, d_sae] activations, {adam_kind(opt)}")
     step.extra["params"] = params
