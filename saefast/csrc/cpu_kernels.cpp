@@ -8,7 +8,8 @@
 // * encode_select: pre = xc @ W_enc (+ b_enc) one block of latent columns at a time (the GEMM is
 //   ATen's), and while a block is in cache, the selections read it: the main codes (BatchTopK: the
 //   B*k largest positive entries of the whole batch; TopK: the k largest positive entries of each
-//   row) and the aux codes (each row's k_aux largest positive entries among the dead latents).
+//   row) and the aux codes (each row's k_aux largest positive entries among the dead latents; with
+//   aux_exclude_fired, among the dead latents that the main codes leave inactive in every row).
 //   With b_enc in fp32/fp64, pre = round(xc @ W_enc) + b_enc rounded (added as the block is read).
 //   Ties go to the lower (row, latent) index, the rule of saefast.selection. Outputs are sorted by
 //   (row, latent), CSR offsets included. The [B, d_sae] matrix is never held whole.
@@ -31,10 +32,49 @@
 #include <limits>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
+
+constexpr int64_t kScanGroup = 32;
+
+// Bit i of the result is set where vals[i] (i < m <= kScanGroup) can enter a selection whose bar
+// is `bar`: vals[i] >= bar when bar > 0, vals[i] > 0 otherwise (only positive entries are kept).
+// The exact test (ties by index) is made on the entries whose bit is set, so a scan touches only
+// the few entries above the bar instead of every entry of a group that has one.
+template <typename A> inline uint32_t pass_mask(const A* vals, int64_t m, A bar) {
+  uint32_t mask = 0;
+  if (bar > A(0)) {
+    for (int64_t i = 0; i < m; ++i) mask |= uint32_t(vals[i] >= bar) << i;
+  } else {
+    for (int64_t i = 0; i < m; ++i) mask |= uint32_t(vals[i] > A(0)) << i;
+  }
+  return mask;
+}
+#if defined(__AVX512F__)
+template <> inline uint32_t pass_mask<float>(const float* vals, int64_t m, float bar) {
+  if (m != kScanGroup) {
+    uint32_t mask = 0;
+    if (bar > 0.f) {
+      for (int64_t i = 0; i < m; ++i) mask |= uint32_t(vals[i] >= bar) << i;
+    } else {
+      for (int64_t i = 0; i < m; ++i) mask |= uint32_t(vals[i] > 0.f) << i;
+    }
+    return mask;
+  }
+  const __m512 lo = _mm512_loadu_ps(vals), hi = _mm512_loadu_ps(vals + 16);
+  const __m512 b = _mm512_set1_ps(bar);
+  if (bar > 0.f) {
+    return uint32_t(_mm512_cmp_ps_mask(lo, b, _CMP_GE_OQ)) | (uint32_t(_mm512_cmp_ps_mask(hi, b, _CMP_GE_OQ)) << 16);
+  }
+  return uint32_t(_mm512_cmp_ps_mask(lo, b, _CMP_GT_OQ)) | (uint32_t(_mm512_cmp_ps_mask(hi, b, _CMP_GT_OQ)) << 16);
+}
+#endif
 
 // A kept entry of one row: value and latent.
 template <typename A> struct Entry {
@@ -47,7 +87,6 @@ struct RowBefore {
     return a.v > b.v || (a.v == b.v && a.lat < b.lat);
   }
 };
-template <typename A> inline bool row_before(const Entry<A>& a, const Entry<A>& b) { return RowBefore()(a, b); }
 
 // A kept entry of a whole batch: value and flat index row * d_sae + latent.
 template <typename A> struct FlatEntry {
@@ -62,25 +101,45 @@ struct FlatBefore {
 template <typename A> inline bool flat_before(const FlatEntry<A>& a, const FlatEntry<A>& b) { return FlatBefore()(a, b); }
 
 // Per-row "k best so far", in increasing latent order (the order rows are scanned in): entries
-// that beat the k-th best known are appended (without a branch: every entry is written, the size
-// advances only for those that pass); once the buffer holds 2k entries (at least 64) it is cut
-// back to the k best by a stable filter, which keeps the latent order (no sort at the end) and
-// raises the bar. The bar starts at value 0 (only positive entries pass) and never goes below.
+// that beat the k-th best known are appended; once the buffer holds `cap` entries (2k, at least
+// 64) it is cut back to the k best by a stable filter, which keeps the latent order (no sort at
+// the end) and raises the bar. The bar starts at value 0 (only positive entries pass) and never
+// goes below. `truncated`: a cut dropped some positive entry (else the buffer holds them all).
 template <typename A> struct RowTop {
   std::vector<Entry<A>> buf;
   std::vector<A> scratch;
   int64_t n = 0;
-  Entry<A> bar{A(0), std::numeric_limits<int32_t>::max()};
   int64_t k = 0;
+  int64_t cap = 0;
+  bool truncated = false;
+  Entry<A> bar{A(0), std::numeric_limits<int32_t>::max()};
 
-  // Room for m more entries.
-  inline Entry<A>* reserve(int64_t m) {
-    if ((int64_t)buf.size() < n + m) buf.resize(std::max<int64_t>(n + m, 2 * (int64_t)buf.size()));
-    return buf.data();
+  void init(int64_t k_) {
+    k = k_;
+    cap = std::max<int64_t>(2 * k, 64);
+    buf.resize(cap + kScanGroup);
   }
   inline bool beats(A v, int32_t lat) const { return v > bar.v || (v == bar.v && bar.v > A(0) && lat < bar.lat); }
+  // Offer m <= kScanGroup entries in increasing latent order: vals[i] of latent lat_of(i).
+  template <typename LatOf> inline void offer(const A* vals, int64_t m, LatOf lat_of) {
+    uint32_t mask = pass_mask<A>(vals, m, bar.v);
+    while (mask) {
+      const int i = __builtin_ctz(mask);
+      mask &= mask - 1;
+      const int32_t lat = lat_of(i);
+      buf[n] = {vals[i], lat};
+      n += beats(vals[i], lat);
+    }
+    if (n >= cap) cut();
+  }
   // Keep the k best (larger value, then lower latent), in order; the bar becomes the k-th best.
   void cut() {
+    if (n <= k) return;
+    truncated = true;
+    if (k == 0) {
+      n = 0;
+      return;
+    }
     scratch.resize(n);
     for (int64_t i = 0; i < n; ++i) scratch[i] = buf[i].v;
     std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<A>());
@@ -100,11 +159,15 @@ template <typename A> struct RowTop {
     n = w;
     bar = {t, last_tie};
   }
-  void maybe_shrink() {
-    if (n >= std::max<int64_t>(2 * k, 64)) cut();
-  }
-  void finish() {
-    if (n > k) cut();
+  void finish() { cut(); }
+  // Drop the entries of latents where skip[lat] is set (order kept).
+  void drop(const std::vector<uint8_t>& skip) {
+    int64_t w = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      buf[w] = buf[i];
+      w += !skip[buf[i].lat];
+    }
+    n = w;
   }
 };
 
@@ -116,13 +179,21 @@ template <typename A> struct BatchTop {
   FlatEntry<A> bar{A(0), std::numeric_limits<int64_t>::max()};
   int64_t n = 0;
 
-  inline FlatEntry<A>* reserve(int64_t m) {
-    if ((int64_t)buf.size() < size + m) buf.resize(std::max<int64_t>(size + m, 2 * (int64_t)buf.size()));
-    return buf.data();
-  }
   inline bool beats(A v, int64_t flat) const { return v > bar.v || (v == bar.v && bar.v > A(0) && flat < bar.flat); }
-  void maybe_shrink() {
-    if (size < std::max<int64_t>(2 * n, 1024)) return;
+  // Offer m <= kScanGroup entries vals[i] at flat index flat0 + i.
+  inline void offer(const A* vals, int64_t m, int64_t flat0) {
+    uint32_t mask = pass_mask<A>(vals, m, bar.v);
+    if (!mask) return;
+    if ((int64_t)buf.size() < size + kScanGroup) buf.resize(std::max<int64_t>(size + kScanGroup, 2 * (int64_t)buf.size()));
+    while (mask) {
+      const int i = __builtin_ctz(mask);
+      mask &= mask - 1;
+      buf[size] = {vals[i], flat0 + i};
+      size += beats(vals[i], flat0 + i);
+    }
+    if (size >= std::max<int64_t>(2 * n, 1024)) shrink();
+  }
+  void shrink() {
     std::nth_element(buf.begin(), buf.begin() + (n - 1), buf.begin() + size, FlatBefore());
     size = n;
     bar = buf[0];
@@ -130,19 +201,9 @@ template <typename A> struct BatchTop {
   }
 };
 
-// Does any of the m values reach the bar? (written so that the compiler vectorises it)
-template <typename T, typename A> inline bool any_reaches(const T* p, int64_t m, A bar) {
-  bool any = false;
-  for (int64_t j = 0; j < m; ++j) any |= static_cast<A>(p[j]) >= bar;
-  return any;
-}
-
-constexpr int64_t kScanGroup = 32;
-
 // Sorted-by-(row, latent) outputs of per-row selections: values, int32 latents, int32 rows, offsets.
 template <typename T, typename A>
-std::vector<at::Tensor> rows_to_csr(std::vector<RowTop<A>>& tops, const std::vector<int32_t>* lat_map,
-                                    const at::TensorOptions& vopt) {
+std::vector<at::Tensor> rows_to_csr(std::vector<RowTop<A>>& tops, const at::TensorOptions& vopt) {
   const int64_t n_rows = tops.size();
   at::Tensor offsets = at::empty({n_rows + 1}, at::kLong);
   int64_t* off = offsets.data_ptr<int64_t>();
@@ -161,7 +222,7 @@ std::vector<at::Tensor> rows_to_csr(std::vector<RowTop<A>>& tops, const std::vec
       for (int64_t i = 0; i < tops[r].n; ++i) {
         const Entry<A>& e = tops[r].buf[i];
         vp[o] = static_cast<T>(e.v);
-        lp[o] = lat_map ? (*lat_map)[e.lat] : e.lat;
+        lp[o] = e.lat;
         rp[o] = (int32_t)r;
         ++o;
       }
@@ -170,25 +231,106 @@ std::vector<at::Tensor> rows_to_csr(std::vector<RowTop<A>>& tops, const std::vec
   return {values, lats, rows, offsets};
 }
 
+// Runs body(c0, width, pre, ld, value) for each block of latent columns [c0, c0 + width) that
+// wants(c0, c1) accepts, with pre = x @ W_enc[:, c0:c0 + width] in a reused [rows, cols] buffer
+// and value(p, j) the pre-activation (b_enc included, rounded to T) of entry j of a block row p.
+template <typename T, typename Wants, typename Body>
+void for_each_block(const at::Tensor& x, const at::Tensor& W_enc, const c10::optional<at::Tensor>& b_enc,
+                    int64_t block_cols, Wants wants, Body body) {
+  using A = typename Acc<T>::type;
+  const int64_t d_sae = W_enc.size(1);
+  const int64_t cols = std::max<int64_t>(1, std::min<int64_t>(block_cols, d_sae));
+  at::Tensor buf = at::empty({x.size(0), cols}, x.options());
+  // fp32/fp64: the bias is added as the block is read (addmm would first copy it into every
+  // row of the block: a write of the whole block). 16-bit: addmm, whose fp32 accumulator takes
+  // the bias before the one rounding to the dtype.
+  const bool bias_on_read = b_enc.has_value() && sizeof(T) >= 4;
+  for (int64_t c0 = 0; c0 < d_sae; c0 += cols) {
+    const int64_t c1 = std::min<int64_t>(d_sae, c0 + cols), width = c1 - c0;
+    if (!wants(c0, c1)) continue;
+    at::Tensor out = buf.narrow(1, 0, width);
+    if (b_enc.has_value() && !bias_on_read) {
+      at::addmm_out(out, b_enc->narrow(0, c0, width), x, W_enc.narrow(1, c0, width));
+    } else {
+      at::mm_out(out, x, W_enc.narrow(1, c0, width));
+    }
+    const T* bias = bias_on_read ? b_enc->data_ptr<T>() + c0 : nullptr;
+    // Entry j of a block row, rounded to the dtype as the pre-activation is.
+    auto value = [bias](const T* p, int64_t j) -> A {
+      return bias ? static_cast<A>(static_cast<T>(static_cast<A>(p[j]) + static_cast<A>(bias[j])))
+                  : static_cast<A>(p[j]);
+    };
+    body(c0, width, (const T*)buf.data_ptr<T>(), cols, value);
+  }
+}
+
+// Offer row p's entries of the latents dead[d_lo:d_hi] (all in the block starting at c0) to top.
+template <typename T, typename A, typename Value>
+inline void offer_dead(RowTop<A>& top, const T* p, const std::vector<int32_t>& dead, size_t d_lo, size_t d_hi,
+                       int64_t c0, Value value) {
+  A vals[kScanGroup];
+  for (size_t d0 = d_lo; d0 < d_hi; d0 += kScanGroup) {
+    const int64_t m = std::min<int64_t>(kScanGroup, (int64_t)(d_hi - d0));
+    for (int64_t i = 0; i < m; ++i) vals[i] = value(p, dead[d0 + i] - c0);
+    top.offer(vals, m, [&](int i) { return dead[d0 + i]; });
+  }
+}
+
+// Each row's k_aux best entries among `dead` (increasing latent ids) for the rows `rows` of xc,
+// from a pass of their own over the blocks holding those latents.
+template <typename T>
+void rows_aux_pass(const at::Tensor& xc, const at::Tensor& W_enc, const c10::optional<at::Tensor>& b_enc,
+                   const std::vector<int32_t>& dead, int64_t k_aux, int64_t block_cols,
+                   const std::vector<int64_t>& rows, std::vector<RowTop<typename Acc<T>::type>>& tops) {
+  using A = typename Acc<T>::type;
+  if (rows.empty()) return;
+  at::Tensor idx = at::empty({(int64_t)rows.size()}, at::kLong);
+  std::copy(rows.begin(), rows.end(), idx.data_ptr<int64_t>());
+  const at::Tensor x = xc.index_select(0, idx).contiguous();
+  std::vector<RowTop<A>> fresh(rows.size());
+  for (auto& t : fresh) t.init(std::min<int64_t>(k_aux, (int64_t)dead.size()));
+  size_t dead_pos = 0;
+  for_each_block<T>(x, W_enc, b_enc, block_cols,
+      [&](int64_t c0, int64_t c1) {
+        while (dead_pos < dead.size() && dead[dead_pos] < c0) ++dead_pos;
+        return dead_pos < dead.size() && dead[dead_pos] < c1;
+      },
+      [&](int64_t c0, int64_t width, const T* pre, int64_t ld, auto value) {
+        const size_t d_lo = dead_pos;
+        size_t d_hi = d_lo;
+        while (d_hi < dead.size() && dead[d_hi] < c0 + width) ++d_hi;
+        at::parallel_for(0, (int64_t)rows.size(), 16, [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) offer_dead<T, A>(fresh[r], pre + r * ld, dead, d_lo, d_hi, c0, value);
+        });
+      });
+  for (size_t i = 0; i < rows.size(); ++i) {
+    fresh[i].finish();
+    tops[rows[i]] = std::move(fresh[i]);
+  }
+}
+
 template <typename T>
 std::vector<at::Tensor> encode_select_impl(const at::Tensor& xc, const at::Tensor& W_enc,
                                            const c10::optional<at::Tensor>& b_enc, int64_t mode, int64_t k,
                                            const c10::optional<at::Tensor>& dead_mask, int64_t k_aux,
-                                           int64_t block_cols) {
+                                           int64_t block_cols, int64_t aux_keep, bool aux_exclude_fired) {
   using A = typename Acc<T>::type;
   const int64_t n_rows = xc.size(0), d_sae = W_enc.size(1);
   const bool want_main = mode != 0 && k > 0;
   const bool want_aux = dead_mask.has_value() && k_aux > 0;
 
-  // Dead latents in increasing order; aux selections index into this list (so each row's
-  // candidates are in increasing latent order too).
+  // Dead latents in increasing order (so each row's aux candidates come in increasing latent order).
   std::vector<int32_t> dead;
   if (want_aux) {
     const bool* dm = dead_mask->data_ptr<bool>();
     for (int64_t l = 0; l < d_sae; ++l) if (dm[l]) dead.push_back((int32_t)l);
   }
   const bool aux_on = want_aux && !dead.empty();
+  const bool exclude = aux_on && aux_exclude_fired && want_main;
   const int64_t aux_k = aux_on ? std::min<int64_t>(k_aux, (int64_t)dead.size()) : 0;
+  // Excluding fired latents: each row keeps more candidates, so that after the fired ones are
+  // dropped at least aux_k usually remain; rows left short are recomputed (rows_aux_pass).
+  const int64_t aux_first = exclude ? std::min<int64_t>(std::max(aux_keep, aux_k), (int64_t)dead.size()) : aux_k;
 
   // Slabs of rows for the BatchTopK candidates, one per thread: each slab's bar (its n_keep-th
   // best entry) is a lower bound of the batch's, and the answer is picked exactly from the
@@ -200,108 +342,56 @@ std::vector<at::Tensor> encode_select_impl(const at::Tensor& xc, const at::Tenso
   std::vector<BatchTop<A>> slabs(mode == 1 && want_main ? n_slabs : 0);
   for (auto& s : slabs) s.n = n_keep;
   std::vector<RowTop<A>> main_rows(mode == 2 && want_main ? n_rows : 0);
-  for (auto& t : main_rows) t.k = std::min<int64_t>(k, d_sae);
+  for (auto& t : main_rows) t.init(std::min<int64_t>(k, d_sae));
   std::vector<RowTop<A>> aux_rows(aux_on ? n_rows : 0);
-  for (auto& t : aux_rows) t.k = aux_k;
+  for (auto& t : aux_rows) t.init(aux_first);
 
-  const int64_t cols = std::max<int64_t>(1, std::min<int64_t>(block_cols, d_sae));
-  at::Tensor buf = at::empty({n_rows, cols}, xc.options());
   size_t dead_pos = 0;
-  for (int64_t c0 = 0; c0 < d_sae; c0 += cols) {
-    const int64_t c1 = std::min<int64_t>(d_sae, c0 + cols), width = c1 - c0;
-    // Dead latents in this block: dead[d_lo:d_hi].
-    const size_t d_lo = dead_pos;
-    while (dead_pos < dead.size() && dead[dead_pos] < c1) ++dead_pos;
-    const size_t d_hi = dead_pos;
-    if (!want_main && d_lo == d_hi) continue;
-    at::Tensor out = buf.narrow(1, 0, width);
-    // fp32/fp64: the bias is added as the block is read (addmm would first copy it into every
-    // row of the block: a write of the whole block). 16-bit: addmm, whose fp32 accumulator takes
-    // the bias before the one rounding to the dtype.
-    const bool bias_on_read = b_enc.has_value() && sizeof(T) >= 4;
-    if (b_enc.has_value() && !bias_on_read) {
-      at::addmm_out(out, b_enc->narrow(0, c0, width), xc, W_enc.narrow(1, c0, width));
-    } else {
-      at::mm_out(out, xc, W_enc.narrow(1, c0, width));
-    }
-    const T* pre = buf.data_ptr<T>();
-    const T* bias = bias_on_read ? b_enc->data_ptr<T>() + c0 : nullptr;
-    const int64_t ld = cols;
-    // Entry j of a block row, rounded to the dtype as the pre-activation is.
-    auto value = [bias](const T* p, int64_t j) -> A {
-      return bias ? static_cast<A>(static_cast<T>(static_cast<A>(p[j]) + static_cast<A>(bias[j])))
-                  : static_cast<A>(p[j]);
-    };
-    if (mode == 1 && want_main) {
-      at::parallel_for(0, n_slabs, 1, [&](int64_t s0, int64_t s1) {
-        for (int64_t s = s0; s < s1; ++s) {
-          BatchTop<A>& top = slabs[s];
-          const int64_t r1 = std::min<int64_t>(n_rows, (s + 1) * slab_rows);
-          for (int64_t r = s * slab_rows; r < r1; ++r) {
-            const T* p = pre + r * ld;
-            const int64_t flat0 = r * d_sae + c0;
-            A vals[kScanGroup];
-            for (int64_t j0 = 0; j0 < width; j0 += kScanGroup) {
-              const int64_t m = std::min<int64_t>(kScanGroup, width - j0);
-              for (int64_t i = 0; i < m; ++i) vals[i] = value(p, j0 + i);
-              if (!any_reaches<A, A>(vals, m, top.bar.v)) continue;
-              FlatEntry<A>* out = top.reserve(m);
-              int64_t size = top.size;
-              for (int64_t i = 0; i < m; ++i) {
-                out[size] = {vals[i], flat0 + j0 + i};
-                size += top.beats(vals[i], flat0 + j0 + i);
+  size_t d_lo = 0, d_hi = 0;  // dead[d_lo:d_hi]: the dead latents of the current block
+  for_each_block<T>(xc, W_enc, b_enc, block_cols,
+      [&](int64_t c0, int64_t c1) {
+        d_lo = dead_pos;
+        while (dead_pos < dead.size() && dead[dead_pos] < c1) ++dead_pos;
+        d_hi = dead_pos;
+        return want_main || d_lo < d_hi;
+      },
+      [&](int64_t c0, int64_t width, const T* pre, int64_t ld, auto value) {
+        if (mode == 1 && want_main) {
+          at::parallel_for(0, n_slabs, 1, [&](int64_t s0, int64_t s1) {
+            for (int64_t s = s0; s < s1; ++s) {
+              BatchTop<A>& top = slabs[s];
+              const int64_t r1 = std::min<int64_t>(n_rows, (s + 1) * slab_rows);
+              for (int64_t r = s * slab_rows; r < r1; ++r) {
+                const T* p = pre + r * ld;
+                const int64_t flat0 = r * d_sae + c0;
+                A vals[kScanGroup];
+                for (int64_t j0 = 0; j0 < width; j0 += kScanGroup) {
+                  const int64_t m = std::min<int64_t>(kScanGroup, width - j0);
+                  for (int64_t i = 0; i < m; ++i) vals[i] = value(p, j0 + i);
+                  top.offer(vals, m, flat0 + j0);
+                }
               }
-              top.size = size;
             }
-            top.maybe_shrink();
-          }
+          });
+        }
+        if ((mode == 2 && want_main) || (aux_on && d_hi > d_lo)) {
+          at::parallel_for(0, n_rows, 16, [&](int64_t r0, int64_t r1) {
+            for (int64_t r = r0; r < r1; ++r) {
+              const T* p = pre + r * ld;
+              if (mode == 2 && want_main) {
+                RowTop<A>& top = main_rows[r];
+                A vals[kScanGroup];
+                for (int64_t j0 = 0; j0 < width; j0 += kScanGroup) {
+                  const int64_t m = std::min<int64_t>(kScanGroup, width - j0);
+                  for (int64_t i = 0; i < m; ++i) vals[i] = value(p, j0 + i);
+                  top.offer(vals, m, [&](int i) { return (int32_t)(c0 + j0 + i); });
+                }
+              }
+              if (aux_on && d_hi > d_lo) offer_dead<T, A>(aux_rows[r], p, dead, d_lo, d_hi, c0, value);
+            }
+          });
         }
       });
-    }
-    if ((mode == 2 && want_main) || (aux_on && d_hi > d_lo)) {
-      at::parallel_for(0, n_rows, 16, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const T* p = pre + r * ld;
-          if (mode == 2 && want_main) {
-            RowTop<A>& top = main_rows[r];
-            A vals[kScanGroup];
-            for (int64_t j0 = 0; j0 < width; j0 += kScanGroup) {
-              const int64_t m = std::min<int64_t>(kScanGroup, width - j0);
-              for (int64_t i = 0; i < m; ++i) vals[i] = value(p, j0 + i);
-              if (!any_reaches<A, A>(vals, m, top.bar.v)) continue;
-              Entry<A>* out = top.reserve(m);
-              int64_t n = top.n;
-              for (int64_t i = 0; i < m; ++i) {
-                const int32_t lat = (int32_t)(c0 + j0 + i);
-                out[n] = {vals[i], lat};
-                n += top.beats(vals[i], lat);
-              }
-              top.n = n;
-            }
-            top.maybe_shrink();
-          }
-          if (aux_on && d_hi > d_lo) {
-            RowTop<A>& top = aux_rows[r];
-            Entry<A>* out = top.reserve((int64_t)(d_hi - d_lo));
-            int64_t n = top.n;
-            A vals[kScanGroup];
-            for (size_t d0 = d_lo; d0 < d_hi; d0 += kScanGroup) {
-              const int64_t m = std::min<int64_t>(kScanGroup, (int64_t)(d_hi - d0));
-              for (int64_t i = 0; i < m; ++i) vals[i] = value(p, dead[d0 + i] - c0);
-              if (!any_reaches<A, A>(vals, m, top.bar.v)) continue;
-              for (int64_t i = 0; i < m; ++i) {
-                out[n] = {vals[i], (int32_t)(d0 + i)};
-                n += top.beats(vals[i], (int32_t)(d0 + i));
-              }
-            }
-            top.n = n;
-            top.maybe_shrink();
-          }
-        }
-      });
-    }
-  }
-  buf = at::Tensor();
 
   const auto vopt = xc.options();
   std::vector<at::Tensor> result;
@@ -335,13 +425,36 @@ std::vector<at::Tensor> encode_select_impl(const at::Tensor& xc, const at::Tenso
     result = {values, lats, rows, offsets};
   } else if (mode == 2 && want_main) {
     for (auto& t : main_rows) t.finish();
-    result = rows_to_csr<T, A>(main_rows, nullptr, vopt);
+    result = rows_to_csr<T, A>(main_rows, vopt);
   } else {
     result = {at::empty({0}, vopt), at::empty({0}, at::kInt), at::empty({0}, at::kInt), at::zeros({n_rows + 1}, at::kLong)};
   }
   if (aux_on) {
     for (auto& t : aux_rows) t.finish();
-    auto aux = rows_to_csr<T, A>(aux_rows, &dead, vopt);
+    if (exclude) {
+      // Drop the latents the main codes use; a row keeps its aux_k best of the rest, which are
+      // its aux_k best among the unfired dead latents unless its candidates ran short after a cut
+      // (then the row is recomputed over those latents alone).
+      std::vector<uint8_t> fired(d_sae, 0);
+      const int32_t* lp = result[1].data_ptr<int32_t>();
+      for (int64_t i = 0; i < result[1].numel(); ++i) fired[lp[i]] = 1;
+      std::vector<int32_t> unfired;
+      for (int32_t l : dead) if (!fired[l]) unfired.push_back(l);
+      const int64_t k_final = std::min<int64_t>(k_aux, (int64_t)unfired.size());
+      std::vector<int64_t> redo;
+      for (int64_t r = 0; r < n_rows; ++r) {
+        RowTop<A>& t = aux_rows[r];
+        t.drop(fired);
+        if (t.n >= k_final) {
+          t.k = k_final;
+          t.finish();
+        } else if (t.truncated) {
+          redo.push_back(r);
+        }
+      }
+      rows_aux_pass<T>(xc, W_enc, b_enc, unfired, k_final, block_cols, redo, aux_rows);
+    }
+    auto aux = rows_to_csr<T, A>(aux_rows, vopt);
     result.insert(result.end(), aux.begin(), aux.end());
   } else {
     result.insert(result.end(), {at::empty({0}, vopt), at::empty({0}, at::kInt), at::empty({0}, at::kInt),
@@ -352,7 +465,7 @@ std::vector<at::Tensor> encode_select_impl(const at::Tensor& xc, const at::Tenso
 
 std::vector<at::Tensor> encode_select(const at::Tensor& xc, const at::Tensor& W_enc, const c10::optional<at::Tensor>& b_enc,
                                       int64_t mode, int64_t k, const c10::optional<at::Tensor>& dead_mask,
-                                      int64_t k_aux, int64_t block_cols) {
+                                      int64_t k_aux, int64_t block_cols, int64_t aux_keep, bool aux_exclude_fired) {
   TORCH_CHECK(xc.dim() == 2 && W_enc.dim() == 2 && xc.size(1) == W_enc.size(0), "encode_select: shapes");
   TORCH_CHECK(xc.is_contiguous() && W_enc.stride(1) == 1, "encode_select: layouts");
   TORCH_CHECK(!b_enc.has_value() || (b_enc->is_contiguous() && b_enc->numel() == W_enc.size(1) &&
@@ -361,7 +474,8 @@ std::vector<at::Tensor> encode_select(const at::Tensor& xc, const at::Tensor& W_
   TORCH_CHECK(W_enc.size(1) < std::numeric_limits<int32_t>::max(), "encode_select: d_sae too large");
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "encode_select", [&] {
-    out = encode_select_impl<scalar_t>(xc, W_enc, b_enc, mode, k, dead_mask, k_aux, block_cols);
+    out = encode_select_impl<scalar_t>(xc, W_enc, b_enc, mode, k, dead_mask, k_aux, block_cols, aux_keep,
+                                       aux_exclude_fired);
   });
   return out;
 }
@@ -544,7 +658,7 @@ void decoder_norm_(at::Tensor W_dec, const c10::optional<at::Tensor>& grad, bool
 TORCH_LIBRARY(saefast_cpu, m) {
   m.def("decoder_norm_(Tensor(a!) W_dec, Tensor(b!)? grad, bool normalize, float eps) -> ()", &decoder_norm_);
   m.def("encode_select(Tensor xc, Tensor W_enc, Tensor? b_enc, int mode, int k, Tensor? dead_mask, int k_aux, "
-        "int block_cols) -> Tensor[]", &encode_select);
+        "int block_cols, int aux_keep=0, bool aux_exclude_fired=False) -> Tensor[]", &encode_select);
   m.def("decode_backward(Tensor grad_out, Tensor values, Tensor indices, Tensor row_ids, Tensor W_dec, "
         "bool need_values, Tensor? out_W) -> Tensor[]", &decode_backward);
   m.def("encode_backward_weight(Tensor g_values, Tensor xc, Tensor indices, Tensor row_ids, int d_sae, "
