@@ -216,6 +216,23 @@ def test_failed_build_falls_back(monkeypatch, caplog):
     assert "simulated compiler failure" in caplog.text
 
 
+def test_build_name_changes_with_the_source(monkeypatch, tmp_path):
+    """Two saefast versions sharing one extensions cache build under different names, so neither
+    rebuilds over (or loads) the other's library."""
+    from torch.utils import cpp_extension
+
+    names = []
+    monkeypatch.setattr(cpp_extension, "load", lambda name, **kwargs: names.append(name))
+    monkeypatch.setattr(cpp_extension, "verify_ninja_availability", lambda: None)
+    monkeypatch.setattr(cpu_kernels, "_compiler_found", lambda: True)
+    for text in ("// version one", "// version two", "// version one"):
+        source = tmp_path / "cpu_kernels.cpp"
+        source.write_text(text)
+        monkeypatch.setattr(cpu_kernels, "SOURCE", source)
+        cpu_kernels._build()
+    assert names[0] != names[1] and names[0] == names[2]
+
+
 @pytest.mark.parametrize("d_sae,d_in", [(1, 7), (33, 16), (300, 37), (1030, 5)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("what", ["project", "normalize", "both"])
