@@ -214,3 +214,37 @@ def test_forward_stops_computing_aux_codes_nobody_asks_for(monkeypatch):
     sae.get_auxiliary_loss(xs[3], x_recon)
     sae(xs[4])
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_transcoder_classic_loop_reuses_the_forward_with_the_same_numbers(skip):
+    """A transcoder (d_out != d_in, with and without the skip connection): forward +
+    get_auxiliary_loss(x, out, target) from the forward's aux-K codes gives the loss and gradients
+    of the recomputed aux-K loss (another x tensor, equal values)."""
+    from test_transcoder import make_transcoder
+
+    def step(reuse):
+        sae = make_transcoder("batchtopk", 16, 12, 64, 4, skip, seed=3)
+        sae.num_batches_not_active[::2] = sae.config.n_batches_to_dead  # half the latents dead
+        g = torch.Generator().manual_seed(5)
+        x, target = torch.randn(2, 9, 16, generator=g), torch.randn(2, 9, 12, generator=g)
+        out, features = sae(x)
+        assert out.shape == (2, 9, 12) and features.shape == (2, 9, 64)
+        aux = sae.get_auxiliary_loss(x if reuse else x.clone(), out, target)
+        loss = F.mse_loss(out, target) + aux
+        loss.backward()
+        return aux.detach(), {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
+
+    calls = []
+    auxk_encode = ops.auxk_encode
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops, "auxk_encode", lambda *a, **k: calls.append(1) or auxk_encode(*a, **k))
+        aux_reused, grads_reused = step(reuse=True)
+        assert not calls, "the forward's aux-K codes must be used"
+        aux_again, grads_again = step(reuse=False)
+        assert calls, "another x must recompute the aux-K codes"
+    assert float(aux_reused) > 0
+    _close(aux_reused, aux_again, torch.float32, "aux loss")
+    assert grads_reused.keys() == grads_again.keys() and ("W_skip" in grads_reused) == skip
+    for name in grads_reused:
+        _close(grads_reused[name], grads_again[name], torch.float32, f"grad {name}")
