@@ -12,7 +12,10 @@
 //   aux_exclude_fired, among the dead latents that the main codes leave inactive in every row).
 //   With b_enc in fp32/fp64, pre = round(xc @ W_enc) + b_enc rounded (added as the block is read).
 //   Ties go to the lower (row, latent) index, the rule of saefast.selection. Outputs are sorted by
-//   (row, latent), CSR offsets included. The [B, d_sae] matrix is never held whole.
+//   (row, latent), CSR offsets included. The [B, d_sae] matrix is never held whole. The aux
+//   selection reads the values the main selection computes (a group's dead latents by a bit
+//   mask, only entries above the row's bar touched); a row's bar rises to its k_aux-th best so
+//   far by a bisection over float bit patterns.
 // * decode_backward: grad_values[j] = grad_out[row_j] . W_dec[lat_j] and
 //   grad_W_dec[l] = sum over entries j of latent l of values[j] * grad_out[row_j], one pass over
 //   the entries grouped by latent, each W_dec row and gradient row written once.
@@ -29,6 +32,7 @@
 #include <cmath>
 #include <functional>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -76,6 +80,41 @@ template <> inline uint32_t pass_mask<float>(const float* vals, int64_t m, float
 }
 #endif
 
+// The k-th largest of vals[0:n] (1 <= k <= n); vals may be reordered.
+template <typename A> inline A kth_largest(A* vals, int64_t n, int64_t k) {
+  std::nth_element(vals, vals + (k - 1), vals + n, std::greater<A>());
+  return vals[k - 1];
+}
+// Positive floats (the only values a selection keeps) order as their bit patterns do, so the k-th
+// largest is the largest pattern t with #{vals >= t} >= k: a bisection over patterns whose counts
+// are branch-free vector passes, where nth_element's comparisons mispredict on random data.
+template <> inline float kth_largest<float>(float* vals, int64_t n, int64_t k) {
+  typedef uint32_t __attribute__((may_alias)) u32_alias;
+  const u32_alias* bits = reinterpret_cast<const u32_alias*>(vals);
+  uint64_t lo = bits[0];
+  uint32_t top = bits[0];
+  for (int64_t i = 1; i < n; ++i) {
+    lo = std::min<uint64_t>(lo, bits[i]);
+    top = std::max(top, bits[i]);
+  }
+  if (top > 0x7f800000u) {  // a negative value or a NaN: not a selection's buffer; compare values
+    std::nth_element(vals, vals + (k - 1), vals + n, std::greater<float>());
+    return vals[k - 1];
+  }
+  uint64_t hi = uint64_t(top) + 1;  // #{>= lo} = n >= k; #{>= hi} = 0 < k
+  while (hi - lo > 1) {
+    const uint32_t mid = uint32_t(lo + (hi - lo) / 2);
+    int32_t c = 0;  // n < 2^31: a buffer of one row
+#pragma omp simd reduction(+ : c)
+    for (int64_t i = 0; i < n; ++i) c += bits[i] >= mid;
+    if (c >= k) lo = mid; else hi = mid;
+  }
+  float t;
+  const uint32_t t_bits = uint32_t(lo);
+  std::memcpy(&t, &t_bits, sizeof t);
+  return t;
+}
+
 // A kept entry of one row: value and latent.
 template <typename A> struct Entry {
   A v;
@@ -120,9 +159,10 @@ template <typename A> struct RowTop {
     buf.resize(cap + kScanGroup);
   }
   inline bool beats(A v, int32_t lat) const { return v > bar.v || (v == bar.v && bar.v > A(0) && lat < bar.lat); }
-  // Offer m <= kScanGroup entries in increasing latent order: vals[i] of latent lat_of(i).
-  template <typename LatOf> inline void offer(const A* vals, int64_t m, LatOf lat_of) {
-    uint32_t mask = pass_mask<A>(vals, m, bar.v);
+  // Offer m <= kScanGroup entries in increasing latent order: vals[i] of latent lat_of(i), for
+  // the i whose bit is set in `allow`.
+  template <typename LatOf> inline void offer(const A* vals, int64_t m, LatOf lat_of, uint32_t allow = ~0u) {
+    uint32_t mask = pass_mask<A>(vals, m, bar.v) & allow;
     while (mask) {
       const int i = __builtin_ctz(mask);
       mask &= mask - 1;
@@ -142,8 +182,7 @@ template <typename A> struct RowTop {
     }
     scratch.resize(n);
     for (int64_t i = 0; i < n; ++i) scratch[i] = buf[i].v;
-    std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<A>());
-    const A t = scratch[k - 1];
+    const A t = kth_largest(scratch.data(), n, k);
     int64_t ties = k;
     for (int64_t i = 0; i < n; ++i) ties -= buf[i].v > t;
     int64_t w = 0;
@@ -346,6 +385,19 @@ std::vector<at::Tensor> encode_select_impl(const at::Tensor& xc, const at::Tenso
   std::vector<RowTop<A>> aux_rows(aux_on ? n_rows : 0);
   for (auto& t : aux_rows) t.init(aux_first);
 
+  // With the main selection scanning every entry, the aux selection reads the same values: bit b
+  // of dead_words[w] marks latent 32 * w + b dead, and a group's dead entries are tested with
+  // one compare mask (no gather). Without it, the dead latents' entries are gathered.
+  const bool aux_by_bits = aux_on && want_main;
+  std::vector<uint32_t> dead_words(aux_by_bits ? d_sae / 32 + 2 : 0, 0u);
+  if (aux_by_bits) for (int32_t l : dead) dead_words[l >> 5] |= 1u << (l & 31);
+  // The dead bits of latents [c, c + m), m <= kScanGroup.
+  auto dead_bits = [&dead_words](int64_t c, int64_t m) -> uint32_t {
+    const uint64_t w = dead_words[c >> 5] | (uint64_t(dead_words[(c >> 5) + 1]) << 32);
+    const uint32_t bits = uint32_t(w >> (c & 31));
+    return m >= 32 ? bits : bits & ((1u << m) - 1u);
+  };
+
   size_t dead_pos = 0;
   size_t d_lo = 0, d_hi = 0;  // dead[d_lo:d_hi]: the dead latents of the current block
   for_each_block<T>(xc, W_enc, b_enc, block_cols,
@@ -356,39 +408,45 @@ std::vector<at::Tensor> encode_select_impl(const at::Tensor& xc, const at::Tenso
         return want_main || d_lo < d_hi;
       },
       [&](int64_t c0, int64_t width, const T* pre, int64_t ld, auto value) {
+        const bool aux_here = aux_on && d_hi > d_lo;
+        // Row r of the block, one group of kScanGroup entries at a time: the main selection's
+        // offer(vals, m, j0) and, when the aux codes read the same values, the aux offer.
+        auto scan_row = [&](int64_t r, auto&& main_offer) {
+          const T* p = pre + r * ld;
+          A vals[kScanGroup];
+          for (int64_t j0 = 0; j0 < width; j0 += kScanGroup) {
+            const int64_t m = std::min<int64_t>(kScanGroup, width - j0);
+            for (int64_t i = 0; i < m; ++i) vals[i] = value(p, j0 + i);
+            main_offer(vals, m, j0);
+            if (aux_here) {
+              const uint32_t allow = dead_bits(c0 + j0, m);
+              if (allow) aux_rows[r].offer(vals, m, [&](int i) { return (int32_t)(c0 + j0 + i); }, allow);
+            }
+          }
+        };
         if (mode == 1 && want_main) {
           at::parallel_for(0, n_slabs, 1, [&](int64_t s0, int64_t s1) {
             for (int64_t s = s0; s < s1; ++s) {
               BatchTop<A>& top = slabs[s];
               const int64_t r1 = std::min<int64_t>(n_rows, (s + 1) * slab_rows);
               for (int64_t r = s * slab_rows; r < r1; ++r) {
-                const T* p = pre + r * ld;
                 const int64_t flat0 = r * d_sae + c0;
-                A vals[kScanGroup];
-                for (int64_t j0 = 0; j0 < width; j0 += kScanGroup) {
-                  const int64_t m = std::min<int64_t>(kScanGroup, width - j0);
-                  for (int64_t i = 0; i < m; ++i) vals[i] = value(p, j0 + i);
-                  top.offer(vals, m, flat0 + j0);
-                }
+                scan_row(r, [&](const A* vals, int64_t m, int64_t j0) { top.offer(vals, m, flat0 + j0); });
               }
             }
           });
-        }
-        if ((mode == 2 && want_main) || (aux_on && d_hi > d_lo)) {
+        } else if (mode == 2 && want_main) {
           at::parallel_for(0, n_rows, 16, [&](int64_t r0, int64_t r1) {
             for (int64_t r = r0; r < r1; ++r) {
-              const T* p = pre + r * ld;
-              if (mode == 2 && want_main) {
-                RowTop<A>& top = main_rows[r];
-                A vals[kScanGroup];
-                for (int64_t j0 = 0; j0 < width; j0 += kScanGroup) {
-                  const int64_t m = std::min<int64_t>(kScanGroup, width - j0);
-                  for (int64_t i = 0; i < m; ++i) vals[i] = value(p, j0 + i);
-                  top.offer(vals, m, [&](int i) { return (int32_t)(c0 + j0 + i); });
-                }
-              }
-              if (aux_on && d_hi > d_lo) offer_dead<T, A>(aux_rows[r], p, dead, d_lo, d_hi, c0, value);
+              RowTop<A>& top = main_rows[r];
+              scan_row(r, [&](const A* vals, int64_t m, int64_t j0) {
+                top.offer(vals, m, [&](int i) { return (int32_t)(c0 + j0 + i); });
+              });
             }
+          });
+        } else if (aux_here) {
+          at::parallel_for(0, n_rows, 16, [&](int64_t r0, int64_t r1) {
+            for (int64_t r = r0; r < r1; ++r) offer_dead<T, A>(aux_rows[r], pre + r * ld, dead, d_lo, d_hi, c0, value);
           });
         }
       });
@@ -513,7 +571,41 @@ void decode_backward_impl(const at::Tensor& grad_out, const at::Tensor& values, 
       if (a < b) {
         const T* wl = W + l * d_in;
         for (int64_t i = 0; i < d_in; ++i) w[i] = static_cast<A>(wl[i]);
-        for (int64_t p = a; p < b; ++p) {
+        int64_t p = a;
+        // Four entries at a time: four independent dot products, and acc read and written once
+        // for the four (each pass over a row is bound by loads and FMA latency, not arithmetic).
+        for (; p + 4 <= b; p += 4) {
+          const int64_t j0 = order[p], j1 = order[p + 1], j2 = order[p + 2], j3 = order[p + 3];
+          const T* g0 = g + (int64_t)rows[j0] * d_in;
+          const T* g1 = g + (int64_t)rows[j1] * d_in;
+          const T* g2 = g + (int64_t)rows[j2] * d_in;
+          const T* g3 = g + (int64_t)rows[j3] * d_in;
+          if (gv) {
+            A d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+            for (int64_t i = 0; i < d_in; ++i) {
+              const A wi = w[i];
+              d0 += static_cast<A>(g0[i]) * wi;
+              d1 += static_cast<A>(g1[i]) * wi;
+              d2 += static_cast<A>(g2[i]) * wi;
+              d3 += static_cast<A>(g3[i]) * wi;
+            }
+            gv[j0] = static_cast<T>(d0);
+            gv[j1] = static_cast<T>(d1);
+            gv[j2] = static_cast<T>(d2);
+            gv[j3] = static_cast<T>(d3);
+          }
+          if (gW) {
+            const A v0 = static_cast<A>(v[j0]), v1 = static_cast<A>(v[j1]);
+            const A v2 = static_cast<A>(v[j2]), v3 = static_cast<A>(v[j3]);
+#pragma omp simd
+            for (int64_t i = 0; i < d_in; ++i) {
+              acc[i] += (v0 * static_cast<A>(g0[i]) + v1 * static_cast<A>(g1[i])) +
+                        (v2 * static_cast<A>(g2[i]) + v3 * static_cast<A>(g3[i]));
+            }
+          }
+        }
+        for (; p < b; ++p) {
           const int64_t j = order[p];
           const T* gr = g + (int64_t)rows[j] * d_in;
           if (gv) {
@@ -575,7 +667,25 @@ void encode_backward_weight_impl(const at::Tensor& g_values, const at::Tensor& x
       for (int64_t l = l0; l < l1; ++l) {
         A s = 0;
         A* al = acc.data() + (l - l0) * d_in;
-        for (int64_t p = starts[l]; p < starts[l + 1]; ++p) {
+        int64_t p = starts[l];
+        // Four entries at a time: al read and written once for the four.
+        for (; p + 4 <= starts[l + 1]; p += 4) {
+          const int64_t j0 = order[p], j1 = order[p + 1], j2 = order[p + 2], j3 = order[p + 3];
+          const A c0 = g[j0], c1 = g[j1], c2 = g[j2], c3 = g[j3];
+          s += ((c0 + c1) + c2) + c3;
+          if (gW) {
+            const T* x0 = x + (int64_t)rows[j0] * d_in;
+            const T* x1 = x + (int64_t)rows[j1] * d_in;
+            const T* x2 = x + (int64_t)rows[j2] * d_in;
+            const T* x3 = x + (int64_t)rows[j3] * d_in;
+#pragma omp simd
+            for (int64_t i = 0; i < d_in; ++i) {
+              al[i] += (c0 * static_cast<A>(x0[i]) + c1 * static_cast<A>(x1[i])) +
+                       (c2 * static_cast<A>(x2[i]) + c3 * static_cast<A>(x3[i]));
+            }
+          }
+        }
+        for (; p < starts[l + 1]; ++p) {
           const int64_t j = order[p];
           const A gj = g[j];
           s += gj;
