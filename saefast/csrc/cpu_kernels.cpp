@@ -482,13 +482,17 @@ std::vector<at::Tensor> encode_select_impl(const at::Tensor& xc, const at::Tenso
     for (int64_t r = 0; r < n_rows; ++r) off[r + 1] += off[r];
     result = {values, lats, rows, offsets};
   } else if (mode == 2 && want_main) {
-    for (auto& t : main_rows) t.finish();
+    at::parallel_for(0, (int64_t)main_rows.size(), 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) main_rows[r].finish();
+    });
     result = rows_to_csr<T, A>(main_rows, vopt);
   } else {
     result = {at::empty({0}, vopt), at::empty({0}, at::kInt), at::empty({0}, at::kInt), at::zeros({n_rows + 1}, at::kLong)};
   }
   if (aux_on) {
-    for (auto& t : aux_rows) t.finish();
+    at::parallel_for(0, (int64_t)aux_rows.size(), 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) aux_rows[r].finish();
+    });
     if (exclude) {
       // Drop the latents the main codes use; a row keeps its aux_k best of the rest, which are
       // its aux_k best among the unfired dead latents unless its candidates ran short after a cut
