@@ -188,12 +188,13 @@ template <typename A> struct RowTop {
     int64_t w = 0;
     int32_t last_tie = 0;
     for (int64_t i = 0; i < n; ++i) {
+      // Branch-free (bitwise, not short-circuit): on random data each test is a coin flip.
       const Entry<A> e = buf[i];
-      const bool tie = e.v == t && ties > 0;
+      const int tie = int(e.v == t) & int(ties > 0);
       ties -= tie;
       last_tie = tie ? e.lat : last_tie;
       buf[w] = e;
-      w += (e.v > t) || tie;
+      w += int(e.v > t) | tie;
     }
     n = w;
     bar = {t, last_tie};
