@@ -19,6 +19,7 @@ import torch
 
 import sae_steps
 from conftest import (SIZES, dtype_name, problem, spread, step_peak_memory, time_interleaved, verdict)
+from encode_counters import counting
 
 SAEFAST_WAYS = ("saefast", "saefast-sae", "saefast-classic", "saefast-dict")
 FLOOR = ("floor-gemm", "floor-adam")
@@ -58,7 +59,9 @@ def test_train_step(benchmark, record, dead, dtype):
     p = problem(SIZES.d_sae_main, dtype=dtype, dead_fraction=dead)
     names = _contenders(p)
     built = {name: _build(name, p) for name in names}
-    times = time_interleaved(benchmark, {name: fn for name, (fn, _) in built.items()}, SIZES.step_rounds)
+    # On the Triton backend: the encode's reruns and fallbacks over every saefast way's steps.
+    with counting(record, group="train_step", impl="saefast", params=p.params()):
+        times = time_interleaved(benchmark, {name: fn for name, (fn, _) in built.items()}, SIZES.step_rounds)
     notes = {name: text for name, (_, text) in built.items()}
     built = None  # drop every contender (weights, optimizer state) before the memory runs
     params = p.params()

@@ -56,10 +56,15 @@ Functions (every backend, same signatures):
 Optional functions (``saefast.ops`` uses each where a backend has it, and otherwise the
 seven above):
 
-``encode_forward_with_aux(xc, W_enc, b_enc, *, mode, k, dead, k_aux) -> (EncodeOut, EncodeOut)``
+``encode_forward_with_aux(xc, W_enc, b_enc, *, mode, k, dead, k_aux, exclude_fired=False) -> (EncodeOut, EncodeOut)``
     The main codes (``encode_forward``, mode "batch" or "row") and the aux-K codes: each row's
     ``min(k_aux, n_dead)`` largest positive entries among the latents ``dead`` (int64,
     increasing), indices into the whole dictionary; same results as the two separate calls.
+    With ``exclude_fired`` the aux codes are chosen among ``unfired(dead, main indices)``: the
+    dead latents that no row of the main codes uses (the dead set after counting this batch's
+    firing, when ``dead`` holds the latents one batch short of dead). The parameter is optional:
+    ``saefast.ops`` asks a backend whose function lacks it for the main codes alone and selects
+    the aux codes among the unfired dead latents with ``aux_codes_by_copy``.
 
     A backend may also return a third element, a :class:`DenseBlock` for the aux codes (all of
     them, rows 0..B-1): ``saefast.ops`` then hands it to the ``*_with_block`` functions below
@@ -97,7 +102,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["Backend", "BACKEND_FUNCTIONS", "DenseBlock", "EncodeOut", "NORM_EPS", "acc_dtype", "aux_codes_by_copy",
-           "matvec_acc"]
+           "matvec_acc", "unfired"]
 
 NORM_EPS = 1e-12
 BACKEND_FUNCTIONS = ("encode_forward", "encode_backward", "decode_forward", "decode_backward",
@@ -169,10 +174,23 @@ def aux_codes_by_copy(encode_forward, xc: Tensor, W_enc: Tensor, b_enc: Optional
                       k_aux: int) -> EncodeOut:
     """The aux-K codes through a backend's ``encode_forward``: a row encode of a forward-only copy
     of the dead columns (so its GEMM costs n_dead / d_sae of the full one), indices mapped back to
-    the whole dictionary. dead: int64 [n_dead], increasing."""
+    the whole dictionary. dead: int64 [n_dead], increasing (empty: no codes)."""
+    if dead.numel() == 0:
+        dev = xc.device
+        no_int = torch.empty(0, dtype=torch.int32, device=dev)
+        return (torch.empty(0, dtype=xc.dtype, device=dev), no_int, no_int.clone(),
+                torch.zeros(xc.shape[0] + 1, dtype=torch.long, device=dev), torch.zeros((), device=dev))
     W_dead = W_enc.index_select(1, dead)
     b_dead = b_enc.index_select(0, dead) if b_enc is not None else None
     values, indices, row_ids, offsets, kept_min = encode_forward(xc, W_dead, b_dead, mode="row",
                                                                  k=min(k_aux, dead.numel()))
     # dead is increasing, so mapping indices keeps the (row, latent) order.
     return values, dead[indices.long()].to(torch.int32), row_ids, offsets, kept_min
+
+
+def unfired(dead: Tensor, fired_indices: Tensor) -> Tensor:
+    """The entries of ``dead`` (int64 latent ids, increasing) that are not in ``fired_indices``
+    (the latent ids of some codes), order kept."""
+    if dead.numel() == 0 or fired_indices.numel() == 0:
+        return dead
+    return dead[~torch.isin(dead, fired_indices.long())]

@@ -29,6 +29,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from . import ops
 from .config import SAEConfig, dtype_name, parse_dtype, variant_class, variant_classes
 from .utils import LazyDict, fill_weights, load_torch_weights, read_json, without_rng
 
@@ -122,8 +123,7 @@ class DictAPI:
         x2, lead = self._flatten_input(x)
         self._check_not_empty(x2, "forward")
         x_in, mean, std = self._standardize(x2)
-        acts = self._codes(x_in).acts
-        x_hat = self._decode(acts)
+        acts, x_hat, aux_recon = self._reference_codes(x_in)
         self.update_inactive_features(acts)
         if self.training:
             self.update_threshold(acts.kept_min)
@@ -140,7 +140,9 @@ class DictAPI:
             dead = self.num_batches_not_active >= c.n_batches_to_dead
             if bool(dead.any()):
                 # Not detached: the reference code lets the aux loss reach the main reconstruction.
-                aux_loss = self._aux_loss(x_in, x_in.float() - x_hat.float(), dead)
+                residual = x_in.float() - x_hat.float()
+                aux_loss = (self._aux_loss(x_in, residual, dead) if aux_recon is None
+                            else self._aux_penalty(aux_recon, residual))
             else:
                 aux_loss = torch.tensor(0, dtype=x2.dtype, device=x2.device)
             out["loss"] = l2_loss + l1_loss + aux_loss
@@ -152,6 +154,27 @@ class DictAPI:
             out["aux_loss"] = aux_loss
         out["acts"] = acts
         return out
+
+
+    def _reference_codes(self, x_in: Tensor) -> Tuple[Any, Tensor, Optional[Tensor]]:
+        """(codes, x_hat, aux reconstruction or None) of normalised input x_in [N, d_in].
+
+        The aux-K latents are those dead after this batch's firing is counted: one batch short of
+        dead now and inactive in this batch. While training with some latent one batch short, the
+        main and aux codes come from one encode (``exclude_fired``) and one decode, so W_enc and
+        W_dec get one gradient each; otherwise the aux codes, if any, come later (``_aux_loss``)."""
+        c = self.config
+        near_dead = self.num_batches_not_active >= c.n_batches_to_dead - 1
+        if not (self.needs_top_k and self.training and torch.is_grad_enabled() and bool(near_dead.any())):
+            acts = self._codes(x_in).acts
+            return acts, self._decode(acts), None
+        # With n_batches_to_dead = 0 every latent counts as dead, fired or not.
+        acts, aux_acts = ops.topk_encode_with_aux(x_in, self.W_enc, self._b_dec_in(), c.top_k, near_dead, c.top_k_aux,
+                                                  b_enc=self._b_enc_in(), mode=self.topk_mode,
+                                                  exclude_fired=c.n_batches_to_dead > 0)
+        both = ops.sparse_decode(ops.stack_rows(acts, aux_acts), self.W_dec)
+        n = x_in.shape[0]
+        return acts, both[:n] + self.b_dec.to(both.dtype), both[n:]
 
 
 _DICT_CLASSES: Dict[type, type] = {}

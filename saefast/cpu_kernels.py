@@ -2,7 +2,10 @@
 
 ``saefast/csrc/cpu_kernels.cpp`` is built with ``torch.utils.cpp_extension.load`` (ninja) the
 first time a CPU op asks for it, into torch's extensions cache (``TORCH_EXTENSIONS_DIR``, by
-default ``~/.cache/torch_extensions``), so later processes load it in a fraction of a second.
+default ``~/.cache/torch_extensions``), so later processes load it in a fraction of a second. The
+build's name carries a hash of the source, the compiler flags and the CPU's instruction set, so
+different saefast versions (or machines) sharing one cache each keep their own build instead of
+rebuilding over one another.
 Its kernels use torch's thread pool (``torch.set_num_threads``).
 
 :func:`kernels` returns the loaded ops (``torch.ops.saefast_cpu``) or None, in which case the
@@ -43,10 +46,11 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "off", "false", "no")
 
 
-def _cpu_tag() -> str:
-    """A short hash of the CPU's instruction-set flags: the build targets this CPU
-    (``-march=native``), so a cache shared by different machines keeps one build per kind."""
-    flags = platform.machine()
+def _build_tag(cflags: list) -> str:
+    """A short hash of the source, the compiler flags and the CPU's instruction-set flags: the
+    build targets this CPU (``-march=native``), so a cache shared by different machines or
+    different saefast versions keeps one build per kind."""
+    flags = platform.machine() + " ".join(cflags) + hashlib.sha1(SOURCE.read_bytes()).hexdigest()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -80,7 +84,7 @@ def _build() -> Optional[ModuleType]:
     # one torch has already loaded, so both share one thread pool.
     flags = ["-O3", "-std=c++17", "-fopenmp"] + (["-march=native"] if platform.machine() in ("x86_64", "AMD64")
                                                   else [])
-    name = f"saefast_cpu_{_cpu_tag()}"
+    name = f"saefast_cpu_{_build_tag(flags)}"
     try:
         cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                            is_python_module=False, verbose=False)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 from types import ModuleType
 from typing import NamedTuple, Optional, Tuple, Union
@@ -35,7 +36,7 @@ from torch import Tensor
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import torch_backend
-from .backend import DenseBlock, acc_dtype, aux_codes_by_copy, matvec_acc
+from .backend import DenseBlock, acc_dtype, aux_codes_by_copy, matvec_acc, unfired
 from .selection import csr_offsets
 
 __all__ = [
@@ -301,6 +302,12 @@ def _encode_input_grads(ctx, grad_values, xc, W_enc, indices, row_ids, block: Op
     return grad_xc, grad_W, grad_b_dec, grad_b_enc
 
 
+@functools.lru_cache(maxsize=None)
+def _takes_exclude_fired(fused) -> bool:
+    """Whether a backend's ``encode_forward_with_aux`` takes ``exclude_fired`` (optional)."""
+    return "exclude_fired" in inspect.signature(fused).parameters
+
+
 def _aux_forward(impl, xc, W_enc, b_enc, dead, k_aux):
     """Row top-k among the dead columns only (see ``backend.aux_codes_by_copy``)."""
     return aux_codes_by_copy(impl.encode_forward, xc, W_enc, b_enc, dead, k_aux)
@@ -346,15 +353,19 @@ class _EncodeWithAux(torch.autograd.Function):
 
     @staticmethod
     @_autocast_off
-    def forward(ctx, x, W_enc, b_dec, b_enc, mode, k, dead, k_aux):
+    def forward(ctx, x, W_enc, b_dec, b_enc, mode, k, dead, k_aux, exclude_fired):
         impl = _backend(x.device)
         xc = x - b_dec
         fused = getattr(impl, "encode_forward_with_aux", None)  # optional in the backend contract
+        if fused is not None and exclude_fired and not _takes_exclude_fired(fused):
+            fused = None  # this backend's fused encode cannot leave out the fired latents
         if fused is not None:
-            out = fused(xc, W_enc, b_enc, mode=mode, k=k, dead=dead, k_aux=k_aux)
+            extra = {"exclude_fired": True} if exclude_fired else {}
+            out = fused(xc, W_enc, b_enc, mode=mode, k=k, dead=dead, k_aux=k_aux, **extra)
         else:
-            out = (impl.encode_forward(xc, W_enc, b_enc, mode=mode, k=k),
-                   _aux_forward(impl, xc, W_enc, b_enc, dead, k_aux))
+            main = impl.encode_forward(xc, W_enc, b_enc, mode=mode, k=k)
+            out = (main, _aux_forward(impl, xc, W_enc, b_enc, unfired(dead, main[1]) if exclude_fired else dead,
+                                      k_aux))
         main, aux = out[0], out[1]
         ctx.block = out[2] if len(out) > 2 else None
         ctx.save_for_backward(xc, W_enc, main[1], main[2], aux[1], aux[2])
@@ -377,14 +388,14 @@ class _EncodeWithAux(torch.autograd.Function):
             block = ctx.block.shifted(0, main_idx.numel()) if ctx.block is not None else None
             grads_in = _encode_input_grads(ctx, torch.cat([grad_main, grad_aux.to(grad_main.dtype)]), xc, W_enc,
                                            torch.cat([main_idx, aux_idx]), torch.cat([main_rows, aux_rows]), block)
-            return grads_in + (None, None, None, None)
+            return grads_in + (None, None, None, None, None)
         keys = torch.cat([main_rows.long() * d_sae + main_idx.long(), aux_rows.long() * d_sae + aux_idx.long()])
         grads = torch.cat([grad_main.to(acc), grad_aux.to(acc)])
         pairs, where = torch.unique(keys, sorted=True, return_inverse=True)
         grad_values = torch.zeros(pairs.numel(), dtype=acc, device=xc.device).index_add_(0, where, grads)
         rows, indices = (pairs // d_sae).to(torch.int32), (pairs % d_sae).to(torch.int32)
         grads_in = _encode_input_grads(ctx, grad_values.to(xc.dtype), xc, W_enc, indices, rows)
-        return grads_in + (None, None, None, None)
+        return grads_in + (None, None, None, None, None)
 
 
 # Dense blocks of codes (``saefast.backend.DenseBlock``), by the codes' values tensor: set by the
@@ -526,11 +537,16 @@ def _empty_acts(values: Tensor, n_rows: int, d_sae: int) -> SparseActs:
 
 
 def topk_encode_with_aux(x: Tensor, W_enc: Tensor, b_dec: Tensor, k: int, dead_mask: Tensor, k_aux: int, *,
-                         b_enc: Optional[Tensor] = None, mode: str = "batch") -> Tuple[SparseActs, SparseActs]:
+                         b_enc: Optional[Tensor] = None, mode: str = "batch",
+                         exclude_fired: bool = False) -> Tuple[SparseActs, SparseActs]:
     """``(topk_encode(x, ..., k, mode=mode), auxk_encode(x, ..., dead_mask, k_aux))`` as one op.
 
     Same results as the two calls; the backward produces one W_enc gradient for both, which
     saves a [d_in, d_sae] buffer per step (the training path of the TopK SAEs uses this).
+    ``exclude_fired=True``: the aux codes come from the latents of ``dead_mask`` that are active in
+    no row of the main codes, as ``auxk_encode(x, ..., dead_mask & ~main.fired(), k_aux)`` would
+    give (the dead set after counting this batch, when ``dead_mask`` holds the latents one batch
+    short of dead: the BatchTopK reference code's aux-K), still from one encode pass.
     """
     x, W_enc, b_dec, b_enc = _autocast(x, W_enc, b_dec, b_enc, master=W_enc)
     _check_encode_args(x, W_enc, b_dec, b_enc)
@@ -545,7 +561,7 @@ def topk_encode_with_aux(x: Tensor, W_enc: Tensor, b_dec: Tensor, k: int, dead_m
         # A zero-size slice of the main values: the aux loss stays on the graph (W_enc, b_enc,
         # b_dec through the main encode) at the cost of nnz zeros in the backward.
         return main, _empty_acts(main.values[:0], x.shape[0], d_sae)
-    out = _EncodeWithAux.apply(x, W_enc, b_dec, b_enc, mode, k, dead, k_aux)
+    out = _EncodeWithAux.apply(x, W_enc, b_dec, b_enc, mode, k, dead, k_aux, bool(exclude_fired))
     return SparseActs(*out[:5], d_sae), _with_block(SparseActs(*out[5:10], d_sae), *out[10:])
 
 

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import cpu_kernels
-from .backend import NORM_EPS, EncodeOut, acc_dtype, aux_codes_by_copy
+from .backend import NORM_EPS, EncodeOut, acc_dtype, aux_codes_by_copy, unfired
 from .selection import csr_offsets, finish_codes, row_topk_mask, select_batch_top
 
 CHUNK_ELEMENTS = 1 << 24
@@ -65,6 +65,10 @@ BATCH_ROW_CANDIDATES = 4
 # the selection reads it).
 ENCODE_BLOCK_ELEMENTS = 1 << 20
 _SELECT_MODES = {"batch": 1, "row": 2}
+# encode_forward_with_aux(exclude_fired=True) on the CPU kernels: candidates each row keeps, as a
+# multiple of k_aux, before the fired latents are dropped. Rows left short are recomputed, so this
+# only affects speed: 2 covers the benchmark's dead latents, which fire as often as live ones.
+AUX_KEEP_EXCLUDING_FIRED = 2
 
 
 def _kernels(t: Tensor):
@@ -260,21 +264,28 @@ def encode_forward(xc: Tensor, W_enc: Tensor, b_enc: Optional[Tensor], *, mode: 
 
 
 def encode_forward_with_aux(xc: Tensor, W_enc: Tensor, b_enc: Optional[Tensor], *, mode: str, k: int,
-                            dead: Tensor, k_aux: int) -> Tuple[EncodeOut, EncodeOut]:
-    """``(encode_forward(xc, ..., mode=mode, k=k), aux_codes_by_copy(encode_forward, xc, ..., dead, k_aux))``.
+                            dead: Tensor, k_aux: int, exclude_fired: bool = False) -> Tuple[EncodeOut, EncodeOut]:
+    """``(encode_forward(xc, ..., mode=mode, k=k), aux codes)``: the aux codes are each row's
+    ``k_aux`` largest positive entries among the latents ``dead``, or with ``exclude_fired`` among
+    those of them that the main codes leave inactive in every row (see ``saefast.backend``).
 
     With the CPU kernels both come from one pass over the pre-activations: the aux-K selection
     reads the dead latents' columns of each GEMM block the main selection reads, so aux-K costs
-    no GEMM of its own."""
+    no GEMM of its own. Excluding fired latents, each row first keeps ``AUX_KEEP_EXCLUDING_FIRED``
+    times ``k_aux`` candidates; a row left with fewer than ``k_aux`` once the fired latents are
+    dropped is recomputed over the unfired ones alone, so the result is exact either way."""
     kernels = _kernels(xc)
     if kernels is not None and mode in _SELECT_MODES and xc.shape[0] and k and dead.numel():
         dead_mask = torch.zeros(W_enc.shape[1], dtype=torch.bool, device=xc.device)
         dead_mask[dead] = True
         out = kernels.encode_select(xc, W_enc, b_enc, _SELECT_MODES[mode], k, dead_mask, k_aux,
-                                    _block_columns(xc.shape[0], W_enc.shape[1]))
+                                    _block_columns(xc.shape[0], W_enc.shape[1]),
+                                    AUX_KEEP_EXCLUDING_FIRED * k_aux if exclude_fired else 0, exclude_fired)
         return _codes(*out[:4]), _codes(*out[4:])
-    return (encode_forward(xc, W_enc, b_enc, mode=mode, k=k),
-            aux_codes_by_copy(encode_forward, xc, W_enc, b_enc, dead, k_aux))
+    main = encode_forward(xc, W_enc, b_enc, mode=mode, k=k)
+    if exclude_fired:
+        dead = unfired(dead, main[1])
+    return main, aux_codes_by_copy(encode_forward, xc, W_enc, b_enc, dead, k_aux)
 
 
 def _csr(offsets: Tensor, col_indices: Tensor, values: Tensor, n_cols: int) -> Tensor:

@@ -8,10 +8,14 @@
 // * encode_select: pre = xc @ W_enc (+ b_enc) one block of latent columns at a time (the GEMM is
 //   ATen's), and while a block is in cache, the selections read it: the main codes (BatchTopK: the
 //   B*k largest positive entries of the whole batch; TopK: the k largest positive entries of each
-//   row) and the aux codes (each row's k_aux largest positive entries among the dead latents).
+//   row) and the aux codes (each row's k_aux largest positive entries among the dead latents; with
+//   aux_exclude_fired, among the dead latents that the main codes leave inactive in every row).
 //   With b_enc in fp32/fp64, pre = round(xc @ W_enc) + b_enc rounded (added as the block is read).
 //   Ties go to the lower (row, latent) index, the rule of saefast.selection. Outputs are sorted by
-//   (row, latent), CSR offsets included. The [B, d_sae] matrix is never held whole.
+//   (row, latent), CSR offsets included. The [B, d_sae] matrix is never held whole. The aux
+//   selection reads the values the main selection computes (a group's dead latents by a bit
+//   mask, only entries above the row's bar touched); a row's bar rises to its k_aux-th best so
+//   far by a bisection over float bit patterns.
 // * decode_backward: grad_values[j] = grad_out[row_j] . W_dec[lat_j] and
 //   grad_W_dec[l] = sum over entries j of latent l of values[j] * grad_out[row_j], one pass over
 //   the entries grouped by latent, each W_dec row and gradient row written once.
@@ -28,13 +32,88 @@
 #include <cmath>
 #include <functional>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
+
+constexpr int64_t kScanGroup = 32;
+
+// Bit i of the result is set where vals[i] (i < m <= kScanGroup) can enter a selection whose bar
+// is `bar`: vals[i] >= bar when bar > 0, vals[i] > 0 otherwise (only positive entries are kept).
+// The exact test (ties by index) is made on the entries whose bit is set, so a scan touches only
+// the few entries above the bar instead of every entry of a group that has one.
+template <typename A> inline uint32_t pass_mask(const A* vals, int64_t m, A bar) {
+  uint32_t mask = 0;
+  if (bar > A(0)) {
+    for (int64_t i = 0; i < m; ++i) mask |= uint32_t(vals[i] >= bar) << i;
+  } else {
+    for (int64_t i = 0; i < m; ++i) mask |= uint32_t(vals[i] > A(0)) << i;
+  }
+  return mask;
+}
+#if defined(__AVX512F__)
+template <> inline uint32_t pass_mask<float>(const float* vals, int64_t m, float bar) {
+  if (m != kScanGroup) {
+    uint32_t mask = 0;
+    if (bar > 0.f) {
+      for (int64_t i = 0; i < m; ++i) mask |= uint32_t(vals[i] >= bar) << i;
+    } else {
+      for (int64_t i = 0; i < m; ++i) mask |= uint32_t(vals[i] > 0.f) << i;
+    }
+    return mask;
+  }
+  const __m512 lo = _mm512_loadu_ps(vals), hi = _mm512_loadu_ps(vals + 16);
+  const __m512 b = _mm512_set1_ps(bar);
+  if (bar > 0.f) {
+    return uint32_t(_mm512_cmp_ps_mask(lo, b, _CMP_GE_OQ)) | (uint32_t(_mm512_cmp_ps_mask(hi, b, _CMP_GE_OQ)) << 16);
+  }
+  return uint32_t(_mm512_cmp_ps_mask(lo, b, _CMP_GT_OQ)) | (uint32_t(_mm512_cmp_ps_mask(hi, b, _CMP_GT_OQ)) << 16);
+}
+#endif
+
+// The k-th largest of vals[0:n] (1 <= k <= n); vals may be reordered.
+template <typename A> inline A kth_largest(A* vals, int64_t n, int64_t k) {
+  std::nth_element(vals, vals + (k - 1), vals + n, std::greater<A>());
+  return vals[k - 1];
+}
+// Positive floats (the only values a selection keeps) order as their bit patterns do, so the k-th
+// largest is the largest pattern t with #{vals >= t} >= k: a bisection over patterns whose counts
+// are branch-free vector passes, where nth_element's comparisons mispredict on random data.
+template <> inline float kth_largest<float>(float* vals, int64_t n, int64_t k) {
+  typedef uint32_t __attribute__((may_alias)) u32_alias;
+  const u32_alias* bits = reinterpret_cast<const u32_alias*>(vals);
+  uint64_t lo = bits[0];
+  uint32_t top = bits[0];
+  for (int64_t i = 1; i < n; ++i) {
+    lo = std::min<uint64_t>(lo, bits[i]);
+    top = std::max(top, bits[i]);
+  }
+  if (top > 0x7f800000u) {  // a negative value or a NaN: not a selection's buffer; compare values
+    std::nth_element(vals, vals + (k - 1), vals + n, std::greater<float>());
+    return vals[k - 1];
+  }
+  uint64_t hi = uint64_t(top) + 1;  // #{>= lo} = n >= k; #{>= hi} = 0 < k
+  while (hi - lo > 1) {
+    const uint32_t mid = uint32_t(lo + (hi - lo) / 2);
+    int32_t c = 0;  // n < 2^31: a buffer of one row
+#pragma omp simd reduction(+ : c)
+    for (int64_t i = 0; i < n; ++i) c += bits[i] >= mid;
+    if (c >= k) lo = mid; else hi = mid;
+  }
+  float t;
+  const uint32_t t_bits = uint32_t(lo);
+  std::memcpy(&t, &t_bits, sizeof t);
+  return t;
+}
 
 // A kept entry of one row: value and latent.
 template <typename A> struct Entry {
@@ -47,7 +126,6 @@ struct RowBefore {
     return a.v > b.v || (a.v == b.v && a.lat < b.lat);
   }
 };
-template <typename A> inline bool row_before(const Entry<A>& a, const Entry<A>& b) { return RowBefore()(a, b); }
 
 // A kept entry of a whole batch: value and flat index row * d_sae + latent.
 template <typename A> struct FlatEntry {
@@ -62,49 +140,74 @@ struct FlatBefore {
 template <typename A> inline bool flat_before(const FlatEntry<A>& a, const FlatEntry<A>& b) { return FlatBefore()(a, b); }
 
 // Per-row "k best so far", in increasing latent order (the order rows are scanned in): entries
-// that beat the k-th best known are appended (without a branch: every entry is written, the size
-// advances only for those that pass); once the buffer holds 2k entries (at least 64) it is cut
-// back to the k best by a stable filter, which keeps the latent order (no sort at the end) and
-// raises the bar. The bar starts at value 0 (only positive entries pass) and never goes below.
+// that beat the k-th best known are appended; once the buffer holds `cap` entries (2k, at least
+// 64) it is cut back to the k best by a stable filter, which keeps the latent order (no sort at
+// the end) and raises the bar. The bar starts at value 0 (only positive entries pass) and never
+// goes below. `truncated`: a cut dropped some positive entry (else the buffer holds them all).
 template <typename A> struct RowTop {
   std::vector<Entry<A>> buf;
   std::vector<A> scratch;
   int64_t n = 0;
-  Entry<A> bar{A(0), std::numeric_limits<int32_t>::max()};
   int64_t k = 0;
+  int64_t cap = 0;
+  bool truncated = false;
+  Entry<A> bar{A(0), std::numeric_limits<int32_t>::max()};
 
-  // Room for m more entries.
-  inline Entry<A>* reserve(int64_t m) {
-    if ((int64_t)buf.size() < n + m) buf.resize(std::max<int64_t>(n + m, 2 * (int64_t)buf.size()));
-    return buf.data();
+  void init(int64_t k_) {
+    k = k_;
+    cap = std::max<int64_t>(2 * k, 64);
+    buf.resize(cap + kScanGroup);
   }
   inline bool beats(A v, int32_t lat) const { return v > bar.v || (v == bar.v && bar.v > A(0) && lat < bar.lat); }
+  // Offer m <= kScanGroup entries in increasing latent order: vals[i] of latent lat_of(i), for
+  // the i whose bit is set in `allow`.
+  template <typename LatOf> inline void offer(const A* vals, int64_t m, LatOf lat_of, uint32_t allow = ~0u) {
+    uint32_t mask = pass_mask<A>(vals, m, bar.v) & allow;
+    while (mask) {
+      const int i = __builtin_ctz(mask);
+      mask &= mask - 1;
+      const int32_t lat = lat_of(i);
+      buf[n] = {vals[i], lat};
+      n += beats(vals[i], lat);
+    }
+    if (n >= cap) cut();
+  }
   // Keep the k best (larger value, then lower latent), in order; the bar becomes the k-th best.
   void cut() {
+    if (n <= k) return;
+    truncated = true;
+    if (k == 0) {
+      n = 0;
+      return;
+    }
     scratch.resize(n);
     for (int64_t i = 0; i < n; ++i) scratch[i] = buf[i].v;
-    std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<A>());
-    const A t = scratch[k - 1];
+    const A t = kth_largest(scratch.data(), n, k);
     int64_t ties = k;
     for (int64_t i = 0; i < n; ++i) ties -= buf[i].v > t;
     int64_t w = 0;
     int32_t last_tie = 0;
     for (int64_t i = 0; i < n; ++i) {
+      // Branch-free (bitwise, not short-circuit): on random data each test is a coin flip.
       const Entry<A> e = buf[i];
-      const bool tie = e.v == t && ties > 0;
+      const int tie = int(e.v == t) & int(ties > 0);
       ties -= tie;
       last_tie = tie ? e.lat : last_tie;
       buf[w] = e;
-      w += (e.v > t) || tie;
+      w += int(e.v > t) | tie;
     }
     n = w;
     bar = {t, last_tie};
   }
-  void maybe_shrink() {
-    if (n >= std::max<int64_t>(2 * k, 64)) cut();
-  }
-  void finish() {
-    if (n > k) cut();
+  void finish() { cut(); }
+  // Drop the entries of latents where skip[lat] is set (order kept).
+  void drop(const std::vector<uint8_t>& skip) {
+    int64_t w = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      buf[w] = buf[i];
+      w += !skip[buf[i].lat];
+    }
+    n = w;
   }
 };
 
@@ -116,13 +219,21 @@ template <typename A> struct BatchTop {
   FlatEntry<A> bar{A(0), std::numeric_limits<int64_t>::max()};
   int64_t n = 0;
 
-  inline FlatEntry<A>* reserve(int64_t m) {
-    if ((int64_t)buf.size() < size + m) buf.resize(std::max<int64_t>(size + m, 2 * (int64_t)buf.size()));
-    return buf.data();
-  }
   inline bool beats(A v, int64_t flat) const { return v > bar.v || (v == bar.v && bar.v > A(0) && flat < bar.flat); }
-  void maybe_shrink() {
-    if (size < std::max<int64_t>(2 * n, 1024)) return;
+  // Offer m <= kScanGroup entries vals[i] at flat index flat0 + i.
+  inline void offer(const A* vals, int64_t m, int64_t flat0) {
+    uint32_t mask = pass_mask<A>(vals, m, bar.v);
+    if (!mask) return;
+    if ((int64_t)buf.size() < size + kScanGroup) buf.resize(std::max<int64_t>(size + kScanGroup, 2 * (int64_t)buf.size()));
+    while (mask) {
+      const int i = __builtin_ctz(mask);
+      mask &= mask - 1;
+      buf[size] = {vals[i], flat0 + i};
+      size += beats(vals[i], flat0 + i);
+    }
+    if (size >= std::max<int64_t>(2 * n, 1024)) shrink();
+  }
+  void shrink() {
     std::nth_element(buf.begin(), buf.begin() + (n - 1), buf.begin() + size, FlatBefore());
     size = n;
     bar = buf[0];
@@ -130,19 +241,9 @@ template <typename A> struct BatchTop {
   }
 };
 
-// Does any of the m values reach the bar? (written so that the compiler vectorises it)
-template <typename T, typename A> inline bool any_reaches(const T* p, int64_t m, A bar) {
-  bool any = false;
-  for (int64_t j = 0; j < m; ++j) any |= static_cast<A>(p[j]) >= bar;
-  return any;
-}
-
-constexpr int64_t kScanGroup = 32;
-
 // Sorted-by-(row, latent) outputs of per-row selections: values, int32 latents, int32 rows, offsets.
 template <typename T, typename A>
-std::vector<at::Tensor> rows_to_csr(std::vector<RowTop<A>>& tops, const std::vector<int32_t>* lat_map,
-                                    const at::TensorOptions& vopt) {
+std::vector<at::Tensor> rows_to_csr(std::vector<RowTop<A>>& tops, const at::TensorOptions& vopt) {
   const int64_t n_rows = tops.size();
   at::Tensor offsets = at::empty({n_rows + 1}, at::kLong);
   int64_t* off = offsets.data_ptr<int64_t>();
@@ -161,7 +262,7 @@ std::vector<at::Tensor> rows_to_csr(std::vector<RowTop<A>>& tops, const std::vec
       for (int64_t i = 0; i < tops[r].n; ++i) {
         const Entry<A>& e = tops[r].buf[i];
         vp[o] = static_cast<T>(e.v);
-        lp[o] = lat_map ? (*lat_map)[e.lat] : e.lat;
+        lp[o] = e.lat;
         rp[o] = (int32_t)r;
         ++o;
       }
@@ -170,25 +271,106 @@ std::vector<at::Tensor> rows_to_csr(std::vector<RowTop<A>>& tops, const std::vec
   return {values, lats, rows, offsets};
 }
 
+// Runs body(c0, width, pre, ld, value) for each block of latent columns [c0, c0 + width) that
+// wants(c0, c1) accepts, with pre = x @ W_enc[:, c0:c0 + width] in a reused [rows, cols] buffer
+// and value(p, j) the pre-activation (b_enc included, rounded to T) of entry j of a block row p.
+template <typename T, typename Wants, typename Body>
+void for_each_block(const at::Tensor& x, const at::Tensor& W_enc, const c10::optional<at::Tensor>& b_enc,
+                    int64_t block_cols, Wants wants, Body body) {
+  using A = typename Acc<T>::type;
+  const int64_t d_sae = W_enc.size(1);
+  const int64_t cols = std::max<int64_t>(1, std::min<int64_t>(block_cols, d_sae));
+  at::Tensor buf = at::empty({x.size(0), cols}, x.options());
+  // fp32/fp64: the bias is added as the block is read (addmm would first copy it into every
+  // row of the block: a write of the whole block). 16-bit: addmm, whose fp32 accumulator takes
+  // the bias before the one rounding to the dtype.
+  const bool bias_on_read = b_enc.has_value() && sizeof(T) >= 4;
+  for (int64_t c0 = 0; c0 < d_sae; c0 += cols) {
+    const int64_t c1 = std::min<int64_t>(d_sae, c0 + cols), width = c1 - c0;
+    if (!wants(c0, c1)) continue;
+    at::Tensor out = buf.narrow(1, 0, width);
+    if (b_enc.has_value() && !bias_on_read) {
+      at::addmm_out(out, b_enc->narrow(0, c0, width), x, W_enc.narrow(1, c0, width));
+    } else {
+      at::mm_out(out, x, W_enc.narrow(1, c0, width));
+    }
+    const T* bias = bias_on_read ? b_enc->data_ptr<T>() + c0 : nullptr;
+    // Entry j of a block row, rounded to the dtype as the pre-activation is.
+    auto value = [bias](const T* p, int64_t j) -> A {
+      return bias ? static_cast<A>(static_cast<T>(static_cast<A>(p[j]) + static_cast<A>(bias[j])))
+                  : static_cast<A>(p[j]);
+    };
+    body(c0, width, (const T*)buf.data_ptr<T>(), cols, value);
+  }
+}
+
+// Offer row p's entries of the latents dead[d_lo:d_hi] (all in the block starting at c0) to top.
+template <typename T, typename A, typename Value>
+inline void offer_dead(RowTop<A>& top, const T* p, const std::vector<int32_t>& dead, size_t d_lo, size_t d_hi,
+                       int64_t c0, Value value) {
+  A vals[kScanGroup];
+  for (size_t d0 = d_lo; d0 < d_hi; d0 += kScanGroup) {
+    const int64_t m = std::min<int64_t>(kScanGroup, (int64_t)(d_hi - d0));
+    for (int64_t i = 0; i < m; ++i) vals[i] = value(p, dead[d0 + i] - c0);
+    top.offer(vals, m, [&](int i) { return dead[d0 + i]; });
+  }
+}
+
+// Each row's k_aux best entries among `dead` (increasing latent ids) for the rows `rows` of xc,
+// from a pass of their own over the blocks holding those latents.
+template <typename T>
+void rows_aux_pass(const at::Tensor& xc, const at::Tensor& W_enc, const c10::optional<at::Tensor>& b_enc,
+                   const std::vector<int32_t>& dead, int64_t k_aux, int64_t block_cols,
+                   const std::vector<int64_t>& rows, std::vector<RowTop<typename Acc<T>::type>>& tops) {
+  using A = typename Acc<T>::type;
+  if (rows.empty()) return;
+  at::Tensor idx = at::empty({(int64_t)rows.size()}, at::kLong);
+  std::copy(rows.begin(), rows.end(), idx.data_ptr<int64_t>());
+  const at::Tensor x = xc.index_select(0, idx).contiguous();
+  std::vector<RowTop<A>> fresh(rows.size());
+  for (auto& t : fresh) t.init(std::min<int64_t>(k_aux, (int64_t)dead.size()));
+  size_t dead_pos = 0;
+  for_each_block<T>(x, W_enc, b_enc, block_cols,
+      [&](int64_t c0, int64_t c1) {
+        while (dead_pos < dead.size() && dead[dead_pos] < c0) ++dead_pos;
+        return dead_pos < dead.size() && dead[dead_pos] < c1;
+      },
+      [&](int64_t c0, int64_t width, const T* pre, int64_t ld, auto value) {
+        const size_t d_lo = dead_pos;
+        size_t d_hi = d_lo;
+        while (d_hi < dead.size() && dead[d_hi] < c0 + width) ++d_hi;
+        at::parallel_for(0, (int64_t)rows.size(), 16, [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) offer_dead<T, A>(fresh[r], pre + r * ld, dead, d_lo, d_hi, c0, value);
+        });
+      });
+  for (size_t i = 0; i < rows.size(); ++i) {
+    fresh[i].finish();
+    tops[rows[i]] = std::move(fresh[i]);
+  }
+}
+
 template <typename T>
 std::vector<at::Tensor> encode_select_impl(const at::Tensor& xc, const at::Tensor& W_enc,
                                            const c10::optional<at::Tensor>& b_enc, int64_t mode, int64_t k,
                                            const c10::optional<at::Tensor>& dead_mask, int64_t k_aux,
-                                           int64_t block_cols) {
+                                           int64_t block_cols, int64_t aux_keep, bool aux_exclude_fired) {
   using A = typename Acc<T>::type;
   const int64_t n_rows = xc.size(0), d_sae = W_enc.size(1);
   const bool want_main = mode != 0 && k > 0;
   const bool want_aux = dead_mask.has_value() && k_aux > 0;
 
-  // Dead latents in increasing order; aux selections index into this list (so each row's
-  // candidates are in increasing latent order too).
+  // Dead latents in increasing order (so each row's aux candidates come in increasing latent order).
   std::vector<int32_t> dead;
   if (want_aux) {
     const bool* dm = dead_mask->data_ptr<bool>();
     for (int64_t l = 0; l < d_sae; ++l) if (dm[l]) dead.push_back((int32_t)l);
   }
   const bool aux_on = want_aux && !dead.empty();
+  const bool exclude = aux_on && aux_exclude_fired && want_main;
   const int64_t aux_k = aux_on ? std::min<int64_t>(k_aux, (int64_t)dead.size()) : 0;
+  // Excluding fired latents: each row keeps more candidates, so that after the fired ones are
+  // dropped at least aux_k usually remain; rows left short are recomputed (rows_aux_pass).
+  const int64_t aux_first = exclude ? std::min<int64_t>(std::max(aux_keep, aux_k), (int64_t)dead.size()) : aux_k;
 
   // Slabs of rows for the BatchTopK candidates, one per thread: each slab's bar (its n_keep-th
   // best entry) is a lower bound of the batch's, and the answer is picked exactly from the
@@ -200,108 +382,75 @@ std::vector<at::Tensor> encode_select_impl(const at::Tensor& xc, const at::Tenso
   std::vector<BatchTop<A>> slabs(mode == 1 && want_main ? n_slabs : 0);
   for (auto& s : slabs) s.n = n_keep;
   std::vector<RowTop<A>> main_rows(mode == 2 && want_main ? n_rows : 0);
-  for (auto& t : main_rows) t.k = std::min<int64_t>(k, d_sae);
+  for (auto& t : main_rows) t.init(std::min<int64_t>(k, d_sae));
   std::vector<RowTop<A>> aux_rows(aux_on ? n_rows : 0);
-  for (auto& t : aux_rows) t.k = aux_k;
+  for (auto& t : aux_rows) t.init(aux_first);
 
-  const int64_t cols = std::max<int64_t>(1, std::min<int64_t>(block_cols, d_sae));
-  at::Tensor buf = at::empty({n_rows, cols}, xc.options());
+  // With the main selection scanning every entry, the aux selection reads the same values: bit b
+  // of dead_words[w] marks latent 32 * w + b dead, and a group's dead entries are tested with
+  // one compare mask (no gather). Without it, the dead latents' entries are gathered.
+  const bool aux_by_bits = aux_on && want_main;
+  std::vector<uint32_t> dead_words(aux_by_bits ? d_sae / 32 + 2 : 0, 0u);
+  if (aux_by_bits) for (int32_t l : dead) dead_words[l >> 5] |= 1u << (l & 31);
+  // The dead bits of latents [c, c + m), m <= kScanGroup.
+  auto dead_bits = [&dead_words](int64_t c, int64_t m) -> uint32_t {
+    const uint64_t w = dead_words[c >> 5] | (uint64_t(dead_words[(c >> 5) + 1]) << 32);
+    const uint32_t bits = uint32_t(w >> (c & 31));
+    return m >= 32 ? bits : bits & ((1u << m) - 1u);
+  };
+
   size_t dead_pos = 0;
-  for (int64_t c0 = 0; c0 < d_sae; c0 += cols) {
-    const int64_t c1 = std::min<int64_t>(d_sae, c0 + cols), width = c1 - c0;
-    // Dead latents in this block: dead[d_lo:d_hi].
-    const size_t d_lo = dead_pos;
-    while (dead_pos < dead.size() && dead[dead_pos] < c1) ++dead_pos;
-    const size_t d_hi = dead_pos;
-    if (!want_main && d_lo == d_hi) continue;
-    at::Tensor out = buf.narrow(1, 0, width);
-    // fp32/fp64: the bias is added as the block is read (addmm would first copy it into every
-    // row of the block: a write of the whole block). 16-bit: addmm, whose fp32 accumulator takes
-    // the bias before the one rounding to the dtype.
-    const bool bias_on_read = b_enc.has_value() && sizeof(T) >= 4;
-    if (b_enc.has_value() && !bias_on_read) {
-      at::addmm_out(out, b_enc->narrow(0, c0, width), xc, W_enc.narrow(1, c0, width));
-    } else {
-      at::mm_out(out, xc, W_enc.narrow(1, c0, width));
-    }
-    const T* pre = buf.data_ptr<T>();
-    const T* bias = bias_on_read ? b_enc->data_ptr<T>() + c0 : nullptr;
-    const int64_t ld = cols;
-    // Entry j of a block row, rounded to the dtype as the pre-activation is.
-    auto value = [bias](const T* p, int64_t j) -> A {
-      return bias ? static_cast<A>(static_cast<T>(static_cast<A>(p[j]) + static_cast<A>(bias[j])))
-                  : static_cast<A>(p[j]);
-    };
-    if (mode == 1 && want_main) {
-      at::parallel_for(0, n_slabs, 1, [&](int64_t s0, int64_t s1) {
-        for (int64_t s = s0; s < s1; ++s) {
-          BatchTop<A>& top = slabs[s];
-          const int64_t r1 = std::min<int64_t>(n_rows, (s + 1) * slab_rows);
-          for (int64_t r = s * slab_rows; r < r1; ++r) {
-            const T* p = pre + r * ld;
-            const int64_t flat0 = r * d_sae + c0;
-            A vals[kScanGroup];
-            for (int64_t j0 = 0; j0 < width; j0 += kScanGroup) {
-              const int64_t m = std::min<int64_t>(kScanGroup, width - j0);
-              for (int64_t i = 0; i < m; ++i) vals[i] = value(p, j0 + i);
-              if (!any_reaches<A, A>(vals, m, top.bar.v)) continue;
-              FlatEntry<A>* out = top.reserve(m);
-              int64_t size = top.size;
-              for (int64_t i = 0; i < m; ++i) {
-                out[size] = {vals[i], flat0 + j0 + i};
-                size += top.beats(vals[i], flat0 + j0 + i);
-              }
-              top.size = size;
-            }
-            top.maybe_shrink();
-          }
-        }
-      });
-    }
-    if ((mode == 2 && want_main) || (aux_on && d_hi > d_lo)) {
-      at::parallel_for(0, n_rows, 16, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
+  size_t d_lo = 0, d_hi = 0;  // dead[d_lo:d_hi]: the dead latents of the current block
+  for_each_block<T>(xc, W_enc, b_enc, block_cols,
+      [&](int64_t c0, int64_t c1) {
+        d_lo = dead_pos;
+        while (dead_pos < dead.size() && dead[dead_pos] < c1) ++dead_pos;
+        d_hi = dead_pos;
+        return want_main || d_lo < d_hi;
+      },
+      [&](int64_t c0, int64_t width, const T* pre, int64_t ld, auto value) {
+        const bool aux_here = aux_on && d_hi > d_lo;
+        // Row r of the block, one group of kScanGroup entries at a time: the main selection's
+        // offer(vals, m, j0) and, when the aux codes read the same values, the aux offer.
+        auto scan_row = [&](int64_t r, auto&& main_offer) {
           const T* p = pre + r * ld;
-          if (mode == 2 && want_main) {
-            RowTop<A>& top = main_rows[r];
-            A vals[kScanGroup];
-            for (int64_t j0 = 0; j0 < width; j0 += kScanGroup) {
-              const int64_t m = std::min<int64_t>(kScanGroup, width - j0);
-              for (int64_t i = 0; i < m; ++i) vals[i] = value(p, j0 + i);
-              if (!any_reaches<A, A>(vals, m, top.bar.v)) continue;
-              Entry<A>* out = top.reserve(m);
-              int64_t n = top.n;
-              for (int64_t i = 0; i < m; ++i) {
-                const int32_t lat = (int32_t)(c0 + j0 + i);
-                out[n] = {vals[i], lat};
-                n += top.beats(vals[i], lat);
-              }
-              top.n = n;
+          A vals[kScanGroup];
+          for (int64_t j0 = 0; j0 < width; j0 += kScanGroup) {
+            const int64_t m = std::min<int64_t>(kScanGroup, width - j0);
+            for (int64_t i = 0; i < m; ++i) vals[i] = value(p, j0 + i);
+            main_offer(vals, m, j0);
+            if (aux_here) {
+              const uint32_t allow = dead_bits(c0 + j0, m);
+              if (allow) aux_rows[r].offer(vals, m, [&](int i) { return (int32_t)(c0 + j0 + i); }, allow);
             }
-            top.maybe_shrink();
           }
-          if (aux_on && d_hi > d_lo) {
-            RowTop<A>& top = aux_rows[r];
-            Entry<A>* out = top.reserve((int64_t)(d_hi - d_lo));
-            int64_t n = top.n;
-            A vals[kScanGroup];
-            for (size_t d0 = d_lo; d0 < d_hi; d0 += kScanGroup) {
-              const int64_t m = std::min<int64_t>(kScanGroup, (int64_t)(d_hi - d0));
-              for (int64_t i = 0; i < m; ++i) vals[i] = value(p, dead[d0 + i] - c0);
-              if (!any_reaches<A, A>(vals, m, top.bar.v)) continue;
-              for (int64_t i = 0; i < m; ++i) {
-                out[n] = {vals[i], (int32_t)(d0 + i)};
-                n += top.beats(vals[i], (int32_t)(d0 + i));
+        };
+        if (mode == 1 && want_main) {
+          at::parallel_for(0, n_slabs, 1, [&](int64_t s0, int64_t s1) {
+            for (int64_t s = s0; s < s1; ++s) {
+              BatchTop<A>& top = slabs[s];
+              const int64_t r1 = std::min<int64_t>(n_rows, (s + 1) * slab_rows);
+              for (int64_t r = s * slab_rows; r < r1; ++r) {
+                const int64_t flat0 = r * d_sae + c0;
+                scan_row(r, [&](const A* vals, int64_t m, int64_t j0) { top.offer(vals, m, flat0 + j0); });
               }
             }
-            top.n = n;
-            top.maybe_shrink();
-          }
+          });
+        } else if (mode == 2 && want_main) {
+          at::parallel_for(0, n_rows, 16, [&](int64_t r0, int64_t r1) {
+            for (int64_t r = r0; r < r1; ++r) {
+              RowTop<A>& top = main_rows[r];
+              scan_row(r, [&](const A* vals, int64_t m, int64_t j0) {
+                top.offer(vals, m, [&](int i) { return (int32_t)(c0 + j0 + i); });
+              });
+            }
+          });
+        } else if (aux_here) {
+          at::parallel_for(0, n_rows, 16, [&](int64_t r0, int64_t r1) {
+            for (int64_t r = r0; r < r1; ++r) offer_dead<T, A>(aux_rows[r], pre + r * ld, dead, d_lo, d_hi, c0, value);
+          });
         }
       });
-    }
-  }
-  buf = at::Tensor();
 
   const auto vopt = xc.options();
   std::vector<at::Tensor> result;
@@ -334,14 +483,41 @@ std::vector<at::Tensor> encode_select_impl(const at::Tensor& xc, const at::Tenso
     for (int64_t r = 0; r < n_rows; ++r) off[r + 1] += off[r];
     result = {values, lats, rows, offsets};
   } else if (mode == 2 && want_main) {
-    for (auto& t : main_rows) t.finish();
-    result = rows_to_csr<T, A>(main_rows, nullptr, vopt);
+    at::parallel_for(0, (int64_t)main_rows.size(), 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) main_rows[r].finish();
+    });
+    result = rows_to_csr<T, A>(main_rows, vopt);
   } else {
     result = {at::empty({0}, vopt), at::empty({0}, at::kInt), at::empty({0}, at::kInt), at::zeros({n_rows + 1}, at::kLong)};
   }
   if (aux_on) {
-    for (auto& t : aux_rows) t.finish();
-    auto aux = rows_to_csr<T, A>(aux_rows, &dead, vopt);
+    at::parallel_for(0, (int64_t)aux_rows.size(), 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) aux_rows[r].finish();
+    });
+    if (exclude) {
+      // Drop the latents the main codes use; a row keeps its aux_k best of the rest, which are
+      // its aux_k best among the unfired dead latents unless its candidates ran short after a cut
+      // (then the row is recomputed over those latents alone).
+      std::vector<uint8_t> fired(d_sae, 0);
+      const int32_t* lp = result[1].data_ptr<int32_t>();
+      for (int64_t i = 0; i < result[1].numel(); ++i) fired[lp[i]] = 1;
+      std::vector<int32_t> unfired;
+      for (int32_t l : dead) if (!fired[l]) unfired.push_back(l);
+      const int64_t k_final = std::min<int64_t>(k_aux, (int64_t)unfired.size());
+      std::vector<int64_t> redo;
+      for (int64_t r = 0; r < n_rows; ++r) {
+        RowTop<A>& t = aux_rows[r];
+        t.drop(fired);
+        if (t.n >= k_final) {
+          t.k = k_final;
+          t.finish();
+        } else if (t.truncated) {
+          redo.push_back(r);
+        }
+      }
+      rows_aux_pass<T>(xc, W_enc, b_enc, unfired, k_final, block_cols, redo, aux_rows);
+    }
+    auto aux = rows_to_csr<T, A>(aux_rows, vopt);
     result.insert(result.end(), aux.begin(), aux.end());
   } else {
     result.insert(result.end(), {at::empty({0}, vopt), at::empty({0}, at::kInt), at::empty({0}, at::kInt),
@@ -352,7 +528,7 @@ std::vector<at::Tensor> encode_select_impl(const at::Tensor& xc, const at::Tenso
 
 std::vector<at::Tensor> encode_select(const at::Tensor& xc, const at::Tensor& W_enc, const c10::optional<at::Tensor>& b_enc,
                                       int64_t mode, int64_t k, const c10::optional<at::Tensor>& dead_mask,
-                                      int64_t k_aux, int64_t block_cols) {
+                                      int64_t k_aux, int64_t block_cols, int64_t aux_keep, bool aux_exclude_fired) {
   TORCH_CHECK(xc.dim() == 2 && W_enc.dim() == 2 && xc.size(1) == W_enc.size(0), "encode_select: shapes");
   TORCH_CHECK(xc.is_contiguous() && W_enc.stride(1) == 1, "encode_select: layouts");
   TORCH_CHECK(!b_enc.has_value() || (b_enc->is_contiguous() && b_enc->numel() == W_enc.size(1) &&
@@ -361,7 +537,8 @@ std::vector<at::Tensor> encode_select(const at::Tensor& xc, const at::Tensor& W_
   TORCH_CHECK(W_enc.size(1) < std::numeric_limits<int32_t>::max(), "encode_select: d_sae too large");
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "encode_select", [&] {
-    out = encode_select_impl<scalar_t>(xc, W_enc, b_enc, mode, k, dead_mask, k_aux, block_cols);
+    out = encode_select_impl<scalar_t>(xc, W_enc, b_enc, mode, k, dead_mask, k_aux, block_cols, aux_keep,
+                                       aux_exclude_fired);
   });
   return out;
 }
@@ -399,7 +576,41 @@ void decode_backward_impl(const at::Tensor& grad_out, const at::Tensor& values, 
       if (a < b) {
         const T* wl = W + l * d_in;
         for (int64_t i = 0; i < d_in; ++i) w[i] = static_cast<A>(wl[i]);
-        for (int64_t p = a; p < b; ++p) {
+        int64_t p = a;
+        // Four entries at a time: four independent dot products, and acc read and written once
+        // for the four (each pass over a row is bound by loads and FMA latency, not arithmetic).
+        for (; p + 4 <= b; p += 4) {
+          const int64_t j0 = order[p], j1 = order[p + 1], j2 = order[p + 2], j3 = order[p + 3];
+          const T* g0 = g + (int64_t)rows[j0] * d_in;
+          const T* g1 = g + (int64_t)rows[j1] * d_in;
+          const T* g2 = g + (int64_t)rows[j2] * d_in;
+          const T* g3 = g + (int64_t)rows[j3] * d_in;
+          if (gv) {
+            A d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+            for (int64_t i = 0; i < d_in; ++i) {
+              const A wi = w[i];
+              d0 += static_cast<A>(g0[i]) * wi;
+              d1 += static_cast<A>(g1[i]) * wi;
+              d2 += static_cast<A>(g2[i]) * wi;
+              d3 += static_cast<A>(g3[i]) * wi;
+            }
+            gv[j0] = static_cast<T>(d0);
+            gv[j1] = static_cast<T>(d1);
+            gv[j2] = static_cast<T>(d2);
+            gv[j3] = static_cast<T>(d3);
+          }
+          if (gW) {
+            const A v0 = static_cast<A>(v[j0]), v1 = static_cast<A>(v[j1]);
+            const A v2 = static_cast<A>(v[j2]), v3 = static_cast<A>(v[j3]);
+#pragma omp simd
+            for (int64_t i = 0; i < d_in; ++i) {
+              acc[i] += (v0 * static_cast<A>(g0[i]) + v1 * static_cast<A>(g1[i])) +
+                        (v2 * static_cast<A>(g2[i]) + v3 * static_cast<A>(g3[i]));
+            }
+          }
+        }
+        for (; p < b; ++p) {
           const int64_t j = order[p];
           const T* gr = g + (int64_t)rows[j] * d_in;
           if (gv) {
@@ -461,7 +672,25 @@ void encode_backward_weight_impl(const at::Tensor& g_values, const at::Tensor& x
       for (int64_t l = l0; l < l1; ++l) {
         A s = 0;
         A* al = acc.data() + (l - l0) * d_in;
-        for (int64_t p = starts[l]; p < starts[l + 1]; ++p) {
+        int64_t p = starts[l];
+        // Four entries at a time: al read and written once for the four.
+        for (; p + 4 <= starts[l + 1]; p += 4) {
+          const int64_t j0 = order[p], j1 = order[p + 1], j2 = order[p + 2], j3 = order[p + 3];
+          const A c0 = g[j0], c1 = g[j1], c2 = g[j2], c3 = g[j3];
+          s += ((c0 + c1) + c2) + c3;
+          if (gW) {
+            const T* x0 = x + (int64_t)rows[j0] * d_in;
+            const T* x1 = x + (int64_t)rows[j1] * d_in;
+            const T* x2 = x + (int64_t)rows[j2] * d_in;
+            const T* x3 = x + (int64_t)rows[j3] * d_in;
+#pragma omp simd
+            for (int64_t i = 0; i < d_in; ++i) {
+              al[i] += (c0 * static_cast<A>(x0[i]) + c1 * static_cast<A>(x1[i])) +
+                       (c2 * static_cast<A>(x2[i]) + c3 * static_cast<A>(x3[i]));
+            }
+          }
+        }
+        for (; p < starts[l + 1]; ++p) {
           const int64_t j = order[p];
           const A gj = g[j];
           s += gj;
@@ -544,7 +773,7 @@ void decoder_norm_(at::Tensor W_dec, const c10::optional<at::Tensor>& grad, bool
 TORCH_LIBRARY(saefast_cpu, m) {
   m.def("decoder_norm_(Tensor(a!) W_dec, Tensor(b!)? grad, bool normalize, float eps) -> ()", &decoder_norm_);
   m.def("encode_select(Tensor xc, Tensor W_enc, Tensor? b_enc, int mode, int k, Tensor? dead_mask, int k_aux, "
-        "int block_cols) -> Tensor[]", &encode_select);
+        "int block_cols, int aux_keep=0, bool aux_exclude_fired=False) -> Tensor[]", &encode_select);
   m.def("decode_backward(Tensor grad_out, Tensor values, Tensor indices, Tensor row_ids, Tensor W_dec, "
         "bool need_values, Tensor? out_W) -> Tensor[]", &decode_backward);
   m.def("encode_backward_weight(Tensor g_values, Tensor xc, Tensor indices, Tensor row_ids, int d_sae, "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from typing import Any, ClassVar, Dict, NamedTuple, Optional, Tuple, Type, Union
 
 import torch
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 
 from .. import batchtopk_compat, io, ops
 from ..config import SAEConfig, dtype_name, register_variant, variant_class
+from ..dense_features import DenseFeatures
 from ..ops import SparseActs
 from ..utils import LazyDict
 
@@ -63,6 +65,67 @@ class Codes(NamedTuple):
     decode_acts: SparseActs   # what the decoder sees (JumpReLU in training: also the zeroed in-band entries)
     acts: SparseActs          # the active latents
     sparsity_loss: Tensor     # fp32 scalar, already weighted
+
+
+class _ClassicForward:
+    """What the last classic ``forward`` of an SAE left for ``get_auxiliary_loss``: its input and
+    output (by identity and version), the dead latents and weight versions it saw, and, when it
+    computed them in its own encode and decode, the aux-K codes' decode.
+
+    ``fuse``: whether the next training forward computes the aux-K codes. It stops when a fused
+    forward's aux-K decode was never asked for (a loop without ``get_auxiliary_loss``, whose
+    forward would only pay for them) and starts again when ``get_auxiliary_loss`` is called with
+    the last forward's output."""
+
+    def __init__(self) -> None:
+        self.fuse = True
+        self.key: Optional[Tuple[Any, ...]] = None
+        self.dead: Optional[Tensor] = None
+        self.aux_recon: Optional[Tensor] = None
+
+    @staticmethod
+    def _versions(sae: "BaseSAE", x: Tensor, x_recon: Tensor) -> Optional[Tuple[int, ...]]:
+        tensors = (x, x_recon, sae.W_enc, sae.W_dec, sae.b_dec)
+        if any(t.is_inference() for t in tensors):  # no version counter, and nothing to reuse
+            return None
+        return tuple(t._version for t in tensors)
+
+    def start(self) -> bool:
+        """At the start of a forward: whether it should compute the aux-K codes."""
+        if self.aux_recon is not None:  # the previous forward's aux-K decode went unused
+            self.fuse = False
+        self.key = self.dead = self.aux_recon = None
+        return self.fuse
+
+    def remember(self, sae: "BaseSAE", x: Tensor, x_recon: Tensor, dead: Optional[Tensor],
+                 aux_recon: Optional[Tensor]) -> None:
+        self.key = (weakref.ref(x), weakref.ref(x_recon), self._versions(sae, x, x_recon))
+        self.dead = dead
+        self.aux_recon = aux_recon
+
+    def take(self, sae: "BaseSAE", x: Tensor, x_recon: Tensor, dead: Tensor) -> Optional[Tensor]:
+        """The last forward's aux-K decode if (x, x_recon) are its input and output, unchanged,
+        with the same dead latents and weights; else None. Either way it is handed out once."""
+        key, aux_recon, seen_dead = self.key, self.aux_recon, self.dead
+        self.key = self.dead = self.aux_recon = None
+        if (key is None or key[0]() is not x or key[1]() is not x_recon or key[2] is None
+                or key[2] != self._versions(sae, x, x_recon)):
+            return None
+        self.fuse = True
+        if aux_recon is None or not torch.is_grad_enabled() or not torch.equal(seen_dead, dead):
+            return None
+        return aux_recon
+
+
+# Per SAE, outside its __dict__ (so copying or pickling an SAE carries none of it).
+_CLASSIC_FORWARDS: "weakref.WeakKeyDictionary[nn.Module, _ClassicForward]" = weakref.WeakKeyDictionary()
+
+
+def _classic_state(sae: nn.Module) -> _ClassicForward:
+    state = _CLASSIC_FORWARDS.get(sae)
+    if state is None:
+        state = _CLASSIC_FORWARDS[sae] = _ClassicForward()
+    return state
 
 
 class BaseSAE(nn.Module):
@@ -360,10 +423,14 @@ class BaseSAE(nn.Module):
 
     def forward(self, x: Tensor, *, return_losses: bool = False, update_stats: bool = True,
                 target: Optional[Tensor] = None):
-        """``(x_recon, features)`` for x [batch, d_in] or [batch, seq, d_in]; features are dense,
-        shaped like x with d_sae last.
+        """``(x_recon, features)`` for x [batch, d_in] or [batch, seq, d_in]; features are the dense
+        activations, shaped like x with d_sae last, as a :class:`~saefast.dense_features.DenseFeatures`:
+        it behaves as that tensor (differentiable) but is built only when something reads it, and
+        ``update_inactive_features(features)`` never builds it.
 
-        In training mode BatchTopK's running inference threshold is updated here; the
+        In a training forward of a variant with the aux-K loss, the aux-K codes of the dead
+        latents come out of the same encode and decode, for ``get_auxiliary_loss(x, x_recon)`` to
+        use. In training mode BatchTopK's running inference threshold is updated here; the
         dead-latent counters are not (call ``update_inactive_features(features)``).
         ``return_losses=True`` returns ``training_forward(x, update_stats, target=target)`` instead
         (sparse), so a DistributedDataParallel wrapper can run the training step through its own
@@ -373,12 +440,19 @@ class BaseSAE(nn.Module):
             return self.training_forward(x, update_stats=update_stats, target=target)
         x2, lead = self._flatten_input(x)
         x_in, mean, std = self._standardize(x2)
-        codes = self._codes(x_in)
+        classic = _classic_state(self)
+        dead = self.dead_mask() if classic.start() and self._trains_aux_k() else None
+        aux_recon = None
+        if dead is not None and bool(dead.any()):
+            codes, x_hat, aux_recon = self._train_codes_and_aux_recon(x_in, dead)
+        else:
+            codes = self._codes(x_in)
+            x_hat = self._decode(codes.decode_acts, x_in)
         if self.training:
             self.update_threshold(codes.acts.kept_min)
-        x_recon = self._unstandardize(self._decode(codes.decode_acts, x_in), mean, std)
-        features = codes.acts.to_dense().reshape(*lead, self.d_sae)
-        return x_recon.reshape(*lead, self.d_out), features
+        x_recon = self._unstandardize(x_hat, mean, std).reshape(*lead, self.d_out)
+        classic.remember(self, x, x_recon, dead, aux_recon)
+        return x_recon, DenseFeatures(codes.acts, lead)
 
     def encode_sparse(self, x: Tensor) -> SparseActs:
         """Sparse codes of x [..., d_in] (rows = flattened leading dims). eval() mode uses the
@@ -481,14 +555,24 @@ class BaseSAE(nn.Module):
         """A TopK variant's training step with aux-K: main and aux codes from one fused encode,
         both decoded by one sparse decode, so W_enc and W_dec each get one gradient buffer.
         Same numbers as ``_codes`` + ``_decode`` + ``_aux_loss`` (y_in: the rows to reproduce)."""
+        codes, x_hat, aux_recon = self._train_codes_and_aux_recon(x_in, dead)
+        return codes, x_hat, self._aux_penalty(aux_recon, (y_in - x_hat).detach())
+
+    def _trains_aux_k(self) -> bool:
+        """Whether a forward now is a training forward of a variant with the aux-K loss."""
+        return self.needs_top_k and self.training and torch.is_grad_enabled()
+
+    def _train_codes_and_aux_recon(self, x_in: Tensor, dead: Tensor) -> Tuple[Codes, Tensor, Tensor]:
+        """(codes, x_hat [N, d_out], the aux-K codes' decode [N, d_out]) of a training forward with
+        some latent dead: one fused encode and one sparse decode (see ``_train_codes_with_aux``).
+        x_hat includes b_dec and the skip connection; the aux decode is the dead latents' alone."""
         c = self.config
         acts, aux_acts = ops.topk_encode_with_aux(x_in, self.W_enc, self._b_dec_in(), c.top_k, dead, c.top_k_aux,
                                                   b_enc=self._b_enc_in(), mode=self.topk_mode)
         both = ops.sparse_decode(ops.stack_rows(acts, aux_acts), self.W_dec)
         n = x_in.shape[0]
         x_hat = self._add_skip(both[:n] + self.b_dec.to(both.dtype), x_in)
-        residual = (y_in - x_hat).detach()
-        return Codes(acts, acts, self._sparsity_loss(acts)), x_hat, self._aux_penalty(both[n:], residual)
+        return Codes(acts, acts, self._sparsity_loss(acts)), x_hat, both[n:]
 
     def _aux_penalty(self, aux_recon: Tensor, residual: Tensor) -> Tensor:
         return self.config.aux_penalty * (aux_recon.float() - residual.float()).pow(2).mean()
@@ -506,7 +590,12 @@ class BaseSAE(nn.Module):
     def get_auxiliary_loss(self, x: Tensor, x_recon: Tensor, target: Optional[Tensor] = None) -> Tensor:
         """Aux-K loss of x and its reconstruction from ``forward`` (0 for variants without aux-K or
         when no latent is dead); a transcoder also takes its ``target``. The residual is detached,
-        as in the TopK papers."""
+        as in the TopK papers.
+
+        Called with the very x and x_recon of the last training ``forward`` (same dead latents,
+        weights unchanged), it reuses that forward's aux-K codes and their decode, which came out
+        of the forward's own encode and decode (one gradient buffer per weight); otherwise the
+        aux-K codes are computed here. The loss is the same either way."""
         x2, lead = self._flatten_input(x)
         if not isinstance(x_recon, Tensor) or x_recon.numel() != x2.shape[0] * self.d_out:
             raise ValueError(f"x_recon must be the output of forward(x), [..., d_out={self.d_out}] for x "
@@ -517,7 +606,11 @@ class BaseSAE(nn.Module):
         x_hat = x_recon.reshape(-1, self.d_out)
         if mean is not None:
             x_hat = (x_hat - mean) / std
-        return self._aux_loss(x_in, (y_in - x_hat).detach(), self.dead_mask())
+        dead = self.dead_mask()
+        aux_recon = _classic_state(self).take(self, x, x_recon, dead)
+        if aux_recon is not None:
+            return self._aux_penalty(aux_recon, (y_in - x_hat).detach())
+        return self._aux_loss(x_in, (y_in - x_hat).detach(), dead)
 
     # ------------------------------------------------------------------------------------------
     # Decoder maintenance (through the fused ops)
@@ -559,8 +652,11 @@ class BaseSAE(nn.Module):
         """Count one more batch for every latent that did not fire and reset those that did.
 
         features: a bool mask [d_sae] of latents that fired, a SparseActs, or dense features
-        [..., d_sae] (a latent fired if any entry is nonzero).
+        [..., d_sae] (a latent fired if any entry is nonzero; ``forward``'s features are read
+        through their sparse codes unless they were built).
         """
+        if isinstance(features, DenseFeatures) and not features.is_materialized:
+            features = features.acts
         if isinstance(features, SparseActs):
             fired = features.fired()
         elif isinstance(features, Tensor):

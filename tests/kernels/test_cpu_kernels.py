@@ -100,6 +100,36 @@ def test_encode_select_ties_match_exactly(ops, pytorch_path, mode, B, d_in, d_sa
     assert torch.equal(out[6], ref_aux[2]) and torch.equal(out[7], ref_aux[3])
 
 
+@pytest.mark.parametrize("B,d_in,d_sae,k,k_aux", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["batch", "row"])
+@pytest.mark.parametrize("keep", [1, 2])
+def test_encode_select_aux_excluding_fired_matches_dense(ops, B, d_in, d_sae, k, k_aux, dtype, mode, keep):
+    """aux_exclude_fired: each row's k_aux best among the dead latents that no row's main codes use.
+    keep=1 keeps only k_aux candidates per row before dropping the fired ones, so rows run short
+    and take the recompute path; keep=2 mostly does not."""
+    x, W, bd, be = make_problem(B, d_in, d_sae, dtype, seed=B * 5 + d_sae + keep)
+    xc = x - bd
+    dead = _dead_mask(d_sae, max(1, (2 * d_sae) // 3), seed=d_sae + 1)
+    dead[ops.encode_select(xc, W, be, MODES[mode], k, None, 0, 7)[1][::2].long()] = True  # some dead latents fire
+    out = ops.encode_select(xc, W, be, MODES[mode], k, dead, k_aux, 7, keep * k_aux, True)
+    main, aux = out[:4], out[4:]
+    check_csr(*main, B, d_sae)
+    check_csr(*aux, B, d_sae)
+    pre = dense_pre(xc, W, be)
+    exact = dtype == torch.float64
+    assert_same_selection(*main[:3], pre, mode, k, dtype=dtype, exact=exact)
+    fired = torch.zeros(d_sae, dtype=torch.bool)
+    fired[main[1].long()] = True
+    assert bool((dead & fired).any()), "some dead-listed latent must fire, or nothing is excluded"
+    unfired = (dead & ~fired).nonzero().flatten()
+    assert not bool(fired[aux[1].long()].any()), "aux codes must skip latents the main codes use"
+    assert bool(dead[aux[1].long()].all())
+    position = torch.searchsorted(unfired, aux[1].long()).int()
+    assert_same_selection(aux[0], position, aux[2], pre[:, unfired], "row", min(k_aux, unfired.numel()), dtype=dtype,
+                          exact=exact)
+
+
 def test_encode_select_without_dead_latents_or_positives(ops):
     x, W, bd, be = make_problem(6, 8, 30, torch.float32, seed=3)
     out = ops.encode_select(x - bd, W, be, 1, 4, torch.zeros(30, dtype=torch.bool), 8, 16)
@@ -184,6 +214,23 @@ def test_failed_build_falls_back(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="saefast.cpu_kernels"):
         assert cpu_kernels.kernels() is None
     assert "simulated compiler failure" in caplog.text
+
+
+def test_build_name_changes_with_the_source(monkeypatch, tmp_path):
+    """Two saefast versions sharing one extensions cache build under different names, so neither
+    rebuilds over (or loads) the other's library."""
+    from torch.utils import cpp_extension
+
+    names = []
+    monkeypatch.setattr(cpp_extension, "load", lambda name, **kwargs: names.append(name))
+    monkeypatch.setattr(cpp_extension, "verify_ninja_availability", lambda: None)
+    monkeypatch.setattr(cpu_kernels, "_compiler_found", lambda: True)
+    for text in ("// version one", "// version two", "// version one"):
+        source = tmp_path / "cpu_kernels.cpp"
+        source.write_text(text)
+        monkeypatch.setattr(cpu_kernels, "SOURCE", source)
+        cpu_kernels._build()
+    assert names[0] != names[1] and names[0] == names[2]
 
 
 @pytest.mark.parametrize("d_sae,d_in", [(1, 7), (33, 16), (300, 37), (1030, 5)])

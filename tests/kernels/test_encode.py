@@ -188,6 +188,40 @@ def test_encode_with_aux_and_stacked_decode_equal_separate_ops(backend, mode, dt
 
 
 
+@pytest.mark.parametrize("mode", ["batch", "row"])
+def test_encode_with_aux_excluding_fired_equals_separate_ops(backend, mode):
+    """exclude_fired=True: the aux codes are auxk_encode's among the dead latents the main codes
+    leave inactive, from the same fused node, with the same gradients."""
+    B, d_in, d_sae, k, k_aux = 21, 14, 67, 5, 9
+    x, W, bd, be = problem(B, d_in, d_sae, torch.float32, seed=52)
+    W_dec = W.t().contiguous()
+    dead = (torch.arange(d_sae) % 4 != 1).to(DEVICE)
+    target = torch.randn(2 * B, d_in, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    results = []
+    for fused in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (x, W, bd, be, W_dec)]
+        x_, W_, bd_, be_, Wd_ = leaves
+        if fused:
+            main, aux = saefast.ops.topk_encode_with_aux(x_, W_, bd_, k, dead, k_aux, b_enc=be_, mode=mode,
+                                                         exclude_fired=True)
+            out = saefast.sparse_decode(saefast.ops.stack_rows(main, aux), Wd_)
+        else:
+            main = saefast.topk_encode(x_, W_, bd_, k, b_enc=be_, mode=mode)
+            assert bool((dead & main.fired()).any()), "some dead-listed latent must fire"
+            aux = saefast.auxk_encode(x_, W_, bd_, dead & ~main.fired(), k_aux, b_enc=be_)
+            out = torch.cat([saefast.sparse_decode(main, Wd_), saefast.sparse_decode(aux, Wd_)])
+        ((out - target).square().sum() + main.values.sum()).backward()
+        results.append((main, aux, out.detach(), [t.grad for t in leaves]))
+    (m1, a1, o1, g1), (m2, a2, o2, g2) = results
+    for f in ("indices", "row_ids", "offsets"):
+        assert torch.equal(getattr(m1, f), getattr(m2, f)) and torch.equal(getattr(a1, f), getattr(a2, f)), f
+    assert a1.nnz > 0
+    assert_close(a1.values, a2.values, torch.float32)
+    assert_close(o1, o2, torch.float32, scale=4)
+    for name, a, b in zip(["x", "W_enc", "b_dec", "b_enc", "W_dec"], g1, g2):
+        assert_close(a, b, torch.float32, scale=8 * (1 + b.abs().max().item()), msg=name)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_encode_ops_reject_non_finite_inputs(backend, bad):
     B, d_in, d_sae = 6, 8, 30
