@@ -12,41 +12,11 @@ import torch
 from saefast import JumpReLUSAE, SAEConfig, SparseActs, load_sae
 from saefast.sae.jumprelu import PRICE_GRAD_SCALE, PRICE_RATE
 
+from jumprelu_oracle import DenseJumpReLU, DenseStep
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["torch", "triton"]
 TOL = dict(rtol=2e-4, atol=2e-5)
-
-
-def _rect(u):
-    return ((u > -0.5) & (u < 0.5)).to(u)
-
-
-class DenseJumpReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, threshold, bandwidth):
-        ctx.save_for_backward(x, threshold)
-        ctx.bandwidth = bandwidth
-        return x * (x > threshold)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        return (x > threshold) * g, (-(threshold / eps) * _rect((x - threshold) / eps) * g).sum(0), None
-
-
-class DenseStep(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, threshold, bandwidth):
-        ctx.save_for_backward(x, threshold)
-        ctx.bandwidth = bandwidth
-        return (x > threshold).to(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        return None, (-(1.0 / eps) * _rect((x - threshold) / eps) * g).sum(0), None
 
 
 def make_sae(d_in=16, d_sae=48, seed=5, **options):

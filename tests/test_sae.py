@@ -15,6 +15,7 @@ from torch import nn
 import saefast
 from saefast import BatchTopKSAE, JumpReLUSAE, SAEConfig, SparseActs, TopKSAE, VanillaSAE, create_sae
 
+from jumprelu_oracle import DenseJumpReLU, DenseStep
 
 
 TOL = {torch.float32: dict(rtol=2e-4, atol=2e-5), torch.float64: dict(rtol=1e-9, atol=1e-11)}
@@ -407,38 +408,6 @@ def test_classic_base_class_name_torch_dtype_and_initialize_weights():
 # ------------------------------------------------------------------------------------------------
 # JumpReLU against a dense straight-through implementation (SAELens / Rajamanoharan et al.)
 # ------------------------------------------------------------------------------------------------
-
-def _rect(u):
-    return ((u > -0.5) & (u < 0.5)).to(u)
-
-
-class DenseJumpReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, threshold, bandwidth):
-        ctx.save_for_backward(x, threshold)
-        ctx.bandwidth = bandwidth
-        return x * (x > threshold)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        return (x > threshold) * g, (-(threshold / eps) * _rect((x - threshold) / eps) * g).sum(0), None
-
-
-class DenseStep(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, threshold, bandwidth):
-        ctx.save_for_backward(x, threshold)
-        ctx.bandwidth = bandwidth
-        return (x > threshold).to(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        return None, (-(1.0 / eps) * _rect((x - threshold) / eps) * g).sum(0), None
-
 
 def test_jumprelu_losses_and_gradients_match_dense_ste():
     torch.manual_seed(0)

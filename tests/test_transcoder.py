@@ -14,6 +14,8 @@ from saefast import SAEConfig, SparseActs, create_sae, load_sae
 from saefast.data.synthetic import SyntheticActivations
 from saefast.evals.metrics import feature_recovery
 
+from jumprelu_oracle import DenseJumpReLU, DenseStep
+
 TOL = dict(rtol=2e-4, atol=2e-5)
 BACKENDS = ["torch", "triton"]
 ARCHS = ["batchtopk", "topk", "relu", "jumprelu"]
@@ -52,36 +54,6 @@ def data(B, d_in, d_out, seed=3):
 # Dense oracle: the transcoder's maths on the dense [B, d_sae] matrix
 # ------------------------------------------------------------------------------------------------
 
-def _rect(u):
-    return ((u > -0.5) & (u < 0.5)).to(u)
-
-
-class DenseJumpReLU(torch.autograd.Function):
-    """z * (z > theta); straight-through gradient to theta with a rectangle kernel."""
-
-    @staticmethod
-    def forward(ctx, z, theta):
-        ctx.save_for_backward(z, theta)
-        return z * (z > theta)
-
-    @staticmethod
-    def backward(ctx, g):
-        z, theta = ctx.saved_tensors
-        return (z > theta) * g, (-(theta / EPS) * _rect((z - theta) / EPS) * g).sum(0)
-
-
-class DenseStep(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z, theta):
-        ctx.save_for_backward(z, theta)
-        return (z > theta).to(z)
-
-    @staticmethod
-    def backward(ctx, g):
-        z, theta = ctx.saved_tensors
-        return None, (-(1.0 / EPS) * _rect((z - theta) / EPS) * g).sum(0)
-
-
 def dense_transcoder(p, arch, x, y, k, k_aux, dead, l1=0.01, aux_penalty=0.5):
     """Losses, output and dense features of a transcoder; p: its parameters (leaf tensors)."""
     pre = F.relu(x @ p["W_enc"] + p["b_enc"])  # a transcoder never subtracts b_dec from its input
@@ -98,8 +70,8 @@ def dense_transcoder(p, arch, x, y, k, k_aux, dead, l1=0.01, aux_penalty=0.5):
         acts = pre
         sparsity = l1 * acts.sum(-1).mean()
     else:
-        acts = DenseJumpReLU.apply(pre, p["threshold"])
-        sparsity = l1 * DenseStep.apply(pre, p["threshold"]).sum(-1).mean()
+        acts = DenseJumpReLU.apply(pre, p["threshold"], EPS)
+        sparsity = l1 * DenseStep.apply(pre, p["threshold"], EPS).sum(-1).mean()
     out = acts @ p["W_dec"] + p["b_dec"]
     if "W_skip" in p:
         out = out + x @ p["W_skip"]
