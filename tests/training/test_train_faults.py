@@ -12,9 +12,10 @@ import sys
 import pytest
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from saefast.cli import main
+
+from train_helpers import saved_weights, train_in_subprocess
 
 ARGS = ["--d-in", "16", "--synthetic-features", "32", "--synthetic-active", "2", "--batch-size", "64",
         "--top-k", "2", "--expansion-factor", "4", "--train-steps", "12", "--lr", "0.03", "--lr-warmup-steps", "3",
@@ -22,24 +23,12 @@ ARGS = ["--d-in", "16", "--synthetic-features", "32", "--synthetic-active", "2",
         "--no-progress-bar", "--no-tensorboard", "--normalize", "dataset_scale"]
 
 
-def _train(out, *extra, env=None):
-    cmd = [sys.executable, "-m", "saefast.cli", "train", "--out-dir", str(out), *extra]
-    return subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=300)
-
-
-def _weights(run):
-    out = {}
-    for f in (run / "sae").glob("*.safetensors"):
-        out.update({f"{f.name}:{k}": v for k, v in load_file(str(f)).items()})
-    return out
-
-
 def _rows(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def _assert_same_as_full(run, full):
-    want, got = _weights(full), _weights(run)
+    want, got = saved_weights(full), saved_weights(run)
     assert want.keys() == got.keys() and want
     for name in want:
         assert torch.equal(want[name], got[name]), f"{name} differs from the uninterrupted run"
@@ -53,7 +42,7 @@ def _assert_same_as_full(run, full):
 def full(tmp_path_factory):
     """The uninterrupted run every faulty one is compared with."""
     out = tmp_path_factory.mktemp("full")
-    done = _train(out, "--run-name", "full", *ARGS)
+    done = train_in_subprocess(out, "--run-name", "full", *ARGS)
     assert done.returncode == 0, done.stderr
     return out / "full"
 
@@ -66,7 +55,7 @@ def full(tmp_path_factory):
 def killed_at_10(tmp_path_factory):
     """A run killed (os._exit) after step 10: checkpoints at steps 4 and 8, rows up to step 10."""
     out = tmp_path_factory.mktemp("killed")
-    killed = _train(out, "--run-name", "run", *ARGS, env={"SAEFAST_KILL_AFTER_STEP": "10"})
+    killed = train_in_subprocess(out, "--run-name", "run", *ARGS, env={"SAEFAST_KILL_AFTER_STEP": "10"})
     assert killed.returncode == 75, killed.stderr
     assert (out / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000008"
     return out / "run"
@@ -104,7 +93,7 @@ def test_resume_with_every_checkpoint_damaged_says_how_to_restart(tmp_path, kill
 # ---------------------------------------------------------------------------------------------
 
 def test_run_killed_before_its_first_checkpoint_resumes_from_step_zero(tmp_path, full, caplog, capsys):
-    killed = _train(tmp_path, "--run-name", "run", *ARGS, env={"SAEFAST_KILL_AFTER_STEP": "3"})
+    killed = train_in_subprocess(tmp_path, "--run-name", "run", *ARGS, env={"SAEFAST_KILL_AFTER_STEP": "3"})
     assert killed.returncode == 75, killed.stderr
     run = tmp_path / "run"
     assert not (run / "checkpoints").exists() and len(_rows(run)) == 3

@@ -1,13 +1,11 @@
 """Kill a real training process mid-run, resume it, and get bit-identical weights."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from safetensors.torch import load_file
 
 from saefast.cli import main
+
+from train_helpers import saved_weights, train_in_subprocess
 
 ARGS = ["--d-in", "16", "--synthetic-features", "32", "--synthetic-active", "2", "--batch-size", "64",
         "--top-k", "2", "--expansion-factor", "4", "--train-steps", "14", "--lr", "0.03", "--lr-warmup-steps", "3",
@@ -15,22 +13,10 @@ ARGS = ["--d-in", "16", "--synthetic-features", "32", "--synthetic-active", "2",
         "--no-progress-bar", "--no-tensorboard", "--normalize", "dataset_scale"]
 
 
-def _train(tmp_path, *extra, env=None):
-    cmd = [sys.executable, "-m", "saefast.cli", "train", "--out-dir", str(tmp_path), *extra]
-    return subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=300)
-
-
-def _weights(run):
-    out = {}
-    for f in (run / "sae").glob("*.safetensors"):
-        out.update({f"{f.name}:{k}": v for k, v in load_file(str(f)).items()})
-    return out
-
-
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
-    full = _train(tmp_path, "--run-name", "full", *ARGS)
+    full = train_in_subprocess(tmp_path, "--run-name", "full", *ARGS)
     assert full.returncode == 0, full.stderr
-    killed = _train(tmp_path, "--run-name", "killed", *ARGS, env={"SAEFAST_KILL_AFTER_STEP": "10"})
+    killed = train_in_subprocess(tmp_path, "--run-name", "killed", *ARGS, env={"SAEFAST_KILL_AFTER_STEP": "10"})
     assert killed.returncode == 75, killed.stderr  # os._exit: no cleanup, no final checkpoint
     run = tmp_path / "killed"
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000008"
@@ -38,9 +24,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(logged) == 10
 
-    resumed = _train(tmp_path, "--resume", str(run))
+    resumed = train_in_subprocess(tmp_path, "--resume", str(run))
     assert resumed.returncode == 0, resumed.stderr
-    want, got = _weights(tmp_path / "full"), _weights(run)
+    want, got = saved_weights(tmp_path / "full"), saved_weights(run)
     assert want.keys() == got.keys() and want
     for name in want:
         assert (want[name] == got[name]).all(), f"{name} differs after resume"

@@ -1,10 +1,15 @@
 """Shared helpers of the training tests (tiny configs, in-memory activation sources, a tiny
-transformer-lens model with a dataset written to disk)."""
+transformer-lens model with a dataset written to disk, `saefast train` in a subprocess)."""
 import json
-from typing import Any, Dict, List
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from saefast.config import variant_class
 from saefast.training import TrainConfig
@@ -87,3 +92,18 @@ def model_run_files(tmp):
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     (tmp / "empty.jsonl").write_text("")
     return tmp, data, tiny_model_with_tokenizer()
+
+
+def train_in_subprocess(out_dir, *args: str, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """``saefast train --out-dir out_dir *args`` in a process of its own (which a test may kill),
+    its output captured."""
+    cmd = [sys.executable, "-m", "saefast.cli", "train", "--out-dir", str(out_dir), *args]
+    return subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=300)
+
+
+def saved_weights(run: Path) -> Dict[str, torch.Tensor]:
+    """Every tensor of the SAE a run saved, keyed ``<file>:<name>``."""
+    out = {}
+    for f in (Path(run) / "sae").glob("*.safetensors"):
+        out.update({f"{f.name}:{k}": v for k, v in load_file(str(f)).items()})
+    return out
