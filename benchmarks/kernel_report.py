@@ -45,6 +45,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from readme_blocks import fill_block
+
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -465,12 +467,7 @@ def readme_block(doc: dict, rel_path: str) -> str:
 
 
 def write_readme(readme: Path, text: str) -> None:
-    body = readme.read_text(encoding="utf-8")
-    if START not in body or END not in body:
-        raise ValueError(f"{readme} has no '{START}' ... '{END}' block to fill")
-    head, rest = body.split(START, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{text}\n{END}{tail}", encoding="utf-8")
+    fill_block(readme, START, END, text)
 
 
 def run(archs: Sequence[str], d_ins: Sequence[int], workers: int, dtypes: Optional[Sequence[str]] = None,

@@ -34,6 +34,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from readme_blocks import fill_block
+
 GB = 1e9
 GiB = float(1 << 30)
 
@@ -469,12 +471,7 @@ def readme_block(preds: List[dict]) -> str:
 
 
 def write_readme(readme: Path, text: str) -> None:
-    body = readme.read_text(encoding="utf-8")
-    if START not in body or END not in body:
-        raise ValueError(f"{readme} has no '{START}' ... '{END}' block to fill")
-    head, rest = body.split(START, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{text}\n{END}{tail}", encoding="utf-8")
+    fill_block(readme, START, END, text)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
+from readme_blocks import fill_block
+
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -368,12 +370,7 @@ def section(docs: List[dict], plot: Optional[Path], variants: Optional[List[str]
 
 
 def write_readme(readme: Path, text: str) -> None:
-    body = readme.read_text(encoding="utf-8")
-    if START not in body or END not in body or body.index(START) > body.index(END):
-        raise ValueError(f"{readme} has no '{START}' ... '{END}' block to fill")
-    head, rest = body.split(START, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{text}\n{END}{tail}", encoding="utf-8")
+    fill_block(readme, START, END, text)
 
 
 # ----------------------------------------------------------------------------------------------
