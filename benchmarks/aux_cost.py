@@ -16,7 +16,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
@@ -57,19 +56,8 @@ def main() -> None:
     calls["floor-gemm"] = sae_steps.encoder_gemm(problem(0.0), sae_steps.make_inputs(problem(0.0)))
     calls["floor-adam"] = sae_steps.adam_pass(problem(0.0), sae_steps.make_inputs(problem(0.0)))
     names = list(calls)
-    for name in names:  # warm-up: optimizer state, gradient buffers, kernel build
-        calls[name]()
-        calls[name]()
     load_start = os.getloadavg()[0]
-    wall: Dict[str, List[float]] = {n: [] for n in names}
-    cpu: Dict[str, List[float]] = {n: [] for n in names}
-    for r in range(args.rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            w0, c0 = time.perf_counter(), time.process_time()
-            calls[name]()
-            wall[name].append(time.perf_counter() - w0)
-            cpu[name].append(time.process_time() - c0)
+    wall, cpu = sae_steps.interleaved_rounds(calls, args.rounds, warmup=2)
     print(f"d_in {args.d_in}, d_sae {args.d_sae}, batch {args.batch}, k {args.k}, k_aux {args.k_aux}; "
           f"{torch.get_num_threads()} threads; {args.rounds} rounds; median (min-max)")
     for clock, times in (("wall", wall), ("cpu", cpu)):

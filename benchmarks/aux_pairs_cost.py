@@ -18,14 +18,15 @@ import argparse
 import os
 import statistics
 import sys
-import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, Tuple
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning threads would count as CPU time
 
 import torch  # noqa: E402
 
 from saefast import cpu_kernels  # noqa: E402
+
+import sae_steps  # noqa: E402
 
 Pairs = Tuple[torch.Tensor, torch.Tensor]  # (latents int32, rows int32), sorted by (row, latent)
 
@@ -85,18 +86,10 @@ def main() -> None:
         calls[f"encode_backward_weight {name}"] = (lambda g=g_values, i=lat, r=x_rows: kernels.encode_backward_weight(
             g, xc, i, r, d_sae, grad_W_enc))
     names = list(calls)
-    for name in names:
-        calls[name]()
     load_start = os.getloadavg()[0]
-    wall: Dict[str, List[float]] = {n: [] for n in names}
-    cpu: Dict[str, List[float]] = {n: [] for n in names}
-    for r in range(args.rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            w0, c0 = time.perf_counter(), time.process_time()
-            calls[name]()
-            wall[name].append(1e3 * (time.perf_counter() - w0))
-            cpu[name].append(1e3 * (time.process_time() - c0))
+    wall_s, cpu_s = sae_steps.interleaved_rounds(calls, args.rounds)
+    wall = {n: [1e3 * t for t in ts] for n, ts in wall_s.items()}
+    cpu = {n: [1e3 * t for t in ts] for n, ts in cpu_s.items()}
     print(f"d_in {d_in}, d_sae {d_sae}, batch {B}, k {args.k}, k_aux {args.k_aux} among {dead.numel()} dead; "
           f"{torch.get_num_threads()} threads; {args.rounds} rounds; ms per call, median (min)")
     for name in names:

@@ -24,13 +24,15 @@ latents). :func:`make_step` builds one contender's whole BatchTopK training step
 Every contender gets the same inputs, the same dead latents and the same optimizer
 (:func:`make_adam`; ``saefast`` on a backend with the fused decoder kernel: ``SAEAdam``, the same
 update), so the figures differ only by how the SAE maths is computed.
-No function here measures time; ``conftest.py`` does.
+No function here measures time except :func:`interleaved_rounds`, for the scripts run outside
+pytest (aux_cost.py, aux_pairs_cost.py); under pytest ``conftest.py`` does.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Callable, Dict, List, Optional
+import time
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -140,6 +142,28 @@ def sae_training_step(sae: torch.nn.Module, opt: torch.optim.Optimizer, x: Tenso
         sae.normalize_decoder()
 
     return run
+
+
+def interleaved_rounds(calls: Dict[str, Callable[[], object]], rounds: int, warmup: int = 1
+                       ) -> Tuple[Dict[str, List[float]], Dict[str, List[float]]]:
+    """Wall-clock and CPU seconds of every call, per round, outside pytest: each round runs every
+    call once, starting one further along the list than the round before (as conftest's
+    ``time_interleaved``), so drift on a shared machine hits all alike; ``warmup`` untimed runs of
+    each call first (optimizer state, gradient buffers, kernel builds)."""
+    names = list(calls)
+    for _ in range(warmup):
+        for name in names:
+            calls[name]()
+    wall: Dict[str, List[float]] = {n: [] for n in names}
+    cpu: Dict[str, List[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            w0, c0 = time.perf_counter(), time.process_time()
+            calls[name]()
+            wall[name].append(time.perf_counter() - w0)
+            cpu[name].append(time.process_time() - c0)
+    return wall, cpu
 
 
 @dataclasses.dataclass
