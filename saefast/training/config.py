@@ -591,8 +591,10 @@ def _train_config_class() -> type:
         owner = owners.get(f.name, SAEConfig)
         hints = typing.get_type_hints(owner)
         default = _default(f)
-        help_text = "SAE variant: " + ", ".join(architectures()) + "; or " + ", ".join(TRANSCODER_ARCHITECTURES) \
-            + " (that activation as a transcoder: needs target_hook on model and cache runs)." if f.name == "architecture" else f.metadata["help"]
+        help_text = f.metadata["help"]
+        if f.name == "architecture":
+            help_text = (f"SAE variant: {', '.join(architectures())}; or {', '.join(TRANSCODER_ARCHITECTURES)} (that "
+                         "activation as a transcoder: needs target_hook on model and cache runs).")
         meta = {"help": help_text, "group": "sae", "resume_safe": False, "sae_option": True}
         if isinstance(default, list):
             fields.append((f.name, hints[f.name], field(default_factory=lambda d=default: list(d), metadata=meta)))
