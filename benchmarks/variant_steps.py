@@ -181,3 +181,17 @@ def step_weights(step: Step) -> Dict[str, Tensor]:
 def toy_problem(device: str) -> Problem:
     """A small problem for checking that the contenders compute the same step."""
     return dataclasses.replace(Problem(d_in=48, d_sae=600, batch=64, k=6, k_aux=20, dead_fraction=0.1), device=device)
+
+
+def assert_contenders_agree(variant: str, device: str, steps: int = 3) -> None:
+    """saefast's and the dense step of ``variant`` are the same maths: after ``steps`` steps from
+    the same weights on :func:`toy_problem` every parameter agrees (fp32)."""
+    p = toy_problem(device)
+    weights = {}
+    for impl in ("saefast", "dense"):
+        step = make_step(variant, impl, p)
+        for _ in range(steps):
+            step.run()
+        weights[impl] = step_weights(step)
+    for name, value in weights["dense"].items():
+        torch.testing.assert_close(weights["saefast"][name], value, rtol=1e-4, atol=1e-6, msg=name)
