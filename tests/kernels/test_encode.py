@@ -149,6 +149,37 @@ def test_gradcheck_torch_backend_threshold_and_auxk(monkeypatch):
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7)
 
 
+def _fused_and_separate(x, W, bd, be, W_dec, target, k, dead, k_aux, mode, exclude_fired=False):
+    """Run the fused main + aux-K encode with the stacked decode, and the separate ops (aux-K
+    among ``dead``, less the main codes' latents when ``exclude_fired``) with two decodes, each on
+    fresh leaves, backward through the same loss. Returns [(main, aux, out, grads)] fused first."""
+    results = []
+    for fused in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (x, W, bd, be, W_dec)]
+        x_, W_, bd_, be_, Wd_ = leaves
+        if fused:
+            main, aux = saefast.ops.topk_encode_with_aux(x_, W_, bd_, k, dead, k_aux, b_enc=be_, mode=mode,
+                                                         exclude_fired=exclude_fired)
+            out = saefast.sparse_decode(saefast.ops.stack_rows(main, aux), Wd_)
+        else:
+            main = saefast.topk_encode(x_, W_, bd_, k, b_enc=be_, mode=mode)
+            aux_dead = dead & ~main.fired() if exclude_fired else dead
+            aux = saefast.auxk_encode(x_, W_, bd_, aux_dead, k_aux, b_enc=be_)
+            out = torch.cat([saefast.sparse_decode(main, Wd_), saefast.sparse_decode(aux, Wd_)])
+        ((out.float() - target.float()).square().sum() + main.values.float().sum()).backward()
+        results.append((main, aux, out.detach(), [t.grad for t in leaves]))
+    (m1, a1, _, _), (m2, a2, _, _) = results
+    for f in ("indices", "row_ids", "offsets"):
+        assert torch.equal(getattr(m1, f), getattr(m2, f)) and torch.equal(getattr(a1, f), getattr(a2, f)), f
+    return results
+
+
+def _assert_same_outputs_and_grads(results, dtype):
+    (_, _, o1, g1), (_, _, o2, g2) = results
+    assert_close(o1, o2, dtype, scale=4)
+    for name, a, b in zip(["x", "W_enc", "b_dec", "b_enc", "W_dec"], g1, g2):
+        assert_close(a, b, dtype, scale=8 * (1 + b.abs().max().item()), msg=name)
+
 
 @pytest.mark.parametrize("mode", ["batch", "row"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -157,35 +188,17 @@ def test_encode_with_aux_and_stacked_decode_equal_separate_ops(backend, mode, dt
     gradients (including latents that are both dead-listed and active in the main codes)."""
     B, d_in, d_sae, k, k_aux = 23, 18, 75, 4, 6
     x, W, bd, be = problem(B, d_in, d_sae, dtype, seed=51)
-    W_dec = W.t().contiguous()
     dead = (torch.arange(d_sae) % 3 == 0).to(DEVICE)
     target = torch.randn(2 * B, d_in, generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    results = []
-    for fused in (True, False):
-        leaves = [t.clone().requires_grad_() for t in (x, W, bd, be, W_dec)]
-        x_, W_, bd_, be_, Wd_ = leaves
-        if fused:
-            main, aux = saefast.ops.topk_encode_with_aux(x_, W_, bd_, k, dead, k_aux, b_enc=be_, mode=mode)
-            out = saefast.sparse_decode(saefast.ops.stack_rows(main, aux), Wd_)
-        else:
-            main = saefast.topk_encode(x_, W_, bd_, k, b_enc=be_, mode=mode)
-            aux = saefast.auxk_encode(x_, W_, bd_, dead, k_aux, b_enc=be_)
-            out = torch.cat([saefast.sparse_decode(main, Wd_), saefast.sparse_decode(aux, Wd_)])
-        assert bool(torch.isin(aux.indices, main.indices).any()), "some latent must be in both sets"
-        ((out.float() - target.float()).square().sum() + main.values.float().sum()).backward()
-        results.append((main, aux, out.detach(), [t.grad for t in leaves]))
-    (m1, a1, o1, g1), (m2, a2, o2, g2) = results
-    for f in ("indices", "row_ids", "offsets"):
-        assert torch.equal(getattr(m1, f), getattr(m2, f)) and torch.equal(getattr(a1, f), getattr(a2, f)), f
+    results = _fused_and_separate(x, W, bd, be, W.t().contiguous(), target, k, dead, k_aux, mode)
+    (m1, a1, _, _), (m2, a2, _, _) = results
+    assert bool(torch.isin(a1.indices, m1.indices).any()), "some latent must be in both sets"
     # Values agree up to the GEMM's summation order: the fused op may compute the aux codes'
     # pre-activations in the main encode's GEMM, the separate aux op in one over the dead columns.
     for f in ("values", "kept_min"):
         assert_close(getattr(m1, f), getattr(m2, f), dtype, msg=f)
         assert_close(getattr(a1, f), getattr(a2, f), dtype, msg=f)
-    assert_close(o1, o2, dtype, scale=4)
-    for name, a, b in zip(["x", "W_enc", "b_dec", "b_enc", "W_dec"], g1, g2):
-        assert_close(a, b, dtype, scale=8 * (1 + b.abs().max().item()), msg=name)
-
+    _assert_same_outputs_and_grads(results, dtype)
 
 
 @pytest.mark.parametrize("mode", ["batch", "row"])
@@ -194,32 +207,15 @@ def test_encode_with_aux_excluding_fired_equals_separate_ops(backend, mode):
     leave inactive, from the same fused node, with the same gradients."""
     B, d_in, d_sae, k, k_aux = 21, 14, 67, 5, 9
     x, W, bd, be = problem(B, d_in, d_sae, torch.float32, seed=52)
-    W_dec = W.t().contiguous()
     dead = (torch.arange(d_sae) % 4 != 1).to(DEVICE)
     target = torch.randn(2 * B, d_in, generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    results = []
-    for fused in (True, False):
-        leaves = [t.clone().requires_grad_() for t in (x, W, bd, be, W_dec)]
-        x_, W_, bd_, be_, Wd_ = leaves
-        if fused:
-            main, aux = saefast.ops.topk_encode_with_aux(x_, W_, bd_, k, dead, k_aux, b_enc=be_, mode=mode,
-                                                         exclude_fired=True)
-            out = saefast.sparse_decode(saefast.ops.stack_rows(main, aux), Wd_)
-        else:
-            main = saefast.topk_encode(x_, W_, bd_, k, b_enc=be_, mode=mode)
-            assert bool((dead & main.fired()).any()), "some dead-listed latent must fire"
-            aux = saefast.auxk_encode(x_, W_, bd_, dead & ~main.fired(), k_aux, b_enc=be_)
-            out = torch.cat([saefast.sparse_decode(main, Wd_), saefast.sparse_decode(aux, Wd_)])
-        ((out - target).square().sum() + main.values.sum()).backward()
-        results.append((main, aux, out.detach(), [t.grad for t in leaves]))
-    (m1, a1, o1, g1), (m2, a2, o2, g2) = results
-    for f in ("indices", "row_ids", "offsets"):
-        assert torch.equal(getattr(m1, f), getattr(m2, f)) and torch.equal(getattr(a1, f), getattr(a2, f)), f
+    results = _fused_and_separate(x, W, bd, be, W.t().contiguous(), target, k, dead, k_aux, mode,
+                                  exclude_fired=True)
+    (_, a1, _, _), (m2, a2, _, _) = results
+    assert bool((dead & m2.fired()).any()), "some dead-listed latent must fire"
     assert a1.nnz > 0
     assert_close(a1.values, a2.values, torch.float32)
-    assert_close(o1, o2, torch.float32, scale=4)
-    for name, a, b in zip(["x", "W_enc", "b_dec", "b_enc", "W_dec"], g1, g2):
-        assert_close(a, b, torch.float32, scale=8 * (1 + b.abs().max().item()), msg=name)
+    _assert_same_outputs_and_grads(results, torch.float32)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
