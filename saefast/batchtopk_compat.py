@@ -165,7 +165,7 @@ class DictAPI:
         W_dec get one gradient each; otherwise the aux codes, if any, come later (``_aux_loss``)."""
         c = self.config
         near_dead = self.num_batches_not_active >= c.n_batches_to_dead - 1
-        if not (self.needs_top_k and self.training and torch.is_grad_enabled() and bool(near_dead.any())):
+        if not (self._trains_aux_k() and bool(near_dead.any())):
             acts = self._codes(x_in).acts
             return acts, self._decode(acts), None
         # With n_batches_to_dead = 0 every latent counts as dead, fired or not.

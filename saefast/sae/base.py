@@ -542,7 +542,7 @@ class BaseSAE(nn.Module):
         normalised input x_in [N, d_in] whose target is y_in [N, d_out] (x_in itself for an
         autoencoder): ``recon_loss`` (the reconstruction term of the loss), ``mse_loss``,
         ``aux_loss`` and any terms of the variant's own. ``dead``: bool [d_sae]."""
-        if self.needs_top_k and self.training and torch.is_grad_enabled() and bool(dead.any()):
+        if self._trains_aux_k() and bool(dead.any()):
             codes, x_hat, aux_loss = self._train_codes_with_aux(x_in, y_in, dead)
         else:
             codes = self._codes(x_in)

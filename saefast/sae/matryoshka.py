@@ -165,7 +165,7 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         c = self.config
         n = x_in.shape[0]
         aux_acts = None
-        if self.training and torch.is_grad_enabled() and bool(dead.any()):
+        if self._trains_aux_k() and bool(dead.any()):
             acts, aux_acts = ops.topk_encode_with_aux(x_in, self.W_enc, self._b_dec_in(), c.top_k, dead, c.top_k_aux,
                                                       b_enc=self._b_enc_in(), mode="batch")
             codes = Codes(acts, acts, self._sparsity_loss(acts))
