@@ -15,7 +15,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import yaml
 
@@ -35,6 +35,13 @@ SYNTHETIC_D_IN = 64      # the synthetic default's input width when d_in is not 
 TRANSCODER_ARCHITECTURES = {"transcoder": ("batchtopk", False), "skip_transcoder": ("batchtopk", True),
                             "jumprelu_transcoder": ("jumprelu", False),
                             "jumprelu_skip_transcoder": ("jumprelu", True)}
+
+
+def _transcoder_name(architecture: Any) -> Optional[Tuple[str, str, bool]]:
+    """(the name as given, normalised; the activation it trains with; whether it adds the skip)
+    for one of :data:`TRANSCODER_ARCHITECTURES`, else None."""
+    name = str(architecture).strip().lower()
+    return (name, *TRANSCODER_ARCHITECTURES[name]) if name in TRANSCODER_ARCHITECTURES else None
 _DTYPES = ("float32", "bfloat16", "float16")
 
 # Defaults of the embedded synthetic run (no model, dataset or cache named), beneath the config
@@ -297,10 +304,10 @@ class _RunOptions:
         jumprelu_skip_transcoder) stands for its activation with the transcoder options set: the
         skip connection where the name has it, and on the synthetic default a target as wide as
         the input unless d_out is given. Model and cache runs name the target with target_hook."""
-        name = str(self.architecture).strip().lower()
-        if name not in TRANSCODER_ARCHITECTURES:
+        transcoder = _transcoder_name(self.architecture)
+        if transcoder is None:
             return
-        self.architecture, skip = TRANSCODER_ARCHITECTURES[name]
+        name, self.architecture, skip = transcoder
         self.skip_connection = self.skip_connection or skip
         if self.source_kind == "synthetic":
             if self.d_out is None:
@@ -463,8 +470,9 @@ class _RunOptions:
                 defaults.pop("train_steps")
             if values.get("d_sae") is not None:
                 defaults.pop("expansion_factor")
-            name = str(values.get("architecture", DEFAULT_ARCHITECTURE)).strip().lower()
-            name = TRANSCODER_ARCHITECTURES.get(name, (name,))[0]
+            name = values.get("architecture", DEFAULT_ARCHITECTURE)
+            transcoder = _transcoder_name(name)
+            name = transcoder[1] if transcoder else name
             try:
                 name = canonical_architecture(name)
                 if not variant_class(name).needs_top_k:
