@@ -16,6 +16,8 @@
 //   selection reads the values the main selection computes (a group's dead latents by a bit
 //   mask, only entries above the row's bar touched); a row's bar rises to its k_aux-th best so
 //   far by a bisection over float bit patterns.
+// * decode_forward: out[r] = sum over row r's entries j of values[j] * W_dec[lat_j], each thread's
+//   span of rows walked latent by latent (one read of a W_dec row per span, not per entry).
 // * decode_backward: grad_values[j] = grad_out[row_j] . W_dec[lat_j] and
 //   grad_W_dec[l] = sum over entries j of latent l of values[j] * grad_out[row_j], one pass over
 //   the entries grouped by latent, each W_dec row and gradient row written once.
@@ -543,6 +545,76 @@ std::vector<at::Tensor> encode_select(const at::Tensor& xc, const at::Tensor& W_
   return out;
 }
 
+// decode_forward: out[r] = sum over the entries j of row r of values[j] * W_dec[lat_j], in the
+// accumulation dtype. The rows are cut into one span per thread holding about as many entries
+// each; a thread walks its span's entries latent by latent (a counting sort of the span), so a
+// W_dec row is read once per span instead of once per entry, while the span's output rows stay in
+// its cache. Each output row still takes its entries in increasing latent order (the order of a
+// row's entries in codes), so the sum is the row-by-row sum, term for term.
+template <typename T>
+void decode_forward_impl(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& offsets,
+                         const at::Tensor& row_ids, const at::Tensor& W_dec, at::Tensor& out) {
+  using A = typename Acc<T>::type;
+  const int64_t n_rows = offsets.numel() - 1, d_sae = W_dec.size(0), d_in = W_dec.size(1);
+  const int64_t nnz = values.numel();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const T* W = W_dec.data_ptr<T>();
+  const T* v = values.data_ptr<T>();
+  const int32_t* lat = indices.data_ptr<int32_t>();
+  const int32_t* rows = row_ids.data_ptr<int32_t>();
+  A* o = out.data_ptr<A>();
+  const int64_t n_spans = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_rows));
+  // Span s: rows [bound[s], bound[s + 1]), cut where the entry count passes s * nnz / n_spans.
+  std::vector<int64_t> bound(n_spans + 1, n_rows);
+  bound[0] = 0;
+  for (int64_t s = 1; s < n_spans; ++s) {
+    bound[s] = std::upper_bound(off, off + n_rows + 1, s * nnz / n_spans) - off - 1;
+    bound[s] = std::max(bound[s], bound[s - 1]);
+  }
+  at::parallel_for(0, n_spans, 1, [&](int64_t s0, int64_t s1) {
+    std::vector<int32_t> starts, order;
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t r0 = bound[s], r1 = bound[s + 1];
+      if (r0 >= r1) continue;
+      std::fill(o + r0 * d_in, o + r1 * d_in, A(0));
+      const int64_t e0 = off[r0], e1 = off[r1];
+      starts.assign(d_sae + 1, 0);
+      for (int64_t j = e0; j < e1; ++j) starts[lat[j] + 1] += 1;
+      for (int64_t l = 0; l < d_sae; ++l) starts[l + 1] += starts[l];
+      order.resize(e1 - e0);
+      for (int64_t j = e0; j < e1; ++j) order[starts[lat[j]]++] = (int32_t)(j - e0);
+      // starts[l] is now the end of latent l's entries in order.
+      int64_t p = 0;
+      for (int64_t q = 0; q < (int64_t)order.size(); q = p) {
+        const int64_t l = lat[e0 + order[q]];
+        const T* wl = W + l * d_in;
+        for (p = q; p < starts[l]; ++p) {
+          const int64_t j = e0 + order[p];
+          const A a = static_cast<A>(v[j]);
+          A* orow = o + (int64_t)rows[j] * d_in;
+#pragma omp simd
+          for (int64_t i = 0; i < d_in; ++i) orow[i] += a * static_cast<A>(wl[i]);
+        }
+      }
+    }
+  });
+}
+
+// out [n_rows, d_in] in the accumulation dtype (float, or double for double inputs).
+at::Tensor decode_forward(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& offsets,
+                          const at::Tensor& row_ids, const at::Tensor& W_dec) {
+  TORCH_CHECK(W_dec.is_contiguous() && values.is_contiguous() && indices.is_contiguous() && row_ids.is_contiguous() &&
+              offsets.is_contiguous(), "decode_forward: layouts");
+  TORCH_CHECK(values.scalar_type() == W_dec.scalar_type() && indices.scalar_type() == at::kInt &&
+              row_ids.scalar_type() == at::kInt && offsets.scalar_type() == at::kLong, "decode_forward: dtypes");
+  const auto acc = W_dec.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({offsets.numel() - 1, W_dec.size(1)}, W_dec.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W_dec.scalar_type(), "decode_forward", [&] {
+    decode_forward_impl<scalar_t>(values, indices, offsets, row_ids, W_dec, out);
+  });
+  return out;
+}
+
 // Entries grouped by latent (a counting sort): order[starts[l]:starts[l+1]] are latent l's entries.
 void group_by_latent(const int32_t* lat, int64_t nnz, int64_t d_sae, std::vector<int64_t>& starts,
                      std::vector<int64_t>& order) {
@@ -774,6 +846,8 @@ TORCH_LIBRARY(saefast_cpu, m) {
   m.def("decoder_norm_(Tensor(a!) W_dec, Tensor(b!)? grad, bool normalize, float eps) -> ()", &decoder_norm_);
   m.def("encode_select(Tensor xc, Tensor W_enc, Tensor? b_enc, int mode, int k, Tensor? dead_mask, int k_aux, "
         "int block_cols, int aux_keep=0, bool aux_exclude_fired=False) -> Tensor[]", &encode_select);
+  m.def("decode_forward(Tensor values, Tensor indices, Tensor offsets, Tensor row_ids, Tensor W_dec) -> Tensor",
+        &decode_forward);
   m.def("decode_backward(Tensor grad_out, Tensor values, Tensor indices, Tensor row_ids, Tensor W_dec, "
         "bool need_values, Tensor? out_W) -> Tensor[]", &decode_backward);
   m.def("encode_backward_weight(Tensor g_values, Tensor xc, Tensor indices, Tensor row_ids, int d_sae, "

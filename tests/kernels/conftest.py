@@ -23,4 +23,6 @@ def backend(request, monkeypatch):
     # several blocks (and a partial last one) as well.
     monkeypatch.setattr(torch_backend, "LATENT_BLOCK_ELEMENTS", 64)
     monkeypatch.setattr(torch_backend, "ENCODE_BLOCK_ELEMENTS", 64)
+    # The C++ decode that walks entries latent by latent, on shapes far too small to pick it.
+    monkeypatch.setattr(torch_backend, "DECODE_BY_LATENT_MIN_ENTRIES", 0)
     return request.param

@@ -148,6 +148,66 @@ def _pairs(B, d_sae, per_row, seed, dtype):
     return values, lat.flatten().int(), rows
 
 
+def _ragged_pairs(n_rows, d_sae, seed, dtype, max_per_row):
+    """Entries of rows with 0..max_per_row latents each (empty rows included), sorted by (row,
+    latent) as codes are, repeated latents allowed."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, max_per_row + 1, (n_rows,), generator=g)
+    lat = torch.randint(0, d_sae, (int(counts.sum()),), generator=g)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    rows = torch.repeat_interleave(torch.arange(n_rows), counts)
+    lat = lat[torch.argsort(rows * d_sae + lat, stable=True)].int()
+    rows = rows.int()
+    values = (torch.rand(lat.numel(), generator=g) + 0.1).to(dtype)
+    return values, lat, rows, offsets
+
+
+@pytest.mark.parametrize("n_rows,d_in,d_sae,max_per_row", [(1, 7, 33, 5), (2, 16, 3, 40), (37, 48, 200, 9),
+                                                           (130, 33, 129, 60), (9, 5, 1000, 2)])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float16])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_decode_forward_matches_row_by_row_sums(ops, n_rows, d_in, d_sae, max_per_row, dtype, threads):
+    """The latent-by-latent decode adds each row's entries in the row's own order: the same sums
+    as embedding_bag's row by row (float32: to the bit), for any split of the rows over threads,
+    empty rows and repeated latents included; every output row written (poisoned buffer pool)."""
+    values, idx, rows, offsets = _ragged_pairs(n_rows, d_sae, seed=n_rows + d_sae + threads, dtype=dtype,
+                                               max_per_row=max_per_row)
+    W_dec = torch.randn(d_sae, d_in, generator=torch.Generator().manual_seed(4)).to(dtype)
+    acc = torch_backend.acc_dtype(dtype)
+    torch.full((n_rows + 3, d_in), float("nan"), dtype=acc)  # leave NaNs in freed memory
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = ops.decode_forward(values, idx, offsets, rows, W_dec)
+    finally:
+        torch.set_num_threads(before)
+    assert out.dtype == acc and out.shape == (n_rows, d_in)
+    expected = torch.nn.functional.embedding_bag(idx.long(), W_dec.to(acc), offsets, mode="sum",
+                                                 per_sample_weights=values.to(acc), include_last_offset=True)
+    if dtype == torch.float32:
+        assert torch.equal(out, expected)
+    dense = torch.zeros(n_rows, d_sae, dtype=torch.float64).index_put_((rows.long(), idx.long()), values.double(),
+                                                                       accumulate=True)
+    assert_close(out, dense @ W_dec.double(), acc, scale=max_per_row ** 0.5)
+
+
+def test_decode_forward_kernel_runs_where_it_pays(ops, monkeypatch):
+    """sparse_decode takes the latent-by-latent kernel once the entries average enough per latent
+    and thread (the aux-K codes stacked under the main ones), else embedding_bag."""
+    calls = []
+    real = torch_backend._decode_by_latent_pays
+    monkeypatch.setattr(torch_backend, "_decode_by_latent_pays", lambda *a: calls.append(real(*a)) or calls[-1])
+    x, W, bd, be = make_problem(8, 16, 64, torch.float32, seed=3)
+    acts = saefast.topk_encode(x, W, bd, 4, b_enc=be, mode="row")
+    few = saefast.sparse_decode(acts, W.t().contiguous())
+    threads = torch.get_num_threads()
+    many = saefast.topk_encode(x.repeat(threads * torch_backend.DECODE_BY_LATENT_MIN_ENTRIES * 2, 1), W, bd, 4,
+                               b_enc=be, mode="row")
+    lots = saefast.sparse_decode(many, W.t().contiguous())
+    assert calls == [False, True]
+    assert torch.equal(lots[:8], few) and torch.equal(lots[-8:], few)  # same rows and entries: same sums
+
+
 @pytest.mark.parametrize("B,d_in,d_sae,per_row", [(1, 7, 33, 1), (37, 48, 200, 5), (70, 33, 129, 17), (5, 16, 10, 10)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_backward_matches_pytorch_path(ops, pytorch_path, B, d_in, d_sae, per_row, dtype):
