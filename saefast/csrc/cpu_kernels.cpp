@@ -87,10 +87,10 @@ template <typename A> inline A kth_largest(A* vals, int64_t n, int64_t k) {
   std::nth_element(vals, vals + (k - 1), vals + n, std::greater<A>());
   return vals[k - 1];
 }
-// Positive floats (the only values a selection keeps) order as their bit patterns do, so the k-th
-// largest is the largest pattern t with #{vals >= t} >= k: a bisection over patterns whose counts
-// are branch-free vector passes, where nth_element's comparisons mispredict on random data.
-template <> inline float kth_largest<float>(float* vals, int64_t n, int64_t k) {
+// Non-negative floats (+0 and up, no NaN) order as their bit patterns do, so the k-th largest is the largest pattern t
+// with #{vals >= t} >= k: a bisection over patterns whose counts are branch-free vector passes,
+// where nth_element's comparisons mispredict on random data. vals is left as it is.
+inline float kth_largest_nonneg(const float* vals, int64_t n, int64_t k) {
   typedef uint32_t __attribute__((may_alias)) u32_alias;
   const u32_alias* bits = reinterpret_cast<const u32_alias*>(vals);
   uint64_t lo = bits[0];
@@ -98,10 +98,6 @@ template <> inline float kth_largest<float>(float* vals, int64_t n, int64_t k) {
   for (int64_t i = 1; i < n; ++i) {
     lo = std::min<uint64_t>(lo, bits[i]);
     top = std::max(top, bits[i]);
-  }
-  if (top > 0x7f800000u) {  // a negative value or a NaN: not a selection's buffer; compare values
-    std::nth_element(vals, vals + (k - 1), vals + n, std::greater<float>());
-    return vals[k - 1];
   }
   uint64_t hi = uint64_t(top) + 1;  // #{>= lo} = n >= k; #{>= hi} = 0 < k
   while (hi - lo > 1) {
@@ -115,6 +111,17 @@ template <> inline float kth_largest<float>(float* vals, int64_t n, int64_t k) {
   const uint32_t t_bits = uint32_t(lo);
   std::memcpy(&t, &t_bits, sizeof t);
   return t;
+}
+template <> inline float kth_largest<float>(float* vals, int64_t n, int64_t k) {
+  typedef uint32_t __attribute__((may_alias)) u32_alias;
+  const u32_alias* bits = reinterpret_cast<const u32_alias*>(vals);
+  uint32_t top = 0;
+  for (int64_t i = 0; i < n; ++i) top = std::max(top, bits[i]);
+  if (top > 0x7f800000u) {  // a negative value (-0 included) or a NaN: compare values
+    std::nth_element(vals, vals + (k - 1), vals + n, std::greater<float>());
+    return vals[k - 1];
+  }
+  return kth_largest_nonneg(vals, n, k);
 }
 
 // A kept entry of one row: value and latent.
@@ -146,9 +153,12 @@ template <typename A> inline bool flat_before(const FlatEntry<A>& a, const FlatE
 // 64) it is cut back to the k best by a stable filter, which keeps the latent order (no sort at
 // the end) and raises the bar. The bar starts at value 0 (only positive entries pass) and never
 // goes below. `truncated`: a cut dropped some positive entry (else the buffer holds them all).
+// Values and latents are kept apart (v[i], lat[i]), so that a group's passing entries are
+// appended with two compress-stores. Every entry offered comes after the bar's latent, so it beats
+// the bar exactly when its value is above the bar's (ties go to the lower latent, already in).
 template <typename A> struct RowTop {
-  std::vector<Entry<A>> buf;
-  std::vector<A> scratch;
+  std::vector<A> v;
+  std::vector<int32_t> lat;
   int64_t n = 0;
   int64_t k = 0;
   int64_t cap = 0;
@@ -158,9 +168,9 @@ template <typename A> struct RowTop {
   void init(int64_t k_) {
     k = k_;
     cap = std::max<int64_t>(2 * k, 64);
-    buf.resize(cap + kScanGroup);
+    v.resize(cap + kScanGroup);
+    lat.resize(cap + kScanGroup);
   }
-  inline bool beats(A v, int32_t lat) const { return v > bar.v || (v == bar.v && bar.v > A(0) && lat < bar.lat); }
   // Offer m <= kScanGroup entries in increasing latent order: vals[i] of latent lat_of(i), for
   // the i whose bit is set in `allow`.
   template <typename LatOf> inline void offer(const A* vals, int64_t m, LatOf lat_of, uint32_t allow = ~0u) {
@@ -168,11 +178,15 @@ template <typename A> struct RowTop {
     while (mask) {
       const int i = __builtin_ctz(mask);
       mask &= mask - 1;
-      const int32_t lat = lat_of(i);
-      buf[n] = {vals[i], lat};
-      n += beats(vals[i], lat);
+      v[n] = vals[i];
+      lat[n] = lat_of(i);
+      n += vals[i] > bar.v;  // pass_mask lets ties with the bar through; they come later: they lose
     }
     if (n >= cap) cut();
+  }
+  // The same for the latents lat0, lat0 + 1, ..., lat0 + m - 1.
+  inline void offer_run(const A* vals, int64_t m, int32_t lat0, uint32_t allow = ~0u) {
+    offer(vals, m, [lat0](int i) { return lat0 + i; }, allow);
   }
   // Keep the k best (larger value, then lower latent), in order; the bar becomes the k-th best.
   void cut() {
@@ -182,36 +196,111 @@ template <typename A> struct RowTop {
       n = 0;
       return;
     }
-    scratch.resize(n);
-    for (int64_t i = 0; i < n; ++i) scratch[i] = buf[i].v;
-    const A t = kth_largest(scratch.data(), n, k);
+    const A t = kth_of_buffer();
     int64_t ties = k;
-    for (int64_t i = 0; i < n; ++i) ties -= buf[i].v > t;
-    int64_t w = 0;
-    int32_t last_tie = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      // Branch-free (bitwise, not short-circuit): on random data each test is a coin flip.
-      const Entry<A> e = buf[i];
-      const int tie = int(e.v == t) & int(ties > 0);
-      ties -= tie;
-      last_tie = tie ? e.lat : last_tie;
-      buf[w] = e;
-      w += int(e.v > t) | tie;
-    }
-    n = w;
-    bar = {t, last_tie};
+    for (int64_t i = 0; i < n; ++i) ties -= v[i] > t;
+    n = keep_above(t, ties);
   }
   void finish() { cut(); }
   // Drop the entries of latents where skip[lat] is set (order kept).
   void drop(const std::vector<uint8_t>& skip) {
     int64_t w = 0;
     for (int64_t i = 0; i < n; ++i) {
-      buf[w] = buf[i];
-      w += !skip[buf[i].lat];
+      v[w] = v[i];
+      lat[w] = lat[i];
+      w += !skip[lat[i]];
     }
     n = w;
   }
+
+ private:
+  std::vector<A> scratch;
+  A kth_of_buffer() {
+    scratch.assign(v.begin(), v.begin() + n);
+    return kth_largest(scratch.data(), n, k);
+  }
+  // Compact in place to the entries above t and the first `ties` entries equal to t; the bar
+  // becomes (t, the last tie kept). Returns the new count.
+  int64_t keep_above(A t, int64_t ties) {
+    int64_t w = 0;
+    int32_t last_tie = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      // Branch-free (bitwise, not short-circuit): on random data each test is a coin flip.
+      const A e = v[i];
+      const int32_t l = lat[i];
+      const int tie = int(e == t) & int(ties > 0);
+      ties -= tie;
+      last_tie = tie ? l : last_tie;
+      v[w] = e;
+      lat[w] = l;
+      w += int(e > t) | tie;
+    }
+    bar = {t, last_tie};
+    return w;
+  }
 };
+#if defined(__AVX512F__)
+// float: a group's entries above the bar, appended with compress-stores (no branch per entry);
+// the cut's threshold read in place (the bisection does not reorder) and its filter 16 at a time.
+template <> inline void RowTop<float>::offer_run(const float* vals, int64_t m, int32_t lat0, uint32_t allow) {
+  if (m != kScanGroup) {
+    offer(vals, m, [lat0](int i) { return lat0 + i; }, allow);
+    return;
+  }
+  const __m512 b = _mm512_set1_ps(bar.v);
+  const __m512i lanes = _mm512_add_epi32(_mm512_set1_epi32(lat0),
+                                         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  for (int h = 0; h < 2; ++h) {
+    const __m512 x = _mm512_loadu_ps(vals + 16 * h);
+    const __mmask16 keep = _mm512_mask_cmp_ps_mask(__mmask16(allow >> (16 * h)), x, b, _CMP_GT_OQ);
+    // Register compress + full store (the buffer has kScanGroup spare slots): the memory form
+    // of the compress is slow on some cores.
+    _mm512_storeu_ps(v.data() + n, _mm512_maskz_compress_ps(keep, x));
+    _mm512_storeu_si512(lat.data() + n, _mm512_maskz_compress_epi32(
+                                            keep, _mm512_add_epi32(lanes, _mm512_set1_epi32(16 * h))));
+    n += __builtin_popcount(keep);
+  }
+  if (n >= cap) cut();
+}
+template <> inline float RowTop<float>::kth_of_buffer() {
+  return kth_largest_nonneg(v.data(), n, k);  // every kept value is above 0
+}
+template <> inline int64_t RowTop<float>::keep_above(float t, int64_t ties) {
+  const __m512 tv = _mm512_set1_ps(t);
+  int64_t w = 0;
+  int32_t last_tie = 0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = _mm512_loadu_ps(v.data() + i);
+    const __m512i l = _mm512_loadu_si512(lat.data() + i);
+    __mmask16 keep = _mm512_cmp_ps_mask(x, tv, _CMP_GT_OQ);
+    __mmask16 eq = _mm512_cmp_ps_mask(x, tv, _CMP_EQ_OQ);
+    while (eq && ties > 0) {  // rare: entries equal to the threshold, first ones first
+      const int j = __builtin_ctz(eq);
+      eq &= eq - 1;
+      keep |= __mmask16(1u << j);
+      last_tie = lat[i + j];
+      --ties;
+    }
+    // In place: the store covers [w, w + 16) with w <= i, entries already loaded.
+    _mm512_storeu_ps(v.data() + w, _mm512_maskz_compress_ps(keep, x));
+    _mm512_storeu_si512(lat.data() + w, _mm512_maskz_compress_epi32(keep, l));
+    w += __builtin_popcount(keep);
+  }
+  for (; i < n; ++i) {
+    const float e = v[i];
+    const int32_t l = lat[i];
+    const int tie = int(e == t) & int(ties > 0);
+    ties -= tie;
+    last_tie = tie ? l : last_tie;
+    v[w] = e;
+    lat[w] = l;
+    w += int(e > t) | tie;
+  }
+  bar = {t, last_tie};
+  return w;
+}
+#endif
 
 // Per-slab "n best so far" over a group of rows (BatchTopK candidates): the n-th best of a subset
 // of the batch is at most the n-th best of the whole batch, so entries below it can be dropped.
@@ -262,9 +351,8 @@ std::vector<at::Tensor> rows_to_csr(std::vector<RowTop<A>>& tops, const at::Tens
     for (int64_t r = r0; r < r1; ++r) {
       int64_t o = off[r];
       for (int64_t i = 0; i < tops[r].n; ++i) {
-        const Entry<A>& e = tops[r].buf[i];
-        vp[o] = static_cast<T>(e.v);
-        lp[o] = e.lat;
+        vp[o] = static_cast<T>(tops[r].v[i]);
+        lp[o] = tops[r].lat[i];
         rp[o] = (int32_t)r;
         ++o;
       }
@@ -423,7 +511,7 @@ std::vector<at::Tensor> encode_select_impl(const at::Tensor& xc, const at::Tenso
             main_offer(vals, m, j0);
             if (aux_here) {
               const uint32_t allow = dead_bits(c0 + j0, m);
-              if (allow) aux_rows[r].offer(vals, m, [&](int i) { return (int32_t)(c0 + j0 + i); }, allow);
+              if (allow) aux_rows[r].offer_run(vals, m, (int32_t)(c0 + j0), allow);
             }
           }
         };
@@ -443,7 +531,7 @@ std::vector<at::Tensor> encode_select_impl(const at::Tensor& xc, const at::Tenso
             for (int64_t r = r0; r < r1; ++r) {
               RowTop<A>& top = main_rows[r];
               scan_row(r, [&](const A* vals, int64_t m, int64_t j0) {
-                top.offer(vals, m, [&](int i) { return (int32_t)(c0 + j0 + i); });
+                top.offer_run(vals, m, (int32_t)(c0 + j0));
               });
             }
           });
