@@ -13,9 +13,9 @@
 //   With b_enc in fp32/fp64, pre = round(xc @ W_enc) + b_enc rounded (added as the block is read).
 //   Ties go to the lower (row, latent) index, the rule of saefast.selection. Outputs are sorted by
 //   (row, latent), CSR offsets included. The [B, d_sae] matrix is never held whole. The aux
-//   selection reads the values the main selection computes (a group's dead latents by a bit
-//   mask, only entries above the row's bar touched); a row's bar rises to its k_aux-th best so
-//   far by a bisection over float bit patterns.
+//   selection reads a block row's dead entries right after the main selection has read the row
+//   (a gather by the block's dead columns, 16 at a time, only entries above the row's bar kept);
+//   a row's bar rises to its k_aux-th best so far by a bisection over float bit patterns.
 // * decode_forward: out[r] = sum over row r's entries j of values[j] * W_dec[lat_j], each thread's
 //   span of rows walked latent by latent (one read of a W_dec row per span, not per entry).
 // * decode_backward: grad_values[j] = grad_out[row_j] . W_dec[lat_j] and
@@ -184,9 +184,9 @@ template <typename A> struct RowTop {
     }
     if (n >= cap) cut();
   }
-  // The same for the latents lat0, lat0 + 1, ..., lat0 + m - 1.
-  inline void offer_run(const A* vals, int64_t m, int32_t lat0, uint32_t allow = ~0u) {
-    offer(vals, m, [lat0](int i) { return lat0 + i; }, allow);
+  // The same for the latents lat0, lat0 + 1, ..., lat0 + m - 1, all of them.
+  inline void offer_run(const A* vals, int64_t m, int32_t lat0) {
+    offer(vals, m, [lat0](int i) { return lat0 + i; });
   }
   // Keep the k best (larger value, then lower latent), in order; the bar becomes the k-th best.
   void cut() {
@@ -242,9 +242,9 @@ template <typename A> struct RowTop {
 #if defined(__AVX512F__)
 // float: a group's entries above the bar, appended with compress-stores (no branch per entry);
 // the cut's threshold read in place (the bisection does not reorder) and its filter 16 at a time.
-template <> inline void RowTop<float>::offer_run(const float* vals, int64_t m, int32_t lat0, uint32_t allow) {
+template <> inline void RowTop<float>::offer_run(const float* vals, int64_t m, int32_t lat0) {
   if (m != kScanGroup) {
-    offer(vals, m, [lat0](int i) { return lat0 + i; }, allow);
+    offer(vals, m, [lat0](int i) { return lat0 + i; });
     return;
   }
   const __m512 b = _mm512_set1_ps(bar.v);
@@ -252,7 +252,7 @@ template <> inline void RowTop<float>::offer_run(const float* vals, int64_t m, i
                                          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
   for (int h = 0; h < 2; ++h) {
     const __m512 x = _mm512_loadu_ps(vals + 16 * h);
-    const __mmask16 keep = _mm512_mask_cmp_ps_mask(__mmask16(allow >> (16 * h)), x, b, _CMP_GT_OQ);
+    const __mmask16 keep = _mm512_cmp_ps_mask(x, b, _CMP_GT_OQ);
     // Register compress + full store (the buffer has kScanGroup spare slots): the memory form
     // of the compress is slow on some cores.
     _mm512_storeu_ps(v.data() + n, _mm512_maskz_compress_ps(keep, x));
@@ -361,9 +361,10 @@ std::vector<at::Tensor> rows_to_csr(std::vector<RowTop<A>>& tops, const at::Tens
   return {values, lats, rows, offsets};
 }
 
-// Runs body(c0, width, pre, ld, value) for each block of latent columns [c0, c0 + width) that
-// wants(c0, c1) accepts, with pre = x @ W_enc[:, c0:c0 + width] in a reused [rows, cols] buffer
-// and value(p, j) the pre-activation (b_enc included, rounded to T) of entry j of a block row p.
+// Runs body(c0, width, pre, ld, value, bias) for each block of latent columns [c0, c0 + width)
+// that wants(c0, c1) accepts, with pre = x @ W_enc[:, c0:c0 + width] in a reused [rows, cols]
+// buffer, value(p, j) the pre-activation (b_enc included, rounded to T) of entry j of a block row
+// p, and bias the block's b_enc entries that value adds (nullptr when it adds none).
 template <typename T, typename Wants, typename Body>
 void for_each_block(const at::Tensor& x, const at::Tensor& W_enc, const c10::optional<at::Tensor>& b_enc,
                     int64_t block_cols, Wants wants, Body body) {
@@ -390,21 +391,63 @@ void for_each_block(const at::Tensor& x, const at::Tensor& W_enc, const c10::opt
       return bias ? static_cast<A>(static_cast<T>(static_cast<A>(p[j]) + static_cast<A>(bias[j])))
                   : static_cast<A>(p[j]);
     };
-    body(c0, width, (const T*)buf.data_ptr<T>(), cols, value);
+    body(c0, width, (const T*)buf.data_ptr<T>(), cols, value, bias);
   }
 }
 
-// Offer row p's entries of the latents dead[d_lo:d_hi] (all in the block starting at c0) to top.
-template <typename T, typename A, typename Value>
-inline void offer_dead(RowTop<A>& top, const T* p, const std::vector<int32_t>& dead, size_t d_lo, size_t d_hi,
-                       int64_t c0, Value value) {
+// The dead latents of one block of columns starting at c0: lat[0:n] (increasing), their columns
+// in the block col[i] = lat[i] - c0, and the b_enc entries the block's values add (or none).
+template <typename T> struct BlockDead {
+  const int32_t* lat = nullptr;
+  int64_t n = 0;
+  std::vector<int32_t> col;
+  std::vector<T> bias;
+  void set(const std::vector<int32_t>& dead, size_t d_lo, size_t d_hi, int64_t c0, const T* block_bias) {
+    lat = dead.data() + d_lo;
+    n = (int64_t)(d_hi - d_lo);
+    col.resize(n);
+    for (int64_t i = 0; i < n; ++i) col[i] = (int32_t)(lat[i] - c0);
+    bias.resize(block_bias ? n : 0);
+    for (int64_t i = 0; i < (int64_t)bias.size(); ++i) bias[i] = block_bias[col[i]];
+  }
+  const T* bias_or_null() const { return bias.empty() ? nullptr : bias.data(); }
+};
+
+// Offer the entries of a block row p at the block's dead latents to top (as value(p, col[i])
+// reads them: b_enc added and rounded to T).
+template <typename T, typename A>
+inline void offer_dead(RowTop<A>& top, const T* p, const BlockDead<T>& dead) {
+  const T* bias = dead.bias_or_null();
   A vals[kScanGroup];
-  for (size_t d0 = d_lo; d0 < d_hi; d0 += kScanGroup) {
-    const int64_t m = std::min<int64_t>(kScanGroup, (int64_t)(d_hi - d0));
-    for (int64_t i = 0; i < m; ++i) vals[i] = value(p, dead[d0 + i] - c0);
-    top.offer(vals, m, [&](int i) { return dead[d0 + i]; });
+  for (int64_t d0 = 0; d0 < dead.n; d0 += kScanGroup) {
+    const int64_t m = std::min<int64_t>(kScanGroup, dead.n - d0);
+    for (int64_t i = 0; i < m; ++i) {
+      const A x = static_cast<A>(p[dead.col[d0 + i]]);
+      vals[i] = bias ? static_cast<A>(static_cast<T>(x + static_cast<A>(bias[d0 + i]))) : x;
+    }
+    top.offer(vals, m, [&](int i) { return dead.lat[d0 + i]; });
   }
 }
+#if defined(__AVX512F__)
+// float: 16 dead entries at a time by a gather (the float sum p + bias is value's rounding), and
+// those above the bar appended with compress-stores.
+template <>
+inline void offer_dead<float, float>(RowTop<float>& top, const float* p, const BlockDead<float>& dead) {
+  const float* bias = dead.bias_or_null();
+  for (int64_t d0 = 0; d0 < dead.n; d0 += 16) {
+    const __mmask16 in = dead.n - d0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (dead.n - d0)) - 1u);
+    const __m512i c = _mm512_maskz_loadu_epi32(in, dead.col.data() + d0);
+    __m512 x = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in, c, p, 4);
+    if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(in, bias + d0));
+    const __mmask16 keep = _mm512_mask_cmp_ps_mask(in, x, _mm512_set1_ps(top.bar.v), _CMP_GT_OQ);
+    _mm512_storeu_ps(top.v.data() + top.n, _mm512_maskz_compress_ps(keep, x));
+    _mm512_storeu_si512(top.lat.data() + top.n,
+                        _mm512_maskz_compress_epi32(keep, _mm512_maskz_loadu_epi32(in, dead.lat + d0)));
+    top.n += __builtin_popcount(keep);
+    if (top.n >= top.cap) top.cut();
+  }
+}
+#endif
 
 // Each row's k_aux best entries among `dead` (increasing latent ids) for the rows `rows` of xc,
 // from a pass of their own over the blocks holding those latents.
@@ -420,17 +463,19 @@ void rows_aux_pass(const at::Tensor& xc, const at::Tensor& W_enc, const c10::opt
   std::vector<RowTop<A>> fresh(rows.size());
   for (auto& t : fresh) t.init(std::min<int64_t>(k_aux, (int64_t)dead.size()));
   size_t dead_pos = 0;
+  BlockDead<T> block_dead;
   for_each_block<T>(x, W_enc, b_enc, block_cols,
       [&](int64_t c0, int64_t c1) {
         while (dead_pos < dead.size() && dead[dead_pos] < c0) ++dead_pos;
         return dead_pos < dead.size() && dead[dead_pos] < c1;
       },
-      [&](int64_t c0, int64_t width, const T* pre, int64_t ld, auto value) {
+      [&](int64_t c0, int64_t width, const T* pre, int64_t ld, auto, const T* bias) {
         const size_t d_lo = dead_pos;
         size_t d_hi = d_lo;
         while (d_hi < dead.size() && dead[d_hi] < c0 + width) ++d_hi;
+        block_dead.set(dead, d_lo, d_hi, c0, bias);
         at::parallel_for(0, (int64_t)rows.size(), 16, [&](int64_t r0, int64_t r1) {
-          for (int64_t r = r0; r < r1; ++r) offer_dead<T, A>(fresh[r], pre + r * ld, dead, d_lo, d_hi, c0, value);
+          for (int64_t r = r0; r < r1; ++r) offer_dead<T, A>(fresh[r], pre + r * ld, block_dead);
         });
       });
   for (size_t i = 0; i < rows.size(); ++i) {
@@ -476,21 +521,9 @@ std::vector<at::Tensor> encode_select_impl(const at::Tensor& xc, const at::Tenso
   std::vector<RowTop<A>> aux_rows(aux_on ? n_rows : 0);
   for (auto& t : aux_rows) t.init(aux_first);
 
-  // With the main selection scanning every entry, the aux selection reads the same values: bit b
-  // of dead_words[w] marks latent 32 * w + b dead, and a group's dead entries are tested with
-  // one compare mask (no gather). Without it, the dead latents' entries are gathered.
-  const bool aux_by_bits = aux_on && want_main;
-  std::vector<uint32_t> dead_words(aux_by_bits ? d_sae / 32 + 2 : 0, 0u);
-  if (aux_by_bits) for (int32_t l : dead) dead_words[l >> 5] |= 1u << (l & 31);
-  // The dead bits of latents [c, c + m), m <= kScanGroup.
-  auto dead_bits = [&dead_words](int64_t c, int64_t m) -> uint32_t {
-    const uint64_t w = dead_words[c >> 5] | (uint64_t(dead_words[(c >> 5) + 1]) << 32);
-    const uint32_t bits = uint32_t(w >> (c & 31));
-    return m >= 32 ? bits : bits & ((1u << m) - 1u);
-  };
-
   size_t dead_pos = 0;
   size_t d_lo = 0, d_hi = 0;  // dead[d_lo:d_hi]: the dead latents of the current block
+  BlockDead<T> block_dead;
   for_each_block<T>(xc, W_enc, b_enc, block_cols,
       [&](int64_t c0, int64_t c1) {
         d_lo = dead_pos;
@@ -498,10 +531,11 @@ std::vector<at::Tensor> encode_select_impl(const at::Tensor& xc, const at::Tenso
         d_hi = dead_pos;
         return want_main || d_lo < d_hi;
       },
-      [&](int64_t c0, int64_t width, const T* pre, int64_t ld, auto value) {
+      [&](int64_t c0, int64_t width, const T* pre, int64_t ld, auto value, const T* bias) {
         const bool aux_here = aux_on && d_hi > d_lo;
+        if (aux_here) block_dead.set(dead, d_lo, d_hi, c0, bias);
         // Row r of the block, one group of kScanGroup entries at a time: the main selection's
-        // offer(vals, m, j0) and, when the aux codes read the same values, the aux offer.
+        // offer(vals, m, j0); then, while the row is in cache, the aux offer of its dead entries.
         auto scan_row = [&](int64_t r, auto&& main_offer) {
           const T* p = pre + r * ld;
           A vals[kScanGroup];
@@ -509,11 +543,8 @@ std::vector<at::Tensor> encode_select_impl(const at::Tensor& xc, const at::Tenso
             const int64_t m = std::min<int64_t>(kScanGroup, width - j0);
             for (int64_t i = 0; i < m; ++i) vals[i] = value(p, j0 + i);
             main_offer(vals, m, j0);
-            if (aux_here) {
-              const uint32_t allow = dead_bits(c0 + j0, m);
-              if (allow) aux_rows[r].offer_run(vals, m, (int32_t)(c0 + j0), allow);
-            }
           }
+          if (aux_here) offer_dead<T, A>(aux_rows[r], p, block_dead);
         };
         if (mode == 1 && want_main) {
           at::parallel_for(0, n_slabs, 1, [&](int64_t s0, int64_t s1) {
@@ -537,7 +568,7 @@ std::vector<at::Tensor> encode_select_impl(const at::Tensor& xc, const at::Tenso
           });
         } else if (aux_here) {
           at::parallel_for(0, n_rows, 16, [&](int64_t r0, int64_t r1) {
-            for (int64_t r = r0; r < r1; ++r) offer_dead<T, A>(aux_rows[r], pre + r * ld, dead, d_lo, d_hi, c0, value);
+            for (int64_t r = r0; r < r1; ++r) offer_dead<T, A>(aux_rows[r], pre + r * ld, block_dead);
           });
         }
       });

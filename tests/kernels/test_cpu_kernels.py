@@ -80,10 +80,11 @@ def test_encode_select_matches_pytorch_path(ops, pytorch_path, B, d_in, d_sae, k
 
 
 @pytest.mark.parametrize("mode", ["batch", "row"])
-@pytest.mark.parametrize("B,d_in,d_sae,k", [(1, 5, 24, 3), (23, 9, 61, 4), (9, 4, 40, 40)])
+@pytest.mark.parametrize("B,d_in,d_sae,k", [(1, 5, 24, 3), (23, 9, 61, 4), (9, 4, 40, 40), (7, 6, 600, 5)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_encode_select_ties_match_exactly(ops, pytorch_path, mode, B, d_in, d_sae, k, dtype):
-    """Integer pre-activations: large tied groups at every cut, broken to the lower (row, latent)."""
+    """Integer pre-activations: large tied groups at every cut, broken to the lower (row, latent);
+    with d_sae 600 each row's buffers are cut while the scan goes on (bar above 0, ties at it)."""
     x, W, bd, be = make_problem(B, d_in, d_sae, dtype, seed=11 + B, ties=True)
     xc = x - bd
     dead = _dead_mask(d_sae, d_sae // 2, seed=B)
