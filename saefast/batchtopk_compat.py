@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
@@ -128,7 +129,7 @@ class DictAPI:
         if self.training:
             self.update_threshold(acts.kept_min)
         n_rows = max(x2.shape[0], 1)
-        l2_loss = (x_hat.float() - x_in.float()).pow(2).mean()
+        l2_loss = F.mse_loss(x_hat.float(), x_in.float())
         l1_norm = acts.values.float().abs().sum() / n_rows
         l1_loss = c.l1_coefficient * l1_norm
         l0_norm = torch.tensor(acts.nnz / n_rows, device=x2.device)
@@ -174,7 +175,8 @@ class DictAPI:
                                                   exclude_fired=c.n_batches_to_dead > 0)
         both = ops.sparse_decode(ops.stack_rows(acts, aux_acts), self.W_dec)
         n = x_in.shape[0]
-        return acts, both[:n] + self.b_dec.to(both.dtype), both[n:]
+        main, aux_recon = both.split(n)  # one gradient buffer for both parts (see BaseSAE)
+        return acts, main + self.b_dec.to(both.dtype), aux_recon
 
 
 _DICT_CLASSES: Dict[type, type] = {}

@@ -25,6 +25,7 @@ import weakref
 from typing import Any, ClassVar, Dict, NamedTuple, Optional, Tuple, Type, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import batchtopk_compat, io, ops
@@ -548,7 +549,7 @@ class BaseSAE(nn.Module):
             codes = self._codes(x_in)
             x_hat = self._decode(codes.decode_acts, x_in)
             aux_loss = self._aux_loss(x_in, (y_in - x_hat).detach(), dead)
-        mse_loss = (x_hat.float() - y_in.float()).pow(2).mean()
+        mse_loss = F.mse_loss(x_hat.float(), y_in.float())
         return codes, x_hat, {"recon_loss": mse_loss, "mse_loss": mse_loss, "aux_loss": aux_loss}
 
     def _train_codes_with_aux(self, x_in: Tensor, y_in: Tensor, dead: Tensor) -> Tuple[Codes, Tensor, Tensor]:
@@ -571,11 +572,14 @@ class BaseSAE(nn.Module):
                                                   b_enc=self._b_enc_in(), mode=self.topk_mode)
         both = ops.sparse_decode(ops.stack_rows(acts, aux_acts), self.W_dec)
         n = x_in.shape[0]
-        x_hat = self._add_skip(both[:n] + self.b_dec.to(both.dtype), x_in)
-        return Codes(acts, acts, self._sparsity_loss(acts)), x_hat, both[n:]
+        # split, not two slices: its backward writes the two gradients into one buffer (a slice's
+        # backward zero-fills a whole-size buffer each, then autograd adds them).
+        main, aux_recon = both.split(n)
+        x_hat = self._add_skip(main + self.b_dec.to(both.dtype), x_in)
+        return Codes(acts, acts, self._sparsity_loss(acts)), x_hat, aux_recon
 
     def _aux_penalty(self, aux_recon: Tensor, residual: Tensor) -> Tensor:
-        return self.config.aux_penalty * (aux_recon.float() - residual.float()).pow(2).mean()
+        return self.config.aux_penalty * F.mse_loss(aux_recon.float(), residual.float())
 
     def _aux_loss(self, x_in: Tensor, residual: Tensor, dead: Tensor) -> Tensor:
         """aux_penalty * mean((decode of each row's top_k_aux dead latents - residual)^2); zero for
