@@ -250,16 +250,19 @@ template <> inline void RowTop<float>::offer_run(const float* vals, int64_t m, i
   const __m512 b = _mm512_set1_ps(bar.v);
   const __m512i lanes = _mm512_add_epi32(_mm512_set1_epi32(lat0),
                                          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  float* vb = v.data();  // locals: see offer_dead<float>
+  int32_t* lb = lat.data();
+  int64_t count = n;
   for (int h = 0; h < 2; ++h) {
     const __m512 x = _mm512_loadu_ps(vals + 16 * h);
     const __mmask16 keep = _mm512_cmp_ps_mask(x, b, _CMP_GT_OQ);
     // Register compress + full store (the buffer has kScanGroup spare slots): the memory form
     // of the compress is slow on some cores.
-    _mm512_storeu_ps(v.data() + n, _mm512_maskz_compress_ps(keep, x));
-    _mm512_storeu_si512(lat.data() + n, _mm512_maskz_compress_epi32(
-                                            keep, _mm512_add_epi32(lanes, _mm512_set1_epi32(16 * h))));
-    n += __builtin_popcount(keep);
+    _mm512_storeu_ps(vb + count, _mm512_maskz_compress_ps(keep, x));
+    _mm512_storeu_si512(lb + count, _mm512_maskz_compress_epi32(keep, _mm512_add_epi32(lanes, _mm512_set1_epi32(16 * h))));
+    count += __builtin_popcount(keep);
   }
+  n = count;
   if (n >= cap) cut();
 }
 template <> inline float RowTop<float>::kth_of_buffer() {
@@ -434,18 +437,29 @@ inline void offer_dead(RowTop<A>& top, const T* p, const BlockDead<T>& dead) {
 template <>
 inline void offer_dead<float, float>(RowTop<float>& top, const float* p, const BlockDead<float>& dead) {
   const float* bias = dead.bias_or_null();
+  // Locals, not the members: the stores below may alias anything as far as the compiler knows,
+  // which would make each count wait for the previous store.
+  float* vb = top.v.data();
+  int32_t* lb = top.lat.data();
+  int64_t n = top.n;
+  __m512 bar = _mm512_set1_ps(top.bar.v);
   for (int64_t d0 = 0; d0 < dead.n; d0 += 16) {
     const __mmask16 in = dead.n - d0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (dead.n - d0)) - 1u);
     const __m512i c = _mm512_maskz_loadu_epi32(in, dead.col.data() + d0);
     __m512 x = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), in, c, p, 4);
     if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(in, bias + d0));
-    const __mmask16 keep = _mm512_mask_cmp_ps_mask(in, x, _mm512_set1_ps(top.bar.v), _CMP_GT_OQ);
-    _mm512_storeu_ps(top.v.data() + top.n, _mm512_maskz_compress_ps(keep, x));
-    _mm512_storeu_si512(top.lat.data() + top.n,
-                        _mm512_maskz_compress_epi32(keep, _mm512_maskz_loadu_epi32(in, dead.lat + d0)));
-    top.n += __builtin_popcount(keep);
-    if (top.n >= top.cap) top.cut();
+    const __mmask16 keep = _mm512_mask_cmp_ps_mask(in, x, bar, _CMP_GT_OQ);
+    _mm512_storeu_ps(vb + n, _mm512_maskz_compress_ps(keep, x));
+    _mm512_storeu_si512(lb + n, _mm512_maskz_compress_epi32(keep, _mm512_maskz_loadu_epi32(in, dead.lat + d0)));
+    n += __builtin_popcount(keep);
+    if (n >= top.cap) {
+      top.n = n;
+      top.cut();  // compacts in place: the buffers stay where they are
+      n = top.n;
+      bar = _mm512_set1_ps(top.bar.v);
+    }
   }
+  top.n = n;
 }
 #endif
 
