@@ -36,6 +36,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -774,13 +775,18 @@ void decode_backward_impl(const at::Tensor& grad_out, const at::Tensor& values, 
   T* gv = grad_values ? grad_values->data_ptr<T>() : nullptr;
   T* gW = grad_W ? grad_W->data_ptr<T>() : nullptr;
   at::parallel_for(0, d_sae, 256, [&](int64_t l0, int64_t l1) {
-    std::vector<A> acc(d_in), w(d_in);
+    // In the accumulation dtype: W_dec's row and the gradient row are read and summed in place;
+    // otherwise in a widened copy of the row and a local accumulator.
+    constexpr bool in_place = std::is_same<T, A>::value;
+    std::vector<A> acc_buf(in_place ? 0 : d_in), w_buf(in_place ? 0 : d_in);
     for (int64_t l = l0; l < l1; ++l) {
       const int64_t a = starts[l], b = starts[l + 1];
-      if (gW) std::fill(acc.begin(), acc.end(), A(0));
+      A* acc = in_place && gW ? reinterpret_cast<A*>(gW + l * d_in) : acc_buf.data();
+      if (gW) std::fill(acc, acc + d_in, A(0));
       if (a < b) {
         const T* wl = W + l * d_in;
-        for (int64_t i = 0; i < d_in; ++i) w[i] = static_cast<A>(wl[i]);
+        const A* w = in_place ? reinterpret_cast<const A*>(wl) : w_buf.data();
+        if (!in_place) for (int64_t i = 0; i < d_in; ++i) w_buf[i] = static_cast<A>(wl[i]);
         int64_t p = a;
         // Four entries at a time: four independent dot products, and acc read and written once
         // for the four (each pass over a row is bound by loads and FMA latency, not arithmetic).
@@ -830,7 +836,7 @@ void decode_backward_impl(const at::Tensor& grad_out, const at::Tensor& values, 
           }
         }
       }
-      if (gW) {
+      if (gW && !in_place) {
         T* out = gW + l * d_in;
         for (int64_t i = 0; i < d_in; ++i) out[i] = static_cast<T>(acc[i]);
       }
