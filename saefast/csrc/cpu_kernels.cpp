@@ -640,17 +640,21 @@ std::vector<at::Tensor> encode_select_impl(const at::Tensor& xc, const at::Tenso
       std::vector<int32_t> unfired;
       for (int32_t l : dead) if (!fired[l]) unfired.push_back(l);
       const int64_t k_final = std::min<int64_t>(k_aux, (int64_t)unfired.size());
-      std::vector<int64_t> redo;
-      for (int64_t r = 0; r < n_rows; ++r) {
-        RowTop<A>& t = aux_rows[r];
-        t.drop(fired);
-        if (t.n >= k_final) {
-          t.k = k_final;
-          t.finish();
-        } else if (t.truncated) {
-          redo.push_back(r);
+      std::vector<uint8_t> short_row(n_rows, 0);
+      at::parallel_for(0, n_rows, 64, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          RowTop<A>& t = aux_rows[r];
+          t.drop(fired);
+          if (t.n >= k_final) {
+            t.k = k_final;
+            t.finish();
+          } else {
+            short_row[r] = t.truncated;
+          }
         }
-      }
+      });
+      std::vector<int64_t> redo;
+      for (int64_t r = 0; r < n_rows; ++r) if (short_row[r]) redo.push_back(r);
       rows_aux_pass<T>(xc, W_enc, b_enc, unfired, k_final, block_cols, redo, aux_rows);
     }
     auto aux = rows_to_csr<T, A>(aux_rows, vopt);
