@@ -223,9 +223,15 @@ template <typename A> struct RowTop {
   // Compact in place to the entries above t and the first `ties` entries equal to t; the bar
   // becomes (t, the last tie kept). Returns the new count.
   int64_t keep_above(A t, int64_t ties) {
-    int64_t w = 0;
     int32_t last_tie = 0;
-    for (int64_t i = 0; i < n; ++i) {
+    const int64_t w = keep_from(0, 0, t, ties, last_tie);
+    bar = {t, last_tie};
+    return w;
+  }
+  // keep_above's filter over entries [i, n), w of the earlier ones kept and `ties` ties still to
+  // keep; returns the count kept.
+  int64_t keep_from(int64_t i, int64_t w, A t, int64_t ties, int32_t& last_tie) {
+    for (; i < n; ++i) {
       // Branch-free (bitwise, not short-circuit): on random data each test is a coin flip.
       const A e = v[i];
       const int32_t l = lat[i];
@@ -236,7 +242,6 @@ template <typename A> struct RowTop {
       lat[w] = l;
       w += int(e > t) | tie;
     }
-    bar = {t, last_tie};
     return w;
   }
 };
@@ -291,16 +296,7 @@ template <> inline int64_t RowTop<float>::keep_above(float t, int64_t ties) {
     _mm512_storeu_si512(lat.data() + w, _mm512_maskz_compress_epi32(keep, l));
     w += __builtin_popcount(keep);
   }
-  for (; i < n; ++i) {
-    const float e = v[i];
-    const int32_t l = lat[i];
-    const int tie = int(e == t) & int(ties > 0);
-    ties -= tie;
-    last_tie = tie ? l : last_tie;
-    v[w] = e;
-    lat[w] = l;
-    w += int(e > t) | tie;
-  }
+  w = keep_from(i, w, t, ties, last_tie);
   bar = {t, last_tie};
   return w;
 }
