@@ -194,7 +194,8 @@ def test_decode_forward_matches_row_by_row_sums(ops, n_rows, d_in, d_sae, max_pe
 
 def test_decode_forward_kernel_runs_where_it_pays(ops, monkeypatch):
     """sparse_decode takes the latent-by-latent kernel once the entries average enough per latent
-    and thread (the aux-K codes stacked under the main ones), else embedding_bag."""
+    and thread (the aux-K codes stacked under the main ones), else embedding_bag; a 16-bit W_dec
+    takes it always."""
     calls = []
     real = torch_backend._decode_by_latent_pays
     monkeypatch.setattr(torch_backend, "_decode_by_latent_pays", lambda *a: calls.append(real(*a)) or calls[-1])
@@ -207,6 +208,10 @@ def test_decode_forward_kernel_runs_where_it_pays(ops, monkeypatch):
     lots = saefast.sparse_decode(many, W.t().contiguous())
     assert calls == [False, True]
     assert torch.equal(lots[:8], few) and torch.equal(lots[-8:], few)  # same rows and entries: same sums
+    # A 16-bit W_dec: always the kernel (embedding_bag would widen all of W_dec first).
+    half = saefast.sparse_decode(saefast.topk_encode(x.bfloat16(), W.bfloat16(), bd.bfloat16(), 4,
+                                                     b_enc=be.bfloat16(), mode="row"), W.t().contiguous().bfloat16())
+    assert calls == [False, True, True] and half.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("B,d_in,d_sae,per_row", [(1, 7, 33, 1), (37, 48, 200, 5), (70, 33, 129, 17), (5, 16, 10, 10)])
