@@ -410,8 +410,7 @@ def decode_forward(values: Tensor, indices: Tensor, offsets: Tensor, row_ids: Te
     elif (kernels is not None and values.dtype == W_dec.dtype
           and _decode_by_latent_pays(values.numel(), W_dec.shape[0], W_dec.dtype)):
         out = kernels.decode_forward(values.contiguous(), indices.to(torch.int32).contiguous(),
-                                     offsets.to(torch.int64).contiguous(), row_ids.to(torch.int32).contiguous(),
-                                     W_dec.contiguous())
+                                     offsets.to(torch.int64).contiguous(), W_dec.contiguous())
     else:
         out = F.embedding_bag(indices.long(), W_dec.to(acc), offsets, mode="sum",
                               per_sample_weights=values.to(acc), include_last_offset=True)

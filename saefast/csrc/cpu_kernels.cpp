@@ -687,7 +687,7 @@ std::vector<at::Tensor> encode_select(const at::Tensor& xc, const at::Tensor& W_
 // row's entries in codes), so the sum is the row-by-row sum, term for term.
 template <typename T>
 void decode_forward_impl(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& offsets,
-                         const at::Tensor& row_ids, const at::Tensor& W_dec, at::Tensor& out) {
+                         const at::Tensor& W_dec, at::Tensor& out) {
   using A = typename Acc<T>::type;
   const int64_t n_rows = offsets.numel() - 1, d_sae = W_dec.size(0), d_in = W_dec.size(1);
   const int64_t nnz = values.numel();
@@ -695,7 +695,6 @@ void decode_forward_impl(const at::Tensor& values, const at::Tensor& indices, co
   const T* W = W_dec.data_ptr<T>();
   const T* v = values.data_ptr<T>();
   const int32_t* lat = indices.data_ptr<int32_t>();
-  const int32_t* rows = row_ids.data_ptr<int32_t>();
   A* o = out.data_ptr<A>();
   const int64_t n_spans = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_rows));
   // Span s: rows [bound[s], bound[s + 1]), cut where the entry count passes s * nnz / n_spans.
@@ -706,12 +705,14 @@ void decode_forward_impl(const at::Tensor& values, const at::Tensor& indices, co
     bound[s] = std::max(bound[s], bound[s - 1]);
   }
   at::parallel_for(0, n_spans, 1, [&](int64_t s0, int64_t s1) {
-    std::vector<int32_t> starts, order;
+    std::vector<int32_t> starts, order, rows;
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t r0 = bound[s], r1 = bound[s + 1];
       if (r0 >= r1) continue;
       std::fill(o + r0 * d_in, o + r1 * d_in, A(0));
       const int64_t e0 = off[r0], e1 = off[r1];
+      rows.resize(e1 - e0);  // each entry's row, as the offsets say
+      for (int64_t r = r0; r < r1; ++r) std::fill(rows.begin() + (off[r] - e0), rows.begin() + (off[r + 1] - e0), (int32_t)r);
       starts.assign(d_sae + 1, 0);
       for (int64_t j = e0; j < e1; ++j) starts[lat[j] + 1] += 1;
       for (int64_t l = 0; l < d_sae; ++l) starts[l + 1] += starts[l];
@@ -725,7 +726,7 @@ void decode_forward_impl(const at::Tensor& values, const at::Tensor& indices, co
         for (p = q; p < starts[l]; ++p) {
           const int64_t j = e0 + order[p];
           const A a = static_cast<A>(v[j]);
-          A* orow = o + (int64_t)rows[j] * d_in;
+          A* orow = o + (int64_t)rows[j - e0] * d_in;
 #pragma omp simd
           for (int64_t i = 0; i < d_in; ++i) orow[i] += a * static_cast<A>(wl[i]);
         }
@@ -734,17 +735,34 @@ void decode_forward_impl(const at::Tensor& values, const at::Tensor& indices, co
   });
 }
 
-// out [n_rows, d_in] in the accumulation dtype (float, or double for double inputs).
+// out [n_rows, d_in] in the accumulation dtype (float, or double for double inputs); row r sums the
+// entries offsets[r]:offsets[r + 1].
 at::Tensor decode_forward(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& offsets,
-                          const at::Tensor& row_ids, const at::Tensor& W_dec) {
-  TORCH_CHECK(W_dec.is_contiguous() && values.is_contiguous() && indices.is_contiguous() && row_ids.is_contiguous() &&
+                          const at::Tensor& W_dec) {
+  TORCH_CHECK(W_dec.dim() == 2 && W_dec.is_contiguous() && values.is_contiguous() && indices.is_contiguous() &&
               offsets.is_contiguous(), "decode_forward: layouts");
   TORCH_CHECK(values.scalar_type() == W_dec.scalar_type() && indices.scalar_type() == at::kInt &&
-              row_ids.scalar_type() == at::kInt && offsets.scalar_type() == at::kLong, "decode_forward: dtypes");
+              offsets.scalar_type() == at::kLong, "decode_forward: dtypes");
+  // The walk indexes W_dec by latent and counts entries per latent: out-of-range entries would
+  // read and write out of bounds.
+  const int64_t n_rows = offsets.numel() - 1, nnz = values.numel();
+  TORCH_CHECK(n_rows >= 0 && indices.numel() == nnz, "decode_forward: sizes");
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  bool monotone = off[0] == 0 && off[n_rows] == nnz;
+  for (int64_t r = 0; r < n_rows; ++r) monotone &= off[r] <= off[r + 1];
+  TORCH_CHECK(monotone, "sparse_decode: acts.offsets must rise from 0 to nnz (CSR row offsets)");
+  const int32_t* lat = indices.data_ptr<int32_t>();
+  int32_t lo = 0, hi = 0;
+  for (int64_t j = 0; j < nnz; ++j) {
+    lo = std::min(lo, lat[j]);
+    hi = std::max(hi, lat[j]);
+  }
+  TORCH_CHECK(lo >= 0 && (nnz == 0 || hi < W_dec.size(0)), "sparse_decode: acts.indices must lie in [0, d_sae = ",
+              W_dec.size(0), "), found ", lo, "..", hi);
   const auto acc = W_dec.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::empty({offsets.numel() - 1, W_dec.size(1)}, W_dec.options().dtype(acc));
+  at::Tensor out = at::empty({n_rows, W_dec.size(1)}, W_dec.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W_dec.scalar_type(), "decode_forward", [&] {
-    decode_forward_impl<scalar_t>(values, indices, offsets, row_ids, W_dec, out);
+    decode_forward_impl<scalar_t>(values, indices, offsets, W_dec, out);
   });
   return out;
 }
@@ -1009,7 +1027,7 @@ TORCH_LIBRARY(saefast_cpu, m) {
   m.def("decoder_norm_(Tensor(a!) W_dec, Tensor(b!)? grad, bool normalize, float eps) -> ()", &decoder_norm_);
   m.def("encode_select(Tensor xc, Tensor W_enc, Tensor? b_enc, int mode, int k, Tensor? dead_mask, int k_aux, "
         "int block_cols, int aux_keep=0, bool aux_exclude_fired=False) -> Tensor[]", &encode_select);
-  m.def("decode_forward(Tensor values, Tensor indices, Tensor offsets, Tensor row_ids, Tensor W_dec) -> Tensor",
+  m.def("decode_forward(Tensor values, Tensor indices, Tensor offsets, Tensor W_dec) -> Tensor",
         &decode_forward);
   m.def("decode_backward(Tensor grad_out, Tensor values, Tensor indices, Tensor row_ids, Tensor W_dec, "
         "bool need_values, Tensor? out_W) -> Tensor[]", &decode_backward);

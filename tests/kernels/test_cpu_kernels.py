@@ -179,7 +179,7 @@ def test_decode_forward_matches_row_by_row_sums(ops, n_rows, d_in, d_sae, max_pe
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = ops.decode_forward(values, idx, offsets, rows, W_dec)
+        out = ops.decode_forward(values, idx, offsets, W_dec)
     finally:
         torch.set_num_threads(before)
     assert out.dtype == acc and out.shape == (n_rows, d_in)
@@ -190,6 +190,21 @@ def test_decode_forward_matches_row_by_row_sums(ops, n_rows, d_in, d_sae, max_pe
     dense = torch.zeros(n_rows, d_sae, dtype=torch.float64).index_put_((rows.long(), idx.long()), values.double(),
                                                                        accumulate=True)
     assert_close(out, dense @ W_dec.double(), acc, scale=max_per_row ** 0.5)
+
+
+def test_decode_forward_refuses_entries_out_of_range(ops):
+    """The kernel indexes W_dec by latent: latents outside [0, d_sae) or offsets that do not run
+    from 0 to nnz get an error naming the argument instead of a write out of bounds."""
+    values, idx, rows, offsets = _ragged_pairs(6, 20, seed=1, dtype=torch.float32, max_per_row=5)
+    W_dec = torch.randn(20, 8)
+    for bad in (20, -1):
+        wrong = idx.clone()
+        wrong[-1] = bad
+        with pytest.raises(RuntimeError, match=r"acts\.indices must lie in \[0, d_sae = 20\)"):
+            ops.decode_forward(values, wrong, offsets, W_dec)
+    for wrong in (offsets + 1, offsets.flip(0), torch.cat([offsets[:-1], offsets[-1:] + 3])):
+        with pytest.raises(RuntimeError, match=r"acts\.offsets must rise from 0 to nnz"):
+            ops.decode_forward(values, idx, wrong.contiguous(), W_dec)
 
 
 def test_decode_forward_kernel_runs_where_it_pays(ops, monkeypatch):
