@@ -88,9 +88,10 @@ template <typename A> inline A kth_largest(A* vals, int64_t n, int64_t k) {
   std::nth_element(vals, vals + (k - 1), vals + n, std::greater<A>());
   return vals[k - 1];
 }
-// Non-negative floats (+0 and up, no NaN) order as their bit patterns do, so the k-th largest is the largest pattern t
-// with #{vals >= t} >= k: a bisection over patterns whose counts are branch-free vector passes,
-// where nth_element's comparisons mispredict on random data. vals is left as it is.
+// Non-negative floats (+0 and up, no NaN) order as their bit patterns do, so the k-th largest is
+// the largest pattern t with #{vals >= t} >= k: a bisection over patterns whose counts are
+// branch-free vector passes, where nth_element's comparisons mispredict on random data. vals is
+// left as it is.
 inline float kth_largest_nonneg(const float* vals, int64_t n, int64_t k) {
   typedef uint32_t __attribute__((may_alias)) u32_alias;
   const u32_alias* bits = reinterpret_cast<const u32_alias*>(vals);
@@ -265,7 +266,8 @@ template <> inline void RowTop<float>::offer_run(const float* vals, int64_t m, i
     // Register compress + full store (the buffer has kScanGroup spare slots): the memory form
     // of the compress is slow on some cores.
     _mm512_storeu_ps(vb + count, _mm512_maskz_compress_ps(keep, x));
-    _mm512_storeu_si512(lb + count, _mm512_maskz_compress_epi32(keep, _mm512_add_epi32(lanes, _mm512_set1_epi32(16 * h))));
+    const __m512i lats = _mm512_add_epi32(lanes, _mm512_set1_epi32(16 * h));
+    _mm512_storeu_si512(lb + count, _mm512_maskz_compress_epi32(keep, lats));
     count += __builtin_popcount(keep);
   }
   n = count;
@@ -712,7 +714,9 @@ void decode_forward_impl(const at::Tensor& values, const at::Tensor& indices, co
       std::fill(o + r0 * d_in, o + r1 * d_in, A(0));
       const int64_t e0 = off[r0], e1 = off[r1];
       rows.resize(e1 - e0);  // each entry's row, as the offsets say
-      for (int64_t r = r0; r < r1; ++r) std::fill(rows.begin() + (off[r] - e0), rows.begin() + (off[r + 1] - e0), (int32_t)r);
+      for (int64_t r = r0; r < r1; ++r) {
+        std::fill(rows.begin() + (off[r] - e0), rows.begin() + (off[r + 1] - e0), (int32_t)r);
+      }
       starts.assign(d_sae + 1, 0);
       for (int64_t j = e0; j < e1; ++j) starts[lat[j] + 1] += 1;
       for (int64_t l = 0; l < d_sae; ++l) starts[l + 1] += starts[l];
