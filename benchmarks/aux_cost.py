@@ -35,26 +35,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--impl", action="append", choices=sorted(sae_steps.BUILDERS),
                     help="contender (repeat for several; default saefast-sae)")
-    ap.add_argument("--dead-fraction", type=float, default=0.25)
     ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--d-in", type=int, default=512)
-    ap.add_argument("--d-sae", type=int, default=65536)
-    ap.add_argument("--batch", type=int, default=1024)
-    ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--k-aux", type=int, default=512)
+    sae_steps.add_problem_args(ap)
     args = ap.parse_args()
     impls = args.impl or ["saefast-sae"]
-
-    def problem(dead: float) -> sae_steps.Problem:
-        return sae_steps.Problem(d_in=args.d_in, d_sae=args.d_sae, batch=args.batch, k=args.k, k_aux=args.k_aux,
-                                 dead_fraction=dead)
 
     calls: Dict[str, Callable[[], object]] = {}
     for impl in impls:
         for dead in (0.0, args.dead_fraction):
-            calls[f"{impl} {dead:.0%} dead"] = sae_steps.make_step(impl, problem(dead)).run
-    calls["floor-gemm"] = sae_steps.encoder_gemm(problem(0.0), sae_steps.make_inputs(problem(0.0)))
-    calls["floor-adam"] = sae_steps.adam_pass(problem(0.0), sae_steps.make_inputs(problem(0.0)))
+            calls[f"{impl} {dead:.0%} dead"] = sae_steps.make_step(impl, sae_steps.problem_from_args(args, dead)).run
+    none = sae_steps.problem_from_args(args, 0.0)
+    calls["floor-gemm"] = sae_steps.encoder_gemm(none, sae_steps.make_inputs(none))
+    calls["floor-adam"] = sae_steps.adam_pass(none, sae_steps.make_inputs(none))
     names = list(calls)
     load_start = os.getloadavg()[0]
     wall, cpu = sae_steps.interleaved_rounds(calls, args.rounds, warmup=2)

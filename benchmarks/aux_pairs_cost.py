@@ -47,12 +47,7 @@ def _sorted(lat: torch.Tensor, rows: torch.Tensor, d_sae: int) -> Pairs:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--d-in", type=int, default=512)
-    ap.add_argument("--d-sae", type=int, default=65536)
-    ap.add_argument("--batch", type=int, default=1024)
-    ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--k-aux", type=int, default=512)
-    ap.add_argument("--dead-fraction", type=float, default=0.25)
+    sae_steps.add_problem_args(ap)
     ap.add_argument("--rows-in-cache", type=int, default=256)
     args = ap.parse_args()
     kernels = cpu_kernels.kernels()

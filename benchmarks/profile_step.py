@@ -68,17 +68,11 @@ def _scopes(event) -> list:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--impl", default="saefast-sae", choices=sorted(sae_steps.BUILDERS))
-    ap.add_argument("--dead-fraction", type=float, default=0.25)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--d-in", type=int, default=512)
-    ap.add_argument("--d-sae", type=int, default=65536)
-    ap.add_argument("--batch", type=int, default=1024)
-    ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--k-aux", type=int, default=512)
+    sae_steps.add_problem_args(ap)
     ap.add_argument("--ops", action="store_true", help="also list the ops above 1 %% of the step")
     args = ap.parse_args()
-    p = sae_steps.Problem(d_in=args.d_in, d_sae=args.d_sae, batch=args.batch, k=args.k, k_aux=args.k_aux,
-                          dead_fraction=args.dead_fraction)
+    p = sae_steps.problem_from_args(args)
     step = sae_steps.make_step(args.impl, p)
     for _ in range(2):
         step.run()

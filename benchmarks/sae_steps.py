@@ -29,6 +29,7 @@ pytest (aux_cost.py, aux_pairs_cost.py); under pytest ``conftest.py`` does.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib
 import time
@@ -75,6 +76,23 @@ class Problem:
         """Bytes of weights + gradients + both Adam moments: the floor any trainer needs."""
         n_params = 2 * self.d_in * self.d_sae + self.d_in
         return 4 * n_params * torch.empty((), dtype=self.dtype).element_size()
+
+
+def add_problem_args(ap: argparse.ArgumentParser) -> None:
+    """The shape options of the scripts that study one CPU benchmark point (aux_cost, aux_pairs_cost,
+    profile_step), defaulting to the CPU benchmark profile with a quarter of the latents dead."""
+    ap.add_argument("--dead-fraction", type=float, default=0.25)
+    ap.add_argument("--d-in", type=int, default=512)
+    ap.add_argument("--d-sae", type=int, default=65536)
+    ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--k-aux", type=int, default=512)
+
+
+def problem_from_args(args: argparse.Namespace, dead_fraction: Optional[float] = None) -> Problem:
+    """The Problem of ``add_problem_args``'s options (``dead_fraction`` overrides the option's)."""
+    return Problem(d_in=args.d_in, d_sae=args.d_sae, batch=args.batch, k=args.k, k_aux=args.k_aux,
+                   dead_fraction=args.dead_fraction if dead_fraction is None else dead_fraction)
 
 
 def make_inputs(p: Problem, seed: int = 0) -> Dict[str, Tensor]:
