@@ -67,6 +67,17 @@ def _aux_step(x, W, bd, be, W_dec, dead, mode, g_out):
     return main, aux, recon.detach(), [t.grad for t in leaves]
 
 
+def _assert_same_step(codes, recon, grads, ref_codes, ref_recon, ref_grads):
+    """Codes (values, indices, row ids, offsets), reconstruction and gradients equal to the bit."""
+    assert len(codes) == len(ref_codes) and len(grads) == len(ref_grads)
+    for a, b in zip(codes, ref_codes):
+        for t, u in zip(a[:4], b[:4]):
+            assert torch.equal(t.cpu(), u.cpu())
+    assert torch.equal(recon.cpu(), ref_recon.cpu())
+    for g, h in zip(grads, ref_grads):
+        assert torch.equal(g.cpu(), h.cpu())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["batch", "row"])
 def test_aux_dense_block_matches_the_dense_oracle(monkeypatch, dtype, mode):
@@ -133,12 +144,7 @@ def test_aux_dense_block_equals_the_sparse_path_and_the_torch_backend_exactly(mo
     kth = pre.topk(K_AUX, dim=1).values[:, -1:]
     assert bool(((pre == kth).sum(1) > 1).any())
     for main, aux, recon, grads in results[:-1]:
-        for a, b in ((main, ref_main), (aux, ref_aux)):
-            for t, u in zip(a[:4], b[:4]):
-                assert torch.equal(t.cpu(), u.cpu())
-        assert torch.equal(recon.cpu(), ref_recon.cpu())
-        for g, h in zip(grads, ref_grads):
-            assert torch.equal(g.cpu(), h.cpu())
+        _assert_same_step((main, aux), recon, grads, (ref_main, ref_aux), ref_recon, ref_grads)
 
 
 def test_auxk_encode_alone_takes_the_dense_block_in_row_chunks(monkeypatch):
@@ -165,11 +171,7 @@ def test_auxk_encode_alone_takes_the_dense_block_in_row_chunks(monkeypatch):
         results.append((aux, recon.detach(), [t.grad for t in leaves]))
         monkeypatch.undo()
     (a, ra, ga), (b, rb, gb) = results
-    for t, u in zip(a[:4], b[:4]):
-        assert torch.equal(t.cpu(), u.cpu())
-    assert torch.equal(ra.cpu(), rb.cpu())
-    for g, h in zip(ga, gb):
-        assert torch.equal(g.cpu(), h.cpu())
+    _assert_same_step((a,), ra, ga, (b,), rb, gb)
 
 
 def test_triton_backend_reads_fp32_master_weights_under_autocast(monkeypatch):
