@@ -126,16 +126,10 @@ template <> inline float kth_largest<float>(float* vals, int64_t n, int64_t k) {
   return kth_largest_nonneg(vals, n, k);
 }
 
-// A kept entry of one row: value and latent.
+// An entry of one row (a row selection's bar): value and latent.
 template <typename A> struct Entry {
   A v;
   int32_t lat;
-};
-// Order: larger value first, then lower latent (a functor, so that sorts inline it).
-struct RowBefore {
-  template <typename E> inline bool operator()(const E& a, const E& b) const {
-    return a.v > b.v || (a.v == b.v && a.lat < b.lat);
-  }
 };
 
 // A kept entry of a whole batch: value and flat index row * d_sae + latent.
@@ -173,10 +167,9 @@ template <typename A> struct RowTop {
     v.resize(cap + kScanGroup);
     lat.resize(cap + kScanGroup);
   }
-  // Offer m <= kScanGroup entries in increasing latent order: vals[i] of latent lat_of(i), for
-  // the i whose bit is set in `allow`.
-  template <typename LatOf> inline void offer(const A* vals, int64_t m, LatOf lat_of, uint32_t allow = ~0u) {
-    uint32_t mask = pass_mask<A>(vals, m, bar.v) & allow;
+  // Offer m <= kScanGroup entries in increasing latent order: vals[i] of latent lat_of(i).
+  template <typename LatOf> inline void offer(const A* vals, int64_t m, LatOf lat_of) {
+    uint32_t mask = pass_mask<A>(vals, m, bar.v);
     while (mask) {
       const int i = __builtin_ctz(mask);
       mask &= mask - 1;
